@@ -1,0 +1,68 @@
+"""impasto: one batched engine for personalized text-to-image diffusion.
+
+`pip install .` on a CPU machine installs pure Python. The optional native extension
+(csrc/ + bindings/) is built only when IMPASTO_BUILD_NATIVE=1 and torch has CUDA.
+"""
+
+import os
+
+from setuptools import setup
+
+
+def _packages(root, prefix):
+    """Map every package folder under `root` to a dotted name under `prefix`."""
+    names = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
+        if "__init__.py" in files:
+            rel = os.path.relpath(folder, root)
+            name = prefix if rel == "." else prefix + "." + rel.replace(os.sep, ".")
+            names[name] = folder
+    return names
+
+
+def _native_extensions():
+    if os.environ.get("IMPASTO_BUILD_NATIVE") != "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+
+    if not torch.cuda.is_available() and CUDA_HOME is None:
+        raise RuntimeError("IMPASTO_BUILD_NATIVE=1 needs a CUDA-enabled torch and CUDA_HOME")
+    sources = [os.path.join("bindings", f) for f in sorted(os.listdir("bindings")) if f.endswith(".cpp")]
+    sources += [os.path.join("csrc", f) for f in sorted(os.listdir("csrc")) if f.endswith(".cu")]
+    ext = CUDAExtension("impasto._native", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+    return [ext], {"build_ext": BuildExtension}
+
+
+package_dir = {**_packages("engine", "impasto"), **_packages("kernels", "impasto.kernels")}
+ext_modules, cmdclass = _native_extensions()
+
+setup(
+    name="impasto",
+    version="0.1.0",
+    description="Serve many personalized text-to-image adapters in one batched diffusion forward",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=sorted(package_dir),
+    package_dir=package_dir,
+    package_data={"impasto.tiny": ["tokenizer/*", "model/**/*"]},
+    install_requires=[
+        "torch==2.13.0",
+        "triton==3.7.1",
+        "numpy>=2.0",
+        "diffusers==0.42.1",
+        "transformers==5.23.0",
+        "safetensors>=0.8.0",
+        "tqdm>=4.66",
+        "Pillow>=10",
+    ],
+    extras_require={
+        "test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "peft==0.21.2", "accelerate==1.15.0"],
+        "xformers": ["xformers==0.0.35"],
+    },
+    entry_points={"console_scripts": ["impasto=impasto.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
