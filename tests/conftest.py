@@ -9,3 +9,30 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A randomly initialized SD-layout diffusers folder (fixed seed), float32."""
+    from impasto.tiny import build_random_model
+
+    return build_random_model(str(tmp_path_factory.mktemp("tiny") / "model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_dir):
+    import impasto
+
+    return impasto.Engine.from_pretrained(tiny_dir, device="cpu")
+
+
+@pytest.fixture
+def pipe(tiny_dir):
+    """diffusers' own pipeline on the same folder: the reference every engine feature must equal."""
+    from diffusers import StableDiffusionPipeline
+
+    p = StableDiffusionPipeline.from_pretrained(tiny_dir, local_files_only=True)
+    p.set_progress_bar_config(disable=True)
+    return p

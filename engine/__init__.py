@@ -1,0 +1,41 @@
+"""impasto: serve many personalized text-to-image adapters in one batched diffusion forward.
+
+    import impasto
+    engine = impasto.Engine.from_pretrained("tiny")
+    out = engine.generate("a red star on a blue background", steps=25, seed=0)
+    out.images[0].save("star.png")
+"""
+
+from .api import Adapter, AdapterInfo, GenerationOutput, Guidance, Request
+from .engine import Engine
+from .errors import (
+    AdapterError,
+    AdapterFormatError,
+    AdapterNameError,
+    AdapterShapeError,
+    AdapterUnsupportedError,
+    AdapterValueError,
+    ImpastoError,
+    ModelLoadError,
+    RequestError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "AdapterError",
+    "AdapterFormatError",
+    "AdapterInfo",
+    "AdapterNameError",
+    "AdapterShapeError",
+    "AdapterUnsupportedError",
+    "AdapterValueError",
+    "Engine",
+    "GenerationOutput",
+    "Guidance",
+    "ImpastoError",
+    "ModelLoadError",
+    "Request",
+    "RequestError",
+]

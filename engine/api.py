@@ -1,0 +1,155 @@
+"""The public request/response types: Request, Adapter, Guidance, GenerationOutput, AdapterInfo."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+
+from .errors import RequestError
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One adapter named by a request: `Adapter("corgi", scale=0.8)` or with family options
+    (Perfusion: `Adapter("teddy", beta=0.7, tau=0.02, global_lock=False)`)."""
+
+    name: str
+    scale: float = 1.0
+    options: dict = field(default_factory=dict)
+
+    def __init__(self, name: str, scale: float = 1.0, **options: Any):
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "options", dict(options))
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Guidance of one request.
+
+    `cfg` is the classifier-free guidance scale (no uncond branch when cfg <= 1, as diffusers);
+    `styles` maps style-adapter names to their guidance weights (Pair Customization);
+    `rescale` is diffusers' `guidance_rescale` (arXiv 2305.08891 §3.4), against the cond branch.
+    """
+
+    cfg: float = 7.5
+    styles: dict = field(default_factory=dict)
+    rescale: float = 0.0
+
+
+AdapterSpec = Union[str, tuple, Adapter]
+
+
+@dataclass
+class Request:
+    """One generation request; fields and defaults are exactly `Engine.generate`'s keywords."""
+
+    prompt: str
+    adapters: tuple = ()
+    guidance: Union[float, Guidance] = 7.5
+    negative_prompt: str | None = None
+    steps: int = 30
+    seed: int | None = None
+    height: int | None = None
+    width: int | None = None
+    num_images: int = 1
+    output_type: str = "pil"
+
+
+@dataclass
+class GenerationOutput:
+    """The result of one request.
+
+    `images`: a list of PIL images ("pil"), a float numpy array N×H×W×3 in [0, 1] ("np"), or the
+    final latents [N, C, h, w] ("latent"); None when the request failed.
+    `timings`: seconds spent in plan, denoise, decode and total (shared stages of a batch are
+    charged in full to every request of the batch).
+    `error`: None, or the exception that failed this request.
+    `seed`: the seed actually used (drawn at random when the request gave none).
+    """
+
+    images: Any = None
+    timings: dict = field(default_factory=dict)
+    error: BaseException | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What the store knows about a registered adapter, from its file header only."""
+
+    name: str
+    path: str
+    family: str
+    format: str
+    rank: int
+    targets: tuple
+    nbytes: int
+    token: str | None = None
+    suffix: str | None = None
+    fingerprint: str | None = None
+
+
+def normalize_adapters(adapters) -> list[Adapter]:
+    """Turn `"name"`, `("name", scale)` and `Adapter(...)` entries into Adapters, or RequestError."""
+    if isinstance(adapters, (str, Adapter)):
+        adapters = [adapters]
+    out = []
+    for i, spec in enumerate(adapters or ()):
+        if isinstance(spec, Adapter):
+            a = spec
+        elif isinstance(spec, str):
+            a = Adapter(spec)
+        elif isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str):
+            if not isinstance(spec[1], (int, float)) or isinstance(spec[1], bool):
+                raise RequestError(f"adapters[{i}] ({spec[0]}): scale must be a number, got {spec[1]!r}")
+            a = Adapter(spec[0], float(spec[1]))
+        else:
+            raise RequestError(f"adapters[{i}]: expected 'name', ('name', scale) or Adapter, got {spec!r}")
+        if not ADAPTER_NAME.match(a.name):
+            raise RequestError(f"adapters[{i}]: adapter name {a.name!r} must match [A-Za-z0-9._-]+")
+        if not isinstance(a.scale, (int, float)) or not torch.isfinite(torch.tensor(float(a.scale))):
+            raise RequestError(f"adapters[{i}] ({a.name}): scale must be a finite number, got {a.scale!r}")
+        out.append(a)
+    return out
+
+
+def normalize_guidance(guidance) -> Guidance:
+    if isinstance(guidance, Guidance):
+        g = guidance
+    elif isinstance(guidance, (int, float)) and not isinstance(guidance, bool):
+        g = Guidance(cfg=float(guidance))
+    else:
+        raise RequestError(f"guidance: expected a float or impasto.Guidance, got {guidance!r}")
+    for field_name, value in (("guidance.cfg", g.cfg), ("guidance.rescale", g.rescale)):
+        if not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+            raise RequestError(f"{field_name}: must be a finite number, got {value!r}")
+    if not 0.0 <= g.rescale <= 1.0:
+        raise RequestError(f"guidance.rescale: must be in [0, 1], got {g.rescale}")
+    return g
+
+
+def validate_request(req: Request) -> None:
+    """Check the plain fields of a request; raise RequestError naming the bad field."""
+    if not isinstance(req.prompt, str):
+        raise RequestError(f"prompt: expected a string, got {type(req.prompt).__name__}")
+    if req.negative_prompt is not None and not isinstance(req.negative_prompt, str):
+        raise RequestError(f"negative_prompt: expected a string or None, got {type(req.negative_prompt).__name__}")
+    if not isinstance(req.steps, int) or req.steps < 1:
+        raise RequestError(f"steps: expected a positive integer, got {req.steps!r}")
+    if not isinstance(req.num_images, int) or req.num_images < 1:
+        raise RequestError(f"num_images: expected a positive integer, got {req.num_images!r}")
+    if req.seed is not None and (not isinstance(req.seed, int) or req.seed < 0):
+        raise RequestError(f"seed: expected a non-negative integer or None, got {req.seed!r}")
+    if req.output_type not in OUTPUT_TYPES:
+        raise RequestError(f"output_type: expected one of {OUTPUT_TYPES}, got {req.output_type!r}")
+    for name in ("height", "width"):
+        v = getattr(req, name)
+        if v is not None and (not isinstance(v, int) or v <= 0):
+            raise RequestError(f"{name}: expected a positive integer or None, got {v!r}")

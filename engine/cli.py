@@ -1,0 +1,109 @@
+"""The `impasto` command line: `impasto generate "a red star on a blue background" -o star.png`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+
+def _parse_adapter(text: str):
+    """NAME, NAME=SCALE."""
+    name, _, scale = text.partition("=")
+    return (name, float(scale)) if scale else name
+
+
+def _generate(args) -> int:
+    import impasto
+    from impasto import tiny
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = impasto.Engine.from_pretrained(args.model, scheduler=args.scheduler, progress=not args.quiet)
+    for w in caught:
+        if str(w.message) == tiny.RANDOM_WARNING:
+            print(tiny.RANDOM_WARNING, file=sys.stderr)
+    for spec in args.register or ():
+        name, _, path = spec.partition("=")
+        engine.adapters.register(name, path)
+    out = engine.generate(
+        args.prompt,
+        adapters=[_parse_adapter(a) for a in args.adapter or ()],
+        guidance=args.guidance,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        num_images=args.grid or args.num_images,
+    )
+    images = out.images
+    if args.grid:
+        images = [_contact_sheet(images)]
+    paths = [args.output] if len(images) == 1 else [_numbered(args.output, i) for i in range(len(images))]
+    for image, path in zip(images, paths):
+        image.save(path)
+    t = out.timings
+    print(
+        f"wrote {', '.join(paths)} (seed {out.seed}; plan {t['plan']:.2f}s, denoise {t['denoise']:.2f}s, "
+        f"decode {t['decode']:.2f}s, total {t['total']:.2f}s)"
+    )
+    return 0
+
+
+def _numbered(path: str, i: int) -> str:
+    stem, dot, ext = path.rpartition(".")
+    return f"{stem}-{i}.{ext}" if dot else f"{path}-{i}"
+
+
+def _contact_sheet(images):
+    from PIL import Image
+
+    n = len(images)
+    cols = int(n**0.5 + 0.999)
+    rows = (n + cols - 1) // cols
+    w, h = images[0].size
+    sheet = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % cols) * w, (i // cols) * h))
+    return sheet
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="impasto", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate images for one prompt")
+    g.add_argument("prompt")
+    g.add_argument("-o", "--output", default="out.png", help="image path (numbered when several)")
+    g.add_argument("--model", default="tiny", help='"tiny" or a local diffusers SD-layout folder')
+    g.add_argument("--scheduler", default=None, help='a diffusers scheduler class, e.g. "DPMSolverMultistepScheduler"')
+    g.add_argument("--steps", type=int, default=30)
+    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--grid", type=int, default=None, help="make N images and write one contact sheet")
+    g.add_argument("--register", action="append", metavar="NAME=PATH", help="register an adapter file")
+    g.add_argument("--adapter", action="append", metavar="NAME[=SCALE]", help="apply a registered adapter")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=_generate)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as e:  # noqa: BLE001 - the CLI reports impasto errors in one line
+        import impasto
+
+        if isinstance(e, impasto.ImpastoError):
+            print(f"impasto: error: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

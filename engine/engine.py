@@ -1,0 +1,279 @@
+"""The engine: request -> plan -> step -> blend -> decode.
+
+One group of requests that share resolution and step count runs each denoising step as ONE UNet
+forward over every branch row of every request; each request keeps its own seed, prompt,
+negative prompt, guidance and adapters. Requests that cannot share a step are grouped.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from . import tiny
+from .adapters.store import AdapterStore
+from .api import (
+    GenerationOutput,
+    Guidance,
+    Request,
+    normalize_adapters,
+    normalize_guidance,
+    validate_request,
+)
+from .errors import ImpastoError, RequestError
+from .guidance import BranchLayout, blend
+from .loading import BaseModel, load_base_model
+from .plan import encode_prompts
+
+
+@dataclass
+class _Job:
+    """One validated request inside a batch."""
+
+    index: int
+    request: Request
+    guidance: Guidance
+    adapters: list
+    height: int
+    width: int
+    seed: int
+    out: GenerationOutput = field(default_factory=GenerationOutput)
+
+    @property
+    def has_uncond(self) -> bool:
+        return self.guidance.cfg > 1.0
+
+    def branch_prompts(self) -> list[str]:
+        neg = self.request.negative_prompt or ""
+        return ([neg] if self.has_uncond else []) + [self.request.prompt]
+
+
+class Engine:
+    """A frozen base model serving batches of requests, each with its own adapters and guidance."""
+
+    def __init__(
+        self,
+        base: BaseModel,
+        *,
+        device,
+        dtype,
+        adapter_root=None,
+        host_cache_bytes=None,
+        device_pool_bytes=None,
+        max_rank: int = 64,
+        max_adapters_per_row: int = 4,
+        progress: bool = False,
+    ):
+        self.base = base
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_rank = max_rank
+        self.max_adapters_per_row = max_adapters_per_row
+        self.progress = progress
+        self.image_processor = VaeImageProcessor(vae_scale_factor=base.vae_scale_factor)
+        self.adapters = AdapterStore(
+            base.unet,
+            root=adapter_root,
+            host_cache_bytes=host_cache_bytes,
+            device_pool_bytes=device_pool_bytes,
+            max_rank=max_rank,
+        )
+        # UNet downsamples by 2 per down block but the last; latents must divide evenly.
+        self._size_multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_name: str = "tiny",
+        *,
+        device=None,
+        dtype=None,
+        scheduler=None,
+        adapter_root=None,
+        host_cache_bytes=None,
+        device_pool_bytes=None,
+        max_rank: int = 64,
+        max_adapters_per_row: int = 4,
+        progress: bool = False,
+    ) -> "Engine":
+        """Load a local diffusers SD-layout folder, or "tiny" (the miniature model shipped with
+        impasto). No network, ever; a missing or malformed component raises ModelLoadError."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.float32 if device.type == "cpu" else torch.float16
+        path = path_or_name
+        if path_or_name == "tiny":
+            path, trained = tiny.tiny_model_dir()
+            if not trained:
+                tiny.warn_random()
+        base = load_base_model(path, device=device, dtype=dtype, scheduler=scheduler)
+        return cls(
+            base,
+            device=device,
+            dtype=dtype,
+            adapter_root=adapter_root,
+            host_cache_bytes=host_cache_bytes,
+            device_pool_bytes=device_pool_bytes,
+            max_rank=max_rank,
+            max_adapters_per_row=max_adapters_per_row,
+            progress=progress,
+        )
+
+    # ------------------------------------------------------------------ public API
+    def generate(
+        self,
+        prompt: str,
+        *,
+        adapters=(),
+        guidance=7.5,
+        negative_prompt=None,
+        steps=30,
+        seed=None,
+        height=None,
+        width=None,
+        num_images=1,
+        output_type="pil",
+    ) -> GenerationOutput:
+        """Generate images for one prompt; raises the request's error instead of returning it."""
+        req = Request(
+            prompt,
+            adapters=adapters,
+            guidance=guidance,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            seed=seed,
+            height=height,
+            width=width,
+            num_images=num_images,
+            output_type=output_type,
+        )
+        out = self.generate_batch([req])[0]
+        if out.error is not None:
+            raise out.error
+        return out
+
+    def generate_batch(self, requests) -> list[GenerationOutput]:
+        """Serve many requests; outputs in request order. A failed request gets `.error` and the
+        others are still served. Requests sharing (height, width, steps) share every UNet forward."""
+        t0 = time.perf_counter()
+        jobs, outputs = [], []
+        for i, req in enumerate(requests):
+            try:
+                job = self._prepare(i, req)
+                jobs.append(job)
+                outputs.append(job.out)
+            except ImpastoError as e:
+                outputs.append(GenerationOutput(error=e, seed=getattr(req, "seed", None)))
+        groups: dict[tuple, list[_Job]] = {}
+        for job in jobs:
+            groups.setdefault((job.height, job.width, job.request.steps), []).append(job)
+        for group in groups.values():
+            self._run_group(group)
+        for out in outputs:
+            out.timings.setdefault("total", time.perf_counter() - t0)
+        return outputs
+
+    # ------------------------------------------------------------------ internals
+    def _prepare(self, index: int, req: Request) -> _Job:
+        if not isinstance(req, Request):
+            raise RequestError(f"requests[{index}]: expected impasto.Request, got {type(req).__name__}")
+        validate_request(req)
+        guidance = normalize_guidance(req.guidance)
+        if guidance.styles:
+            raise RequestError("guidance.styles: style guidance is not available in this version")
+        adapters = normalize_adapters(req.adapters)
+        if len(adapters) > self.max_adapters_per_row:
+            raise RequestError(
+                f"adapters: {len(adapters)} adapters named, max_adapters_per_row is {self.max_adapters_per_row}"
+            )
+        adapters = self.adapters.resolve(adapters)
+        default = self.base.unet.config.sample_size * self.base.vae_scale_factor
+        height, width = req.height or default, req.width or default
+        for name, v in (("height", height), ("width", width)):
+            if v % self._size_multiple:
+                raise RequestError(f"{name}: {v} is not a multiple of {self._size_multiple} for this model")
+        seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**63)
+        return _Job(index, req, guidance, adapters, height, width, seed, GenerationOutput(seed=seed))
+
+    def _run_group(self, jobs: list[_Job]) -> None:
+        """Plan, denoise and decode one group of requests sharing size and step count."""
+        base, dev, dtype = self.base, self.device, self.dtype
+        height, width, steps = jobs[0].height, jobs[0].width, jobs[0].request.steps
+        t_plan = time.perf_counter()
+
+        # -- plan: text encodings of every branch, once per request and branch
+        prompts = [p for job in jobs for p in job.branch_prompts()]
+        embeds = encode_prompts(base.tokenizer, base.text_encoder, prompts, dev)  # [branches, L, D]
+
+        scheduler = type(base.scheduler).from_config(base.scheduler.config)
+        scheduler.set_timesteps(steps, device=dev)
+        latent_shape = (base.unet.config.in_channels, height // base.vae_scale_factor, width // base.vae_scale_factor)
+
+        rows_embeds, row_latent, layouts, latents, generators = [], [], [], [], []
+        row, latent, branch = 0, 0, 0
+        for job in jobs:
+            n = job.request.num_images
+            gen = torch.Generator("cpu").manual_seed(job.seed)
+            latents.append(randn_tensor((n, *latent_shape), generator=gen, device=dev, dtype=dtype))
+            generators += [gen] * n
+            layout = BranchLayout(row, n, job.guidance.cfg, job.has_uncond, job.guidance.rescale)
+            for _ in job.branch_prompts():
+                rows_embeds.append(embeds[branch : branch + 1].expand(n, -1, -1))
+                row_latent += range(latent, latent + n)
+                branch += 1
+            layouts.append(layout)
+            row += layout.num_rows
+            latent += n
+        encoder_hidden_states = torch.cat(rows_embeds).to(dtype)
+        row_latent = torch.tensor(row_latent, device=dev)
+        latents = torch.cat(latents) * scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(scheduler, generators)
+        t_denoise = time.perf_counter()
+
+        # -- step: one UNet forward for every row of every request
+        with torch.inference_mode():
+            for t in tqdm(scheduler.timesteps, disable=not self.progress, desc="denoise", leave=False):
+                model_input = scheduler.scale_model_input(latents[row_latent], t)
+                noise = base.unet(model_input, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+                noise = blend(noise, layouts)
+                latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+            t_decode = time.perf_counter()
+
+            # -- decode
+            need_pixels = any(job.request.output_type != "latent" for job in jobs)
+            if need_pixels:
+                pixels = base.vae.decode(latents / base.vae.config.scaling_factor, return_dict=False)[0]
+        t_end = time.perf_counter()
+
+        start = 0
+        for job in jobs:
+            n = job.request.num_images
+            if job.request.output_type == "latent":
+                job.out.images = latents[start : start + n].clone()
+            else:
+                image = pixels[start : start + n]
+                job.out.images = self.image_processor.postprocess(
+                    image, output_type=job.request.output_type, do_denormalize=[True] * n
+                )
+            start += n
+            job.out.timings.update(plan=t_denoise - t_plan, denoise=t_decode - t_denoise, decode=t_end - t_decode)
+
+    @staticmethod
+    def _step_kwargs(scheduler, generators) -> dict:
+        """diffusers' prepare_extra_step_kwargs: eta=0 where accepted; one generator per latent
+        (the request's own) for schedulers that draw noise."""
+        params = set(inspect.signature(scheduler.step).parameters)
+        kw = {}
+        if "eta" in params:
+            kw["eta"] = 0.0
+        if "generator" in params:
+            kw["generator"] = generators
+        return kw

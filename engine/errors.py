@@ -1,0 +1,37 @@
+"""The error hierarchy. Every message names the file, key or field that is wrong."""
+
+
+class ImpastoError(Exception):
+    """Base class of every error impasto raises on purpose."""
+
+
+class ModelLoadError(ImpastoError):
+    """A base-model folder or one of its components is missing or malformed."""
+
+
+class RequestError(ImpastoError):
+    """A request is malformed: a bad field, too many adapters, a bad scale."""
+
+
+class AdapterError(ImpastoError):
+    """An adapter cannot be registered, loaded or applied."""
+
+
+class AdapterFormatError(AdapterError):
+    """The file is not a readable adapter: truncated, corrupt, foreign keys or layout."""
+
+
+class AdapterUnsupportedError(AdapterFormatError):
+    """The file is a real adapter of a kind impasto refuses by name (DoRA, LoHa, 3x3-conv LoRA...)."""
+
+
+class AdapterShapeError(AdapterError):
+    """The adapter's tensors do not fit this base model (wrong shape, target or base)."""
+
+
+class AdapterValueError(AdapterError):
+    """The adapter's values are unusable: NaN/Inf, wrong dtype, rank above max_rank."""
+
+
+class AdapterNameError(AdapterError):
+    """Unknown or duplicate adapter name, or a placeholder token no adapter defines."""
