@@ -1,0 +1,171 @@
+"""One dispatch table for every kernel family: which backend runs an op, and why not another.
+
+Backends:
+    reference  plain PyTorch; the ground truth of every test and the CPU path.
+    triton     Triton kernels; on CUDA, or on CPU tensors under the Triton interpreter
+               (TRITON_INTERPRET=1, which tests use).
+    native     the compiled extension (csrc/ + bindings/); no op is registered on it yet.
+
+Choice, first match wins:
+    1. the op's `backend=` argument,
+    2. the innermost `use_backend(...)` context manager,
+    3. the environment variable IMPASTO_BACKEND (read at every call, so tests can set it),
+    4. the device default, chosen once per device type: `triton` on CUDA when it can run there,
+       otherwise `reference`.
+
+A backend that cannot run an op raises `BackendNotSupportedError` listing every backend's
+reasons, after xformers' `not_supported_reasons` (xformers/ops/fmha/dispatch.py).
+
+Families register implementations with `@register("lora_apply", "triton")`; an op with no
+implementation on a backend is rejected with that as its reason.
+"""
+
+import contextlib
+import enum
+import functools
+import importlib.util
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+
+ENV_VAR = "IMPASTO_BACKEND"
+
+
+class Backend(str, enum.Enum):
+    REFERENCE = "reference"
+    TRITON = "triton"
+    NATIVE = "native"
+
+
+class BackendNotSupportedError(RuntimeError):
+    """The requested (or every) backend cannot run this op on these inputs."""
+
+
+# op name -> backend -> implementation
+_REGISTRY: dict[str, dict[Backend, Callable]] = {}
+# op name -> backend -> dtypes the implementation accepts (None: any)
+_DTYPES: dict[str, dict[Backend, frozenset | None]] = {}
+# innermost last; set by use_backend
+_OVERRIDES: list[Backend] = []
+
+
+def register(op: str, backend: str, dtypes=None) -> Callable:
+    """Decorator: `fn` implements `op` on `backend`, for `dtypes` (an iterable, or None for any)."""
+    name = Backend(backend)
+
+    def wrap(fn):
+        _REGISTRY.setdefault(op, {})[name] = fn
+        _DTYPES.setdefault(op, {})[name] = None if dtypes is None else frozenset(dtypes)
+        return fn
+
+    return wrap
+
+
+def _parse(backend) -> Backend:
+    try:
+        return Backend(backend)
+    except ValueError:
+        names = ", ".join(b.value for b in Backend)
+        raise BackendNotSupportedError(f"unknown backend {backend!r}; known backends: {names}") from None
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _native_built() -> bool:
+    # impasto.kernels never imports the engine; only the parent package is searched here.
+    try:
+        return importlib.util.find_spec("impasto._native") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def platform_reasons(backend, device_type: str) -> list[str]:
+    """Why `backend` cannot run on `device_type` at all (empty list: it can)."""
+    backend = _parse(backend)
+    reasons = []
+    if backend is Backend.TRITON:
+        if not _triton_importable():
+            reasons.append("triton is not installed")
+        if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            reasons.append("triton runs CPU tensors only under the interpreter (TRITON_INTERPRET=1)")
+        elif device_type == "cuda" and not torch.cuda.is_available():
+            reasons.append("torch has no CUDA device")
+        elif device_type not in ("cpu", "cuda"):
+            reasons.append(f"triton does not run on device type {device_type!r}")
+    elif backend is Backend.NATIVE:
+        if device_type != "cuda":
+            reasons.append(f"the native extension is CUDA-only, got device type {device_type!r}")
+        if not _native_built():
+            reasons.append("the native extension impasto._native is not built (IMPASTO_BUILD_NATIVE=1)")
+    return reasons
+
+
+def not_supported_reasons(op: str, backend, device_type: str, dtype: torch.dtype | None = None) -> list[str]:
+    """Why `backend` cannot run `op` on `device_type` with `dtype` (empty list: it can)."""
+    backend = _parse(backend)
+    reasons = platform_reasons(backend, device_type)
+    impls = _REGISTRY.get(op, {})
+    if backend not in impls:
+        reasons.append(f"no {backend.value} implementation of {op!r} is registered")
+    else:
+        dtypes = _DTYPES[op][backend]
+        if dtype is not None and dtypes is not None and dtype not in dtypes:
+            names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+            reasons.append(f"dtype {str(dtype).removeprefix('torch.')} not supported (supports {names})")
+    return reasons
+
+
+@functools.cache
+def default_backend(device_type: str) -> Backend:
+    """The backend chosen once per device type when nothing overrides it."""
+    if device_type == "cuda" and not platform_reasons(Backend.TRITON, "cuda"):
+        return Backend.TRITON
+    return Backend.REFERENCE
+
+
+def requested_backend(backend=None) -> Backend | None:
+    """The override in force: the argument, else the innermost context manager, else the env var."""
+    if backend is not None:
+        return _parse(backend)
+    if _OVERRIDES:
+        return _OVERRIDES[-1]
+    env = os.environ.get(ENV_VAR, "")
+    if env:
+        return _parse(env)
+    return None
+
+
+def select(op: str, device: torch.device | str, dtype: torch.dtype | None = None, backend=None) -> Backend:
+    """Resolve the backend for one call, or raise with every backend's reasons."""
+    device_type = torch.device(device).type
+    chosen = requested_backend(backend)
+    if chosen is None:
+        chosen = default_backend(device_type)
+    if not not_supported_reasons(op, chosen, device_type, dtype):
+        return chosen
+    lines = [f"backend {chosen.value!r} cannot run {op!r} on {device_type} with dtype {dtype}:"]
+    for name in Backend:
+        reasons = not_supported_reasons(op, name, device_type, dtype)
+        lines.append(f"  {name.value}: " + ("supported" if not reasons else "; ".join(reasons)))
+    raise BackendNotSupportedError("\n".join(lines))
+
+
+def implementation(op: str, backend) -> Callable:
+    """The function registered for `op` on `backend`."""
+    return _REGISTRY[op][_parse(backend)]
+
+
+@contextlib.contextmanager
+def use_backend(backend) -> Iterator[Backend]:
+    """Run the ops inside the block on `backend` unless a call passes its own `backend=`."""
+    name = _parse(backend)
+    _OVERRIDES.append(name)
+    try:
+        yield name
+    finally:
+        _OVERRIDES.pop()
