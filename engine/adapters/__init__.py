@@ -1,0 +1,1 @@
+"""Adapter files: readers that turn each tool's on-disk layout into one normalized form."""

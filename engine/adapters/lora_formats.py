@@ -1,0 +1,687 @@
+"""LoRA file readers: every on-disk layout users have, read into one normalized form.
+
+The engine applies LoRA per row with a kernel. From a file it needs, per UNet module, the
+down matrix A, the up matrix B and the scale that diffusers + PEFT apply when the same file
+is loaded with ``pipe.load_lora_weights`` (or PEFT's own loader, for PEFT folders).
+
+Semantics:
+    for every entry ``layers[name] = LoraLayer(down, up, scale)``:
+        delta_W[name] = scale * up @ down          # Shape: [out, in]
+        y = base(x) + scale * (x @ down.T) @ up.T  # what PEFT's LoRA Linear computes
+    down  Shape: [r, in]   PEFT's ``lora_A.weight`` layout (a 1x1 conv [r, in, 1, 1] is squeezed)
+    up    Shape: [out, r]  PEFT's ``lora_B.weight`` layout (a 1x1 conv [out, r, 1, 1] is squeezed)
+    scale float            lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA
+
+Layouts (``LoraFile.format``), each as its own tool writes it:
+
+=====================  ==========================================================================
+``"diffusers-old"``    ``[unet.]<module>.lora.down.weight`` / ``.lora.up.weight`` (what
+                       ``convert_state_dict_to_diffusers`` writes for attention projections),
+                       ``.lora_linear_layer.down/up.weight``, and the attention-processor layout
+                       ``<attn>.processor.to_{q,k,v,out}_lora.down/up.weight``. Files written
+                       by ``convert_state_dict_to_diffusers`` mix these keys with ``lora_A/B`` keys
+                       (feed-forward, proj_in/proj_out): every key is read.
+``"diffusers"``        ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (``save_lora_weights``);
+                       alpha in the ``lora_adapter_metadata`` header entry (JSON, ``unet.``-prefixed
+                       LoraConfig fields), when the writer passed ``unet_lora_adapter_metadata``.
+``"diffusers-adapter"`` the same keys without the ``unet.`` prefix (``unet.save_lora_adapter``);
+                       header metadata holds the unprefixed LoraConfig fields.
+``"peft"``             ``base_model.model.<module>.lora_A.weight`` in ``adapter_model.safetensors``
+                       (or ``.bin``) with ``adapter_config.json`` beside it: ``r``, ``lora_alpha``,
+                       ``rank_pattern``, ``alpha_pattern``, ``use_rslora``. A folder or the file.
+``"kohya"``            ``lora_unet_<module with . -> _>.lora_down.weight`` / ``.lora_up.weight``
+                       / ``.alpha`` (scalar). Names are resolved against the base UNet's module
+                       names, since ``_`` is ambiguous once dots are replaced.
+=====================  ==========================================================================
+
+Scale, per layout (verified against diffusers 0.42.1 + peft 0.21.2 in tests/test_lora_formats.py):
+
+* With a LoraConfig (``lora_adapter_metadata`` header, or ``adapter_config.json``): PEFT's own
+  rule. ``r`` and ``lora_alpha`` are overridden per module by the first ``rank_pattern`` /
+  ``alpha_pattern`` key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)`` (peft's
+  ``get_pattern_key``); scale = alpha / r, or alpha / sqrt(r) with ``use_rslora``. The config's
+  rank must equal the tensors' rank (PEFT would fail to load otherwise).
+* No alpha information (``save_lora_weights`` without metadata drops it): alpha = r, scale 1.0,
+  as diffusers loads such files.
+* kohya: scale = alpha / r per module, from the module's own ``.alpha`` tensor; no ``.alpha`` or
+  alpha 0 means alpha = r (kohya's rule). diffusers agrees whenever all alphas are equal, and for
+  non-attention modules. With unequal alphas diffusers gives every *attention* projection the most
+  common alpha (its alpha_pattern keys keep ``processor.to_q_lora.down.weight`` and match no
+  module); impasto keeps the per-module alpha kohya trained with, as kohya, A1111 and ComfyUI do.
+* ``.alpha`` tensors inside diffusers layouts (``unet.<module>.alpha``): diffusers 0.42.1 ignores
+  them and loads the file at scale 1.0; impasto does the same and records a line in
+  ``LoraFile.notes``.
+
+Refusals, each naming the file and the key: text-encoder keys (``lora_te_``, ``lora_te1_``,
+``lora_te2_``, ``text_encoder.``, ``text_encoder_2.``, ``te_``...) are not refused here: they come
+back untouched in ``text_encoder_layers`` for the engine to decide. DoRA, LoHa, LoKr, LoCon
+Tucker, 3x3-conv LoRA, LoRA with bias and other PEFT variants raise AdapterUnsupportedError naming
+the kind; unknown keys, truncated or corrupt files, missing files and PEFT files without their
+config raise AdapterFormatError; a module the base UNet does not have raises AdapterShapeError;
+a down/up rank mismatch raises AdapterShapeError; NaN/Inf or non-float weights raise
+AdapterValueError (checked by ``read_lora``, not by ``read_lora_header``). ``.bin`` files are
+only read with ``torch.load(..., weights_only=True)``: a pickle that would run code is refused.
+
+API:
+    read_lora_header(path, unet_module_names) -> LoraFileHeader   # no weight data read*
+    read_lora(path, unet_module_names, *, dtype=torch.float32) -> LoraFile
+``path`` is a ``.safetensors``/``.bin`` file or a folder (PEFT folder with
+``adapter_config.json``, or a diffusers folder holding ``pytorch_lora_weights.safetensors``).
+``unet_module_names`` is any iterable of the base UNet's module names
+(``dict(unet.named_modules())``). Shapes are not checked against the base modules here; the
+engine does that.
+(*) For safetensors only the header is read, plus the scalar kohya ``.alpha`` tensors, which
+the scales need. A ``.bin`` has no header: it is loaded whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import AdapterFormatError, AdapterShapeError, AdapterUnsupportedError, AdapterValueError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FORMATS",
+    "LoraFile",
+    "LoraFileHeader",
+    "LoraLayer",
+    "LoraLayerInfo",
+    "read_lora",
+    "read_lora_header",
+]
+
+FORMATS = ("diffusers-old", "diffusers", "diffusers-adapter", "peft", "kohya")
+
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base
+PEFT_CONFIG_NAME = "adapter_config.json"
+_PEFT_WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+_DIFFUSERS_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+
+_TEXT_ENCODER_PREFIXES = (
+    "lora_te_",
+    "lora_te1_",
+    "lora_te2_",
+    "lora_te3_",
+    "text_encoder.",
+    "text_encoder_2.",
+    "text_encoder_3.",
+    "te_",
+    "te1_",
+    "te2_",
+    "te.",
+    "te1.",
+    "te2.",
+)
+
+# Substrings that mark an adapter kind impasto refuses by name (checked before anything else).
+_UNSUPPORTED_MARKERS = (
+    ("lora_magnitude_vector", "DoRA"),
+    ("dora_scale", "DoRA"),
+    ("hada_w1_a", "LoHa"),
+    ("hada_w1_b", "LoHa"),
+    ("hada_w2_a", "LoHa"),
+    ("hada_w2_b", "LoHa"),
+    ("hada_t1", "LoHa"),
+    ("hada_t2", "LoHa"),
+    ("lokr_w1", "LoKr"),
+    ("lokr_w2", "LoKr"),
+    ("lokr_t2", "LoKr"),
+    ("lora_mid", "LoCon with Tucker decomposition (lora_mid)"),
+    ("oft_blocks", "OFT"),
+    ("oft_diag", "OFT"),
+    ("ia3_", "IA3"),
+    ("lora_B.bias", "LoRA with bias (lora_bias=True)"),
+    ("lora_up.bias", "LoRA with bias (lora_bias=True)"),
+    (".w_norm", "LyCORIS norm-layer fine-tune"),
+    (".b_norm", "LyCORIS norm-layer fine-tune"),
+)
+
+# LoraConfig fields that turn PEFT's LoRA into a different computation (peft 0.21.2 lora variants).
+_UNSUPPORTED_CONFIG_FIELDS = (
+    ("use_dora", "DoRA"),
+    ("lora_bias", "LoRA with bias (lora_bias=True)"),
+    ("velora_config", "VeLoRA"),
+    ("alora_invocation_tokens", "aLoRA"),
+    ("monteclora_config", "MonteCLoRA"),
+    ("use_bdlora", "BD-LoRA"),
+    ("arrow_config", "Arrow"),
+    ("kasa_config", "KaSA"),
+    ("layer_replication", "layer replication"),
+)
+
+# diffusers/PEFT key suffixes -> role. Longest first: ".lora.down.weight" must not be seen as ".down.weight".
+_SUFFIX_ROLES = (
+    (".lora_linear_layer.down.weight", "down", True),
+    (".lora_linear_layer.up.weight", "up", True),
+    (".lora.down.weight", "down", True),
+    (".lora.up.weight", "up", True),
+    (".lora_A.weight", "down", False),
+    (".lora_B.weight", "up", False),
+)
+# Old attention-processor layout: "<attn>.processor.to_q_lora.down.weight" -> module "<attn>.to_q".
+_PROCESSOR_KEY = re.compile(r"^(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)\.weight$")
+_PROCESSOR_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+_KOHYA_SUFFIXES = ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha"))
+_SGM_BLOCK_NAMES = ("input_blocks_", "middle_block_", "output_blocks_", "label_emb_", "time_embed_")
+
+
+@dataclass
+class LoraLayer:
+    """One UNet module's LoRA. delta_W = scale * up @ down, Shape: [out, in]."""
+
+    down: torch.Tensor  # A, Shape: [r, in] (PEFT lora_A.weight layout)
+    up: torch.Tensor  # B, Shape: [out, r] (PEFT lora_B.weight layout)
+    scale: float  # what PEFT multiplies B @ A by: alpha / r, or alpha / sqrt(r) with rsLoRA
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+
+@dataclass(frozen=True)
+class LoraLayerInfo:
+    """One UNet module's LoRA as the header describes it; no weight data."""
+
+    rank: int
+    in_features: int
+    out_features: int
+    scale: float
+    down_key: str  # the file's key of A
+    up_key: str  # the file's key of B
+    conv1x1: bool  # stored as a [r, in, 1, 1] / [out, r, 1, 1] conv pair
+    dtype: torch.dtype  # stored dtype of A (B is checked to match at full read)
+
+
+@dataclass
+class LoraFileHeader:
+    """What ``read_lora_header`` learns without reading weights."""
+
+    path: str  # the weights file actually read (inside the folder, when a folder was given)
+    format: str  # one of FORMATS
+    layers: dict[str, LoraLayerInfo]  # key: diffusers UNet module name
+    text_encoder_keys: list[str]  # raw keys left for the engine
+    metadata: dict[str, str]  # the safetensors header metadata ({} for .bin)
+    nbytes: int  # bytes of the UNet layers' A and B tensors as stored
+    notes: list[str] = field(default_factory=list)  # what was read differently from the obvious
+
+
+@dataclass
+class LoraFile:
+    """A fully read, validated LoRA file."""
+
+    path: str
+    format: str  # one of FORMATS
+    layers: dict[str, LoraLayer]  # key: diffusers UNet module name, e.g. "...attn1.to_q"
+    text_encoder_layers: dict[str, torch.Tensor]  # raw key -> tensor, untouched, for the engine
+    metadata: dict[str, str]  # the safetensors header metadata (str -> str; {} for .bin)
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# File access: safetensors (header only or full) and weights-only .bin.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Source:
+    """Uniform access to a weights file's keys, shapes, dtypes and tensors."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.is_safetensors = not path.endswith((".bin", ".pt", ".pth", ".ckpt"))
+        self._tensors: dict[str, torch.Tensor] | None = None
+        self.metadata: dict[str, str] = {}
+        if self.is_safetensors:
+            try:
+                with safe_open(path, framework="pt", device="cpu") as f:
+                    self.metadata = dict(f.metadata() or {})
+                    self._shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                    self._dtypes = {k: _safetensors_dtype(f.get_slice(k).get_dtype(), path, k) for k in f.keys()}
+            except (SafetensorError, OSError, ValueError) as e:
+                raise AdapterFormatError(f"{path}: not a readable safetensors file: {e}") from e
+        else:
+            self._tensors = _torch_load_weights_only(path)
+            self._shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
+            self._dtypes = {k: v.dtype for k, v in self._tensors.items()}
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._dtypes[key]
+
+    def nbytes(self, key: str) -> int:
+        return math.prod(self._shapes[key]) * self._dtypes[key].itemsize
+
+    def tensors(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        keys = list(keys)
+        if self._tensors is not None:
+            return {k: self._tensors[k] for k in keys}
+        try:
+            with safe_open(self.path, framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k) for k in keys}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise AdapterFormatError(f"{self.path}: cannot read tensor data (truncated or corrupt file?): {e}") from e
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _safetensors_dtype(name: str, path: str, key: str) -> torch.dtype:
+    dtype = _SAFETENSORS_DTYPES.get(str(name).upper())
+    if dtype is None:
+        raise AdapterValueError(f"{path}: tensor {key!r} has dtype {name}, which impasto cannot read")
+    return dtype
+
+
+def _torch_load_weights_only(path: str) -> dict[str, torch.Tensor]:
+    """Load a pickled state dict without ever running code from the file."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise AdapterFormatError(f"{path}: no such file") from e
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError, OSError) as e:
+        raise AdapterFormatError(f"{path}: not a weights-only torch file (refused, nothing executed): {e}") from e
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise AdapterFormatError(f"{path}: a .bin LoRA must hold a flat dict of name -> tensor, got {type(obj).__name__}")
+    return obj
+
+
+def _resolve_path(path) -> tuple[str, str | None]:
+    """Return (weights file, path of the adapter_config.json beside it or None) for a file or folder."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        names = set(os.listdir(path))
+        if PEFT_CONFIG_NAME in names:
+            for name in _PEFT_WEIGHT_NAMES:
+                if name in names:
+                    return os.path.join(path, name), os.path.join(path, PEFT_CONFIG_NAME)
+            raise AdapterFormatError(f"{path}: PEFT folder has {PEFT_CONFIG_NAME} but none of {_PEFT_WEIGHT_NAMES}")
+        for name in _DIFFUSERS_WEIGHT_NAMES:
+            if name in names:
+                return os.path.join(path, name), None
+        found = sorted(n for n in names if n.endswith(".safetensors"))
+        if len(found) == 1:
+            return os.path.join(path, found[0]), None
+        raise AdapterFormatError(f"{path}: folder holds no single LoRA weights file (found: {found or 'none'})")
+    if not os.path.isfile(path):
+        raise AdapterFormatError(f"{path}: no such file")
+    config_path = os.path.join(os.path.dirname(path) or ".", PEFT_CONFIG_NAME)
+    return path, (config_path if os.path.isfile(config_path) else None)
+
+
+def _read_peft_config(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise AdapterFormatError(f"{path}: unreadable PEFT config: {e}") from e
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{path}: PEFT config must be a JSON object")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Key parsing.
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_text_encoder_key(key: str) -> bool:
+    return key.startswith(_TEXT_ENCODER_PREFIXES)
+
+
+def _family(key: str) -> str:
+    if key.startswith("lora_unet_"):
+        return "kohya"
+    if key.startswith("base_model.model."):
+        return "peft"
+    if key.startswith("unet."):
+        return "unet"
+    return "bare"
+
+
+def _parse_diffusers_key(key: str) -> tuple[str, str, bool] | None:
+    """'<module><suffix>' -> (module, role, old_style); role in down/up/alpha."""
+    m = _PROCESSOR_KEY.match(key)
+    if m:
+        return f"{m['attn']}.{_PROCESSOR_PROJ[m['proj']]}", m["role"], True
+    for suffix, role, old in _SUFFIX_ROLES:
+        if key.endswith(suffix):
+            module = key[: -len(suffix)].replace(".processor.", ".")  # diffusers' KEYS_TO_ALWAYS_REPLACE
+            return module, role, old
+    if key.endswith(".alpha"):
+        return key[: -len(".alpha")], "alpha", True
+    return None
+
+
+class _KohyaNames:
+    """kohya flattens module paths ('.' -> '_'); map them back through the base UNet's names."""
+
+    def __init__(self, unet_module_names: Iterable[str]):
+        self.names: dict[str, str | None] = {}
+        for name in unet_module_names:
+            flat = name.replace(".", "_")
+            self.names[flat] = None if flat in self.names and self.names[flat] != name else name
+
+    def resolve(self, flat: str, path: str, key: str) -> str:
+        if flat in self.names:
+            name = self.names[flat]
+            if name is None:
+                raise AdapterFormatError(f"{path}: kohya key {key!r} matches several UNet modules")
+            return name
+        if flat.startswith(_SGM_BLOCK_NAMES):
+            raise AdapterUnsupportedError(
+                f"{path}: kohya key {key!r} uses SGM/LDM block names (SDXL-style input_blocks/output_blocks); "
+                "only diffusers-named kohya UNet keys are supported"
+            )
+        raise AdapterShapeError(f"{path}: adapter made for another base model: no module {flat!r} (key {key!r})")
+
+
+def _refuse_unsupported(path: str, key: str) -> None:
+    if key.endswith((".diff", ".diff_b")):
+        raise AdapterUnsupportedError(f"{path}: full weight-difference (LyCORIS diff) adapters are not supported (key {key!r})")
+    for marker, kind in _UNSUPPORTED_MARKERS:
+        if marker in key:
+            raise AdapterUnsupportedError(f"{path}: {kind} adapters are not supported (key {key!r})")
+
+
+@dataclass
+class _Parsed:
+    format: str
+    entries: dict[str, dict[str, str]]  # module -> {"down": key, "up": key, "alpha": key}
+    text_encoder_keys: list[str]
+    ignored_alpha_keys: list[str]
+
+
+def _parse_keys(path: str, keys: list[str], unet_module_names: set[str]) -> _Parsed:
+    te_keys = [k for k in keys if _is_text_encoder_key(k)]
+    unet_keys = [k for k in keys if not _is_text_encoder_key(k)]
+    for k in unet_keys:
+        _refuse_unsupported(path, k)
+    if not unet_keys and not te_keys:
+        raise AdapterFormatError(f"{path}: the file holds no tensors")
+
+    families = {}
+    for k in unet_keys:
+        families.setdefault(_family(k), k)
+    if len(families) > 1:
+        shown = ", ".join(f"{fam}: {k!r}" for fam, k in families.items())
+        raise AdapterFormatError(f"{path}: keys mix several LoRA layouts ({shown})")
+    family = next(iter(families), "bare")
+
+    entries: dict[str, dict[str, str]] = {}
+    old_style = False
+    kohya = _KohyaNames(unet_module_names) if family == "kohya" else None
+    for k in unet_keys:
+        if family == "kohya":
+            for suffix, role in _KOHYA_SUFFIXES:
+                if k.endswith(suffix):
+                    flat = k[len("lora_unet_") : -len(suffix)]
+                    break
+            else:
+                raise AdapterFormatError(f"{path}: unknown key {k!r} in a kohya LoRA file")
+            module = kohya.resolve(flat, path, k)
+        else:
+            prefix = {"peft": "base_model.model.", "unet": "unet.", "bare": ""}[family]
+            parsed = _parse_diffusers_key(k[len(prefix) :])
+            if parsed is None:
+                raise AdapterFormatError(f"{path}: unknown key {k!r}: not a LoRA A/B/alpha weight")
+            module, role, old = parsed
+            old_style |= old and role != "alpha"
+        slot = entries.setdefault(module, {})
+        if role in slot:
+            raise AdapterFormatError(f"{path}: keys {slot[role]!r} and {k!r} both give the {role} of module {module!r}")
+        slot[role] = k
+
+    if family == "kohya":
+        fmt = "kohya"
+    elif family == "peft":
+        fmt = "peft"
+    elif old_style:
+        fmt = "diffusers-old"
+    else:
+        fmt = "diffusers" if family == "unet" else "diffusers-adapter"
+
+    ignored_alpha = []
+    for module, slot in sorted(entries.items()):
+        if "down" not in slot or "up" not in slot:
+            have = slot.get("down") or slot.get("up") or slot.get("alpha")
+            missing = "up (B)" if "down" in slot else "down (A)"
+            raise AdapterFormatError(f"{path}: module {module!r} has no {missing} weight (have {have!r})")
+        if module not in unet_module_names:
+            raise AdapterShapeError(
+                f"{path}: adapter made for another base model: no module {module!r} (key {slot['down']!r})"
+            )
+        if "alpha" in slot and fmt != "kohya":
+            ignored_alpha.append(slot.pop("alpha"))
+    return _Parsed(fmt, entries, te_keys, ignored_alpha)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scales.
+# ---------------------------------------------------------------------------------------------
+
+
+def _get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str:
+    """peft.utils.other.get_pattern_key (peft 0.21.2), copied so peft stays a test-only dependency."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", key_to_match):
+            return key
+    return key_to_match
+
+
+class _ConfigScale:
+    """PEFT's per-module r and scaling from a LoraConfig dict."""
+
+    def __init__(self, config: dict, path: str, where: str):
+        self.path, self.where = path, where
+        peft_type = config.get("peft_type", "LORA")
+        if str(peft_type).upper() != "LORA":
+            raise AdapterUnsupportedError(f"{path}: {where} declares peft_type {peft_type!r}; only LoRA is supported")
+        for name, kind in _UNSUPPORTED_CONFIG_FIELDS:
+            if config.get(name):
+                raise AdapterUnsupportedError(f"{path}: {kind} adapters are not supported ({where} field {name!r})")
+        if config.get("init_lora_weights") == "mica":
+            raise AdapterUnsupportedError(f"{path}: MiCA adapters are not supported ({where} init_lora_weights='mica')")
+        try:
+            self.r = int(config.get("r", 8))
+            self.alpha = float(config.get("lora_alpha", 8))
+            self.rank_pattern = dict(config.get("rank_pattern") or {})
+            self.alpha_pattern = dict(config.get("alpha_pattern") or {})
+            self.use_rslora = bool(config.get("use_rslora", False))
+        except (TypeError, ValueError) as e:
+            raise AdapterFormatError(f"{path}: malformed LoRA config in {where}: {e}") from e
+
+    def scale(self, module: str, rank: int, key: str) -> float:
+        r = self.rank_pattern.get(_get_pattern_key(self.rank_pattern.keys(), module), self.r)
+        alpha = self.alpha_pattern.get(_get_pattern_key(self.alpha_pattern.keys(), module), self.alpha)
+        if int(r) != rank:
+            raise AdapterFormatError(
+                f"{self.path}: {self.where} gives module {module!r} rank {r}, but {key!r} has rank {rank}"
+            )
+        return float(alpha) / (math.sqrt(rank) if self.use_rslora else rank)
+
+
+def _diffusers_metadata_config(path: str, metadata: dict, fmt: str) -> dict | None:
+    raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+    except ValueError as e:
+        raise AdapterFormatError(f"{path}: header entry {LORA_ADAPTER_METADATA_KEY!r} is not JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{path}: header entry {LORA_ADAPTER_METADATA_KEY!r} is not a JSON object")
+    if fmt in ("diffusers", "diffusers-old"):
+        # save_lora_weights packs every component's config with its prefix (_pack_dict_with_prefix);
+        # load_lora_into_unet keeps the "unet." ones and strips the prefix.
+        if any(k.startswith("unet.") for k in config) or any(k.startswith("text_encoder") for k in config):
+            config = {k.removeprefix("unet."): v for k, v in config.items() if k.startswith("unet.")}
+    return config or None
+
+
+def _layer_scales(path, parsed: _Parsed, src: _Source, peft_config: dict | None, notes: list[str]) -> dict[str, float]:
+    ranks = {m: src.shape(slot["down"])[0] for m, slot in parsed.entries.items()}
+    if parsed.format == "kohya":
+        alpha_keys = [slot["alpha"] for slot in parsed.entries.values() if "alpha" in slot]
+        alphas = {}
+        for key, value in src.tensors(alpha_keys).items():
+            if value.numel() != 1:
+                raise AdapterFormatError(f"{path}: alpha {key!r} must be a scalar, has shape {tuple(value.shape)}")
+            alphas[key] = float(value.float().item())
+            if not math.isfinite(alphas[key]):
+                raise AdapterValueError(f"{path}: alpha {key!r} is {alphas[key]}")
+        scales = {}
+        for m, slot in parsed.entries.items():
+            alpha = alphas.get(slot.get("alpha"), 0.0)
+            scales[m] = (alpha if alpha != 0.0 else ranks[m]) / ranks[m]
+        return scales
+
+    if parsed.ignored_alpha_keys:
+        notes.append(
+            f"{len(parsed.ignored_alpha_keys)} '.alpha' tensor(s) (e.g. {parsed.ignored_alpha_keys[0]!r}) ignored: "
+            "diffusers 0.42.1 does not read alphas in diffusers-layout files and loads them at scale 1.0"
+        )
+        logger.warning("%s: %s", path, notes[-1])
+
+    if parsed.format == "peft":
+        if peft_config is None:
+            raise AdapterFormatError(
+                f"{path}: PEFT adapter weights ({next(iter(src.keys()))!r}) without {PEFT_CONFIG_NAME} beside them: "
+                "lora_alpha is unknown"
+            )
+        rule = _ConfigScale(peft_config, path, PEFT_CONFIG_NAME)
+    else:
+        config = _diffusers_metadata_config(path, src.metadata, parsed.format)
+        if config is None:
+            return {m: 1.0 for m in parsed.entries}  # no alpha anywhere: alpha = r, as diffusers loads it
+        rule = _ConfigScale(config, path, f"header entry {LORA_ADAPTER_METADATA_KEY!r}")
+    return {m: rule.scale(m, ranks[m], parsed.entries[m]["down"]) for m in parsed.entries}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes.
+# ---------------------------------------------------------------------------------------------
+
+
+def _layer_info(path, module, slot, src: _Source, scale: float) -> LoraLayerInfo:
+    dk, uk = slot["down"], slot["up"]
+    ds, us = src.shape(dk), src.shape(uk)
+    conv = len(ds) == 4
+    if len(ds) not in (2, 4) or len(us) != len(ds):
+        raise AdapterFormatError(f"{path}: {dk!r} {ds} and {uk!r} {us} are not a LoRA pair of 2-D or 4-D weights")
+    if conv:
+        if ds[2:] != (1, 1):
+            raise AdapterUnsupportedError(
+                f"{path}: {ds[2]}x{ds[3]}-conv LoRA is not supported (key {dk!r}, shape {ds}); only 1x1 conv or linear"
+            )
+        if us[2:] != (1, 1):
+            raise AdapterUnsupportedError(f"{path}: conv LoRA with a {us[2]}x{us[3]} up kernel is not supported ({uk!r})")
+    if ds[0] != us[1]:
+        raise AdapterShapeError(f"{path}: module {module!r}: down {dk!r} has rank {ds[0]} but up {uk!r} has rank {us[1]}")
+    if ds[0] == 0:
+        raise AdapterShapeError(f"{path}: module {module!r} has rank 0 ({dk!r})")
+    for key in (dk, uk):
+        if not src.dtype(key).is_floating_point:
+            raise AdapterValueError(f"{path}: {key!r} has dtype {src.dtype(key)}; LoRA weights must be floating point")
+    return LoraLayerInfo(
+        rank=ds[0], in_features=ds[1], out_features=us[0], scale=scale, down_key=dk, up_key=uk, conv1x1=conv,
+        dtype=src.dtype(dk),
+    )
+
+
+def _read_header(path, unet_module_names) -> tuple[LoraFileHeader, _Source]:
+    names = set(unet_module_names)
+    weights_path, config_path = _resolve_path(path)
+    src = _Source(weights_path)
+    parsed = _parse_keys(weights_path, src.keys(), names)
+    # Only PEFT's loader reads adapter_config.json; diffusers' loaders ignore one beside their files.
+    peft_config = _read_peft_config(config_path) if parsed.format == "peft" and config_path else None
+    notes: list[str] = []
+    scales = _layer_scales(weights_path, parsed, src, peft_config, notes)
+    layers = {
+        m: _layer_info(weights_path, m, parsed.entries[m], src, scales[m]) for m in sorted(parsed.entries)
+    }
+    nbytes = sum(src.nbytes(i.down_key) + src.nbytes(i.up_key) for i in layers.values())
+    header = LoraFileHeader(
+        path=weights_path, format=parsed.format, layers=layers, text_encoder_keys=parsed.text_encoder_keys,
+        metadata=src.metadata, nbytes=nbytes, notes=notes,
+    )
+    return header, src
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+# ---------------------------------------------------------------------------------------------
+
+
+def read_lora_header(path, unet_module_names: Iterable[str]) -> LoraFileHeader:
+    """Detect the layout and describe every UNet layer (rank, in, out, scale) without reading weights.
+
+    Args:
+      path: a .safetensors/.bin file, or a PEFT or diffusers folder.
+      unet_module_names: the base UNet's module names, e.g. ``dict(unet.named_modules())``.
+    Raises: AdapterFormatError, AdapterUnsupportedError, AdapterShapeError (see the module docstring).
+    """
+    return _read_header(path, unet_module_names)[0]
+
+
+def read_lora(path, unet_module_names: Iterable[str], *, dtype: torch.dtype = torch.float32) -> LoraFile:
+    """Read and validate every UNet layer of a LoRA file; text-encoder tensors come back raw.
+
+    Semantics:
+      layers[name].down  Shape: [r, in], dtype ``dtype``
+      layers[name].up    Shape: [out, r], dtype ``dtype``
+      delta_W[name] = layers[name].scale * up @ down
+    Raises what read_lora_header raises, plus AdapterValueError for NaN/Inf (after the cast to
+    ``dtype``, so fp32 values that overflow fp16 are caught too).
+    """
+    header, src = _read_header(path, unet_module_names)
+    p = header.path
+    keys = [k for info in header.layers.values() for k in (info.down_key, info.up_key)]
+    raw = src.tensors(keys + header.text_encoder_keys)
+    layers = {}
+    for module, info in header.layers.items():
+        pair = []
+        for key in (info.down_key, info.up_key):
+            t = raw[key]
+            if info.conv1x1:
+                t = t.reshape(t.shape[0], t.shape[1])
+            t = t.to(dtype=dtype).contiguous()
+            if not bool(torch.isfinite(t).all()):
+                bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+                raise AdapterValueError(f"{p}: {key!r} contains {bad} (as {dtype})")
+            pair.append(t)
+        layers[module] = LoraLayer(down=pair[0], up=pair[1], scale=info.scale)
+    te = {k: raw[k] for k in header.text_encoder_keys}
+    return LoraFile(
+        path=p, format=header.format, layers=layers, text_encoder_layers=te, metadata=header.metadata, notes=header.notes
+    )
+
