@@ -434,7 +434,10 @@ def _parse_keys(path: str, keys: list[str], unet_module_names: set[str]) -> _Par
     if len(families) > 1:
         shown = ", ".join(f"{fam}: {k!r}" for fam, k in families.items())
         raise AdapterFormatError(f"{path}: keys mix several LoRA layouts ({shown})")
-    family = next(iter(families), "bare")
+    if families:
+        family = next(iter(families))
+    else:  # text-encoder-only file: name the layout after its text-encoder keys
+        family = "kohya" if te_keys[0].startswith("lora_te") else "unet"
 
     entries: dict[str, dict[str, str]] = {}
     old_style = False
