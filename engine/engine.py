@@ -18,6 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from . import tiny
+from .adapters.lora import LoraRuntime, rank_bucket
 from .adapters.store import AdapterStore
 from .api import (
     GenerationOutput,
@@ -69,6 +70,7 @@ class Engine:
         device_pool_bytes=None,
         max_rank: int = 64,
         max_adapters_per_row: int = 4,
+        slots_per_bucket: int = 16,
         progress: bool = False,
     ):
         self.base = base
@@ -84,6 +86,14 @@ class Engine:
             host_cache_bytes=host_cache_bytes,
             device_pool_bytes=device_pool_bytes,
             max_rank=max_rank,
+            dtype=dtype,
+        )
+        self.lora = LoraRuntime(
+            base.unet,
+            slots_per_bucket=slots_per_bucket,
+            max_adapters_per_row=max_adapters_per_row,
+            device=self.device,
+            dtype=dtype,
         )
         # UNet downsamples by 2 per down block but the last; latents must divide evenly.
         self._size_multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
@@ -176,7 +186,8 @@ class Engine:
         for job in jobs:
             groups.setdefault((job.height, job.width, job.request.steps), []).append(job)
         for group in groups.values():
-            self._run_group(group)
+            for chunk in self._fit_slots(group):
+                self._run_group(chunk)
         for out in outputs:
             out.timings.setdefault("total", time.perf_counter() - t0)
         return outputs
@@ -203,9 +214,41 @@ class Engine:
         seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**63)
         return _Job(index, req, guidance, adapters, height, width, seed, GenerationOutput(seed=seed))
 
+    def _fit_slots(self, jobs: list[_Job]) -> list[list[_Job]]:
+        """Split a group so no rank bucket needs more distinct adapters than it has slots."""
+        chunks, current, used = [], [], {}
+        for job in jobs:
+            need = {}
+            for a in job.adapters:
+                need.setdefault(rank_bucket(self.adapters.info(a.name).rank), set()).add(a.name)
+            fits = all(len(used.get(b, set()) | names) <= self.lora.S for b, names in need.items())
+            if current and not fits:
+                chunks.append(current)
+                current, used = [], {}
+            current.append(job)
+            for b, names in need.items():
+                used.setdefault(b, set()).update(names)
+        return chunks + [current] if current else chunks
+
+    def _load_adapters(self, jobs: list[_Job]) -> tuple[list[_Job], dict]:
+        """Read every adapter the group names; a request whose adapter fails gets that error."""
+        files, ok = {}, []
+        for job in jobs:
+            try:
+                for a in job.adapters:
+                    if a.name not in files:
+                        files[a.name] = self.adapters.load(a.name)
+                ok.append(job)
+            except ImpastoError as e:
+                job.out.error = e
+        return ok, files
+
     def _run_group(self, jobs: list[_Job]) -> None:
         """Plan, denoise and decode one group of requests sharing size and step count."""
         base, dev, dtype = self.base, self.device, self.dtype
+        jobs, files = self._load_adapters(jobs)
+        if not jobs:
+            return
         height, width, steps = jobs[0].height, jobs[0].width, jobs[0].request.steps
         t_plan = time.perf_counter()
 
@@ -217,7 +260,7 @@ class Engine:
         scheduler.set_timesteps(steps, device=dev)
         latent_shape = (base.unet.config.in_channels, height // base.vae_scale_factor, width // base.vae_scale_factor)
 
-        rows_embeds, row_latent, layouts, latents, generators = [], [], [], [], []
+        rows_embeds, row_latent, row_adapters, layouts, latents, generators = [], [], [], [], [], []
         row, latent, branch = 0, 0, 0
         for job in jobs:
             n = job.request.num_images
@@ -228,6 +271,7 @@ class Engine:
             for _ in job.branch_prompts():
                 rows_embeds.append(embeds[branch : branch + 1].expand(n, -1, -1))
                 row_latent += range(latent, latent + n)
+                row_adapters += [[(a.name, float(a.scale)) for a in job.adapters]] * n
                 branch += 1
             layouts.append(layout)
             row += layout.num_rows
@@ -239,7 +283,7 @@ class Engine:
         t_denoise = time.perf_counter()
 
         # -- step: one UNet forward for every row of every request
-        with torch.inference_mode():
+        with self.lora.activate(row_adapters, files), torch.inference_mode():
             for t in tqdm(scheduler.timesteps, disable=not self.progress, desc="denoise", leave=False):
                 model_input = scheduler.scale_model_input(latents[row_latent], t)
                 noise = base.unet(model_input, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]

@@ -1,0 +1,224 @@
+"""Per-row LoRA on the frozen base UNet: fixed slot pools and forward hooks.
+
+An adapter is never merged into the base weights. Each LoRA-carrying UNet module gets a forward
+hook (installed once, when the first registered adapter targets it) that adds, row by row,
+
+    y[r] += sum_m scales[r, m] * (x[r] @ A_pool[slots[r, m]]) @ B_pool[slots[r, m]]
+
+through `impasto.kernels.lora_apply`, one call per rank bucket. Pools are per module and rank
+bucket: A_pool [S, K, R], B_pool [S, R, N], zero-padded to R. A slot holds one adapter in every
+module of its bucket (zeros where the adapter has no layer). The file's per-layer scale
+(alpha / r, rsLoRA, alpha_pattern) is folded into B when the adapter is copied in, so the row
+table carries only the user's weight — as PEFT's `set_adapters(names, adapter_weights)` does.
+
+Running example: S = 4 slots per bucket, rank-8 adapter "a" and rank-16 adapter "b". "a" lives
+in bucket 8 slot 0, "b" in bucket 16 slot 0; a row that names ("a", 0.5) and "b" has
+slots_8 = [0, -1, ...], scales_8 = [0.5, 0, ...] and slots_16 = [-1, 0, ...], scales_16 = [0, 1, ...].
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from impasto.kernels import lora_apply, lora_delta, lora_meta
+
+from ..errors import AdapterError, AdapterShapeError, AdapterUnsupportedError, AdapterValueError
+
+RANK_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def rank_bucket(rank: int) -> int:
+    for b in RANK_BUCKETS:
+        if rank <= b:
+            return b
+    raise AdapterValueError(f"rank {rank} is above the largest bucket {RANK_BUCKETS[-1]}")
+
+
+def lora_targets(unet: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """Modules a LoRA may target: every Linear and every 1×1 Conv2d, by name -> (in, out)."""
+    out = {}
+    for name, m in unet.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            out[name] = (m.in_features, m.out_features)
+        elif isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1:
+            out[name] = (m.in_channels, m.out_channels)
+    return out
+
+
+def validate_lora_header(header, targets: dict, max_rank: int) -> None:
+    """Check a LoRA file header against the base model; raise naming the file and module."""
+    path = header.path
+    if header.text_encoder_keys:
+        raise AdapterUnsupportedError(
+            f"{path}: text-encoder LoRA keys (e.g. {header.text_encoder_keys[0]!r}) are not supported yet; "
+            "only UNet LoRA is applied"
+        )
+    if not header.layers:
+        raise AdapterShapeError(f"{path}: no UNet LoRA layers found")
+    for module, info in header.layers.items():
+        if module not in targets:
+            raise AdapterShapeError(f"{path}: module {module!r} is not a Linear or 1x1 conv of this base UNet")
+        k, n = targets[module]
+        if (info.in_features, info.out_features) != (k, n):
+            raise AdapterShapeError(
+                f"{path}: module {module!r} is {k}->{n} in this base model, the adapter has "
+                f"{info.in_features}->{info.out_features} (made for another base model?)"
+            )
+        if info.rank > max_rank:
+            raise AdapterValueError(f"{path}: module {module!r} has rank {info.rank}, above max_rank={max_rank}")
+
+
+@dataclass
+class _Table:
+    """One rank bucket's row table for the active group: fixed for all steps of the group."""
+
+    slots: torch.Tensor  # int32 [rows, M]
+    scales: torch.Tensor  # float32 [rows, M]
+    meta: object  # LoraMeta, shared by every module
+
+
+class LoraRuntime:
+    """Slot pools + hooks applying, per row, the LoRA adapters that row names."""
+
+    def __init__(self, unet, *, slots_per_bucket: int, max_adapters_per_row: int, device, dtype):
+        self.unet = unet
+        self.S = slots_per_bucket
+        self.M = max_adapters_per_row
+        self.device, self.dtype = torch.device(device), dtype
+        self.modules = dict(unet.named_modules())
+        self.pools: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # module -> bucket -> (A, B)
+        self.resident: dict[int, OrderedDict] = {}  # bucket -> name -> slot, LRU order
+        self.adapter_bucket: dict[str, int] = {}
+        self.loaded_version: dict[str, object] = {}  # name -> identity of the LoraFile in its slot
+        self._hooked: set[str] = set()
+        self._active: dict[int, _Table] | None = None
+        self._rows = 0
+
+    # ------------------------------------------------------------------ slots
+    def _hook_module(self, name: str) -> None:
+        if name in self._hooked:
+            return
+        module = self.modules[name]
+        module.register_forward_hook(self._make_hook(name))
+        self._hooked.add(name)
+
+    def _pool(self, module: str, bucket: int):
+        pools = self.pools.setdefault(module, {})
+        if bucket not in pools:
+            m = self.modules[module]
+            k, n = (m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else (m.in_channels, m.out_channels)
+            pools[bucket] = (
+                torch.zeros(self.S, k, bucket, device=self.device, dtype=self.dtype),
+                torch.zeros(self.S, bucket, n, device=self.device, dtype=self.dtype),
+            )
+            self._hook_module(module)
+        return pools[bucket]
+
+    def _free_slot(self, bucket: int, pinned: set[str]) -> int:
+        res = self.resident.setdefault(bucket, OrderedDict())
+        used = set(res.values())
+        for s in range(self.S):
+            if s not in used:
+                return s
+        for name, s in res.items():  # least recently used first
+            if name not in pinned:
+                del res[name]
+                self.adapter_bucket.pop(name, None)
+                self.loaded_version.pop(name, None)
+                return s
+        raise AdapterError(f"all {self.S} slots of rank bucket {bucket} are in use by this batch")
+
+    def evict(self, name: str) -> None:
+        """Forget a resident adapter (its slot is reused later; no memory is freed)."""
+        bucket = self.adapter_bucket.pop(name, None)
+        self.loaded_version.pop(name, None)
+        if bucket is not None:
+            self.resident[bucket].pop(name, None)
+
+    def load(self, name: str, lora, pinned: set[str]) -> None:
+        """Copy adapter `name` (a LoraFile) into a slot of its bucket, in place, unless resident."""
+        bucket = rank_bucket(max(layer.rank for layer in lora.layers.values()))
+        res = self.resident.setdefault(bucket, OrderedDict())
+        if name in res and self.loaded_version.get(name) is lora:
+            res.move_to_end(name)
+            return
+        self.evict(name)
+        slot = self._free_slot(bucket, pinned)
+        for module, pools in self.pools.items():  # clear the slot in modules this adapter skips
+            if bucket in pools:
+                pools[bucket][0][slot].zero_()
+                pools[bucket][1][slot].zero_()
+        for module, layer in lora.layers.items():
+            A, B = self._pool(module, bucket)
+            r = layer.rank
+            A[slot, :, :r].copy_(layer.down.t())
+            B[slot, :r, :].copy_(layer.up.t() * layer.scale)
+        res[name] = slot
+        self.adapter_bucket[name] = bucket
+        self.loaded_version[name] = lora
+
+    # ------------------------------------------------------------------ activation
+    @contextlib.contextmanager
+    def activate(self, row_adapters: list[list[tuple[str, float]]], files: dict):
+        """Make row r apply the (name, scale) pairs row_adapters[r] during the block.
+
+        files: name -> LoraFile for every adapter named. Builds one slot table and one kernel
+        metadata per rank bucket, reused by every module and every step of the block.
+        """
+        names = {n for row in row_adapters for n, _ in row}
+        if not names:
+            yield
+            return
+        for name in sorted(names):
+            self.load(name, files[name], pinned=names)
+        rows = len(row_adapters)
+        tables: dict[int, _Table] = {}
+        for bucket in {self.adapter_bucket[n] for n in names}:
+            slots = torch.full((rows, self.M), -1, dtype=torch.int32)
+            scales = torch.zeros((rows, self.M), dtype=torch.float32)
+            for r, row in enumerate(row_adapters):
+                for m, (name, scale) in enumerate(row):
+                    if self.adapter_bucket[name] == bucket:
+                        slots[r, m] = self.resident[bucket][name]
+                        scales[r, m] = scale
+            slots, scales = slots.to(self.device), scales.to(self.device)
+            tables[bucket] = _Table(slots, scales, lora_meta(slots, self.S))
+        self._active, self._rows = tables, rows
+        try:
+            yield
+        finally:
+            self._active, self._rows = None, 0
+
+    def _make_hook(self, name: str):
+        def hook(module, args, output):
+            tables = self._active
+            if tables is None:
+                return None
+            pools = self.pools.get(name, {})
+            for bucket, table in tables.items():
+                if bucket in pools:
+                    output = self._apply(module, args[0], output, *pools[bucket], table)
+            return output
+
+        return hook
+
+    def _apply(self, module, x, y, A, B, table: _Table):
+        rows = self._rows
+        if x.shape[0] != rows:
+            raise RuntimeError(f"LoRA hook: module input has batch {x.shape[0]}, the row table has {rows} rows")
+        grad = torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad)
+        if isinstance(module, torch.nn.Conv2d):  # 1x1 conv = linear over channels
+            b, k, h, w = x.shape
+            x3 = x.permute(0, 2, 3, 1).reshape(b, h * w, k)
+            d = lora_delta(x3, A, B, table.slots, table.scales, meta=table.meta)
+            return y + d.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        x3 = x.reshape(rows, -1, x.shape[-1])
+        if grad or y.requires_grad:
+            d = lora_delta(x3, A, B, table.slots, table.scales, meta=table.meta)
+            return y + d.reshape(y.shape)
+        lora_apply(y.view(rows, -1, y.shape[-1]), x3, A, B, table.slots, table.scales, meta=table.meta)
+        return y
