@@ -361,8 +361,11 @@ def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
 def _lora_apply_reference(y, x, A_pool, B_pool, slots, scales, meta: LoraMeta) -> None:
     if int(meta.stats[0]) == 0:
         return  # no adapter anywhere: y is not touched
-    # y += delta computed in fp32 (or fp64); the in-place add rounds once to y's dtype.
-    y.add_(lora_delta_ref(x, A_pool, B_pool, slots, scales))
+    # y + delta is computed in fp32 (or fp64) and rounded once to y's dtype. Rows without an
+    # adapter keep their exact bits (adding 0.0 would turn -0.0 into +0.0), with no host sync.
+    active = (slots >= 0).any(dim=1)[:, None, None]  # [rows, 1, 1]
+    updated = (y + lora_delta_ref(x, A_pool, B_pool, slots, scales)).to(y.dtype)
+    y.copy_(torch.where(active, updated, y))
 
 
 @dispatch.register("lora_apply", "triton", dtypes=_TRITON_DTYPES)
