@@ -347,10 +347,17 @@ def _lora_grad_weight(left, left_div, right, right_div, dW, meta: LoraMeta) -> N
 
 
 def _gather(A_pool, B_pool, slots, scales, dtype):
-    """Per-pair weights and masked scales: A [rows, M, K, R], B [rows, M, R, N], s [rows, M]."""
+    """Per-pair weights and masked scales: A [rows, M, K, R], B [rows, M, R, N], s [rows, M].
+
+    Pairs with slot -1 read slot 0 and are zeroed by `where` (not by a zero scale: 0 * inf is
+    NaN), so whatever an unused or free pool slot holds never reaches the result.
+    """
+    used = slots >= 0
     idx = slots.clamp(min=0).long()
-    s = torch.where(slots >= 0, scales, 0.0).to(dtype)
-    return A_pool[idx].to(dtype), B_pool[idx].to(dtype), s
+    s = torch.where(used, scales, 0.0).to(dtype)
+    A = torch.where(used[:, :, None, None], A_pool[idx].to(dtype), 0.0)
+    B = torch.where(used[:, :, None, None], B_pool[idx].to(dtype), 0.0)
+    return A, B, s
 
 
 def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
@@ -386,7 +393,7 @@ def _lora_delta_backward_reference(dy, x, A_pool, B_pool, slots, scales, meta: L
     dx = torch.einsum("rmtq,rmkq->rtk", g, A)
     dA_pairs = torch.einsum("rtk,rmtq->rmkq", xc, g).flatten(0, 1)  # [P, K, R]
     dB_pairs = torch.einsum("rmtq,rtn->rmqn", h, dy).flatten(0, 1)  # [P, R, N]
-    # Unused pairs have zero scale, so adding them (to slot 0) adds exact zeros: no sync needed.
+    # Unused pairs have zero weights and scale, so adding them (to slot 0) adds exact zeros: no sync.
     idx = slots.clamp(min=0).reshape(-1).long()
     dA = torch.zeros(A_pool.shape, dtype=cdt, device=A_pool.device).index_add_(0, idx, dA_pairs)
     dB = torch.zeros(B_pool.shape, dtype=cdt, device=B_pool.device).index_add_(0, idx, dB_pairs)
@@ -636,7 +643,7 @@ def lora_delta_ref(x, A_pool, B_pool, slots, scales, *, upcast: bool = True) -> 
 
     Semantics: as `lora_delta`. Computes in fp32 (fp64 for fp64 inputs) and returns that dtype;
     with upcast=False computes and returns in the input dtype (the low-precision reference of
-    flash-attention's "2x the PyTorch error" rule). Pairs with slot -1 get scale 0.
+    flash-attention's "2x the PyTorch error" rule). Pairs with slot -1 contribute exactly 0.
     """
     cdt = _compute_dtype(x.dtype, upcast)
     A, B, s = _gather(A_pool, B_pool, slots, scales, cdt)  # [rows, M, K, R], [rows, M, R, N], [rows, M]

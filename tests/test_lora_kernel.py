@@ -41,7 +41,7 @@ class Case:
 
 CASES = [
     Case("distinct", rows=7, T=37, K=96, N=40, R=16, S=8, M=1),
-    Case("identical", rows=5, T=70, K=33, N=96, R=8, S=4, M=1),
+    Case("identical", rows=5, T=70, K=33, N=96, R=8, S=4, M=2),
     Case("zipf", rows=7, T=23, K=48, N=17, R=32, S=6, M=2),
     Case("some_none", rows=6, T=45, K=64, N=72, R=4, S=5, M=2),
     Case("all_none", rows=4, T=19, K=40, N=24, R=8, S=3, M=2),
@@ -56,7 +56,7 @@ def _slots(case: Case, gen: torch.Generator) -> torch.Tensor:
     if case.popularity == "distinct":
         slots[:, 0] = torch.randperm(S, generator=gen)[:rows].int()
     elif case.popularity in ("identical", "one_token"):
-        slots[:, 0] = S - 1
+        slots[:, 0] = S - 1  # slot 0 unused: pairs with -1 must not read it
     elif case.popularity == "zipf":
         p = 1.0 / torch.arange(1, S + 1, dtype=torch.float64) ** 1.5
         slots[:] = torch.multinomial(p, rows * M, replacement=True, generator=gen).view(rows, M).int()
@@ -74,7 +74,8 @@ def _slots(case: Case, gen: torch.Generator) -> torch.Tensor:
     return slots
 
 
-def _problem(case: Case, dtype, seed=0):
+def _problem(case: Case, dtype, seed=0, poison_unused=True):
+    """Inputs; pool slots no row uses hold NaN (free slots may hold anything) unless told not to."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(case.rows, case.T, case.K, generator=gen)
     A = torch.randn(case.S, case.K, case.R, generator=gen) / case.K**0.5
@@ -82,6 +83,10 @@ def _problem(case: Case, dtype, seed=0):
     y = torch.randn(case.rows, case.T, case.N, generator=gen)
     scales = 0.25 + 1.75 * torch.rand(case.rows, case.M, generator=gen)
     slots = _slots(case, gen)
+    if poison_unused:
+        unused = torch.ones(case.S, dtype=torch.bool)
+        unused[slots[slots >= 0].long()] = False
+        A[unused], B[unused] = float("nan"), float("nan")
     return y.to(dtype), x.to(dtype), A.to(dtype), B.to(dtype), slots, scales
 
 
@@ -114,7 +119,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def test_reference_matches_loop():
     for case in CASES:
-        _, x, A, B, slots, scales = _problem(case, torch.float64)
+        _, x, A, B, slots, scales = _problem(case, torch.float64, poison_unused=False)
         got = lora_delta_ref(x, A, B, slots, scales)
         torch.testing.assert_close(got, _loop_reference(x, A, B, slots, scales), rtol=1e-12, atol=1e-12)
 
@@ -206,7 +211,8 @@ def test_one_meta_serves_layers_with_different_pools(backend):
     case = Case("several", rows=5, T=17, K=32, N=48, R=8, S=4, M=3)
     _, x, A, B, slots, scales = _problem(case, torch.float32, seed=1)
     meta = lora_meta(slots, case.S)
-    _, x2, A2, B2, _, _ = _problem(dataclasses.replace(case, K=72, N=24, R=16), torch.float32, seed=2)
+    layer2 = dataclasses.replace(case, K=72, N=24, R=16)
+    _, x2, A2, B2, _, _ = _problem(layer2, torch.float32, seed=2, poison_unused=False)
     for args in [(x, A, B), (x2, A2, B2)]:
         y = torch.zeros(case.rows, case.T, args[2].shape[2])
         lora_apply(y, *args, slots, scales, meta=meta, backend=backend)
@@ -312,7 +318,7 @@ def test_lora_delta_gradients(case, dtype, backend):
 
 def test_gradcheck_reference_float64():
     case = Case("several", rows=3, T=5, K=6, N=7, R=3, S=4, M=2)
-    _, x, A, B, slots, scales = _problem(case, torch.float64, seed=5)
+    _, x, A, B, slots, scales = _problem(case, torch.float64, seed=5, poison_unused=False)
     slots[1, 1] = -1
     leaves = [t.clone().requires_grad_() for t in (x, A, B)]
     # the registered backward formulas of the op, and the plain reference's autograd
