@@ -265,7 +265,9 @@ class LoraMeta(NamedTuple):
     pair_order: torch.Tensor  # int32 [P]: pairs sorted by slot, stable, unused last: [2, 0, 3, 1, 4, 5]
     group_slot: torch.Tensor  # int32 [S]: slot of active group g, -1 past the last: [0, 2, -1, -1]
     group_start: torch.Tensor  # int32 [S + 1]: group g is pair_order[start[g]:start[g+1]]: [0, 1, 3, 3, 3]
-    stats: torch.Tensor  # int64 [4] on CPU: active groups, most pairs in a group, min and max slot: [2, 2, -1, 2]
+    # int64 [5] on CPU: active groups, most pairs in a group, min slot, max slot, rows with an
+    # adapter: [2, 2, -1, 2, 2]
+    stats: torch.Tensor
 
 
 def _check_meta(meta: LoraMeta, slots: torch.Tensor, A_pool: torch.Tensor) -> None:
@@ -368,11 +370,14 @@ def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
 def _lora_apply_reference(y, x, A_pool, B_pool, slots, scales, meta: LoraMeta) -> None:
     if int(meta.stats[0]) == 0:
         return  # no adapter anywhere: y is not touched
+    h, B = _shrink_ref(x, A_pool, B_pool, slots, scales, upcast=True)  # [rows, T, M*R], [rows, M*R, N]
+    if int(meta.stats[4]) == y.shape[0] and y.dtype == h.dtype:
+        y.baddbmm_(h, B)  # every row has an adapter: accumulate in place, one pass over y
+        return
     # y + delta is computed in fp32 (or fp64) and rounded once to y's dtype. Rows without an
-    # adapter keep their exact bits (adding 0.0 would turn -0.0 into +0.0), with no host sync.
+    # adapter keep their exact bits (adding 0.0 would turn -0.0 into +0.0).
     active = (slots >= 0).any(dim=1)[:, None, None]  # [rows, 1, 1]
-    updated = (y + lora_delta_ref(x, A_pool, B_pool, slots, scales)).to(y.dtype)
-    y.copy_(torch.where(active, updated, y))
+    y.copy_(torch.where(active, torch.baddbmm(y.to(h.dtype), h, B).to(y.dtype), y))
 
 
 @dispatch.register("lora_apply", "triton", dtypes=_TRITON_DTYPES)
@@ -538,7 +543,7 @@ def lora_meta(slots: torch.Tensor, num_slots: int, *, out: LoraMeta | None = Non
         written in place and returned, so the step allocates nothing.
 
     Returns `LoraMeta(pair_order [P] int32, group_slot [S] int32, group_start [S + 1] int32,
-    stats [4] int64 on CPU)`. The one device-to-host copy per step is `stats`, read by the
+    stats [5] int64 on CPU)`. The one device-to-host copy per step is `stats`, read by the
     launchers to size grids (the CPU-side count of vLLM's `LoRAKernelMeta`).
     """
     if slots.dim() != 2:
@@ -561,7 +566,8 @@ def lora_meta(slots: torch.Tensor, num_slots: int, *, out: LoraMeta | None = Non
     group_slot = torch.where(is_group, active, -1)
     group_start = torch.where(is_group, slot_start[active.clamp(max=num_slots - 1)], total)
     group_start = torch.cat([group_start, total.reshape(1)])
-    stats = torch.stack([present.sum(), counts.max(), flat.min(), flat.max()]).cpu()
+    active_rows = (slots >= 0).any(dim=1).sum()
+    stats = torch.stack([present.sum(), counts.max(), flat.min(), flat.max(), active_rows]).cpu()
     if not torch.compiler.is_compiling():
         if int(stats[2]) < -1 or int(stats[3]) >= num_slots:
             raise ValueError(f"slot ids must lie in [-1, {num_slots}), got [{int(stats[2])}, {int(stats[3])}]")
@@ -645,7 +651,18 @@ def lora_delta_ref(x, A_pool, B_pool, slots, scales, *, upcast: bool = True) -> 
     with upcast=False computes and returns in the input dtype (the low-precision reference of
     flash-attention's "2x the PyTorch error" rule). Pairs with slot -1 contribute exactly 0.
     """
+    h, B = _shrink_ref(x, A_pool, B_pool, slots, scales, upcast)  # [rows, T, M*R], [rows, M*R, N]
+    return torch.bmm(h, B)  # [rows, T, N]
+
+
+def _shrink_ref(x, A_pool, B_pool, slots, scales, upcast: bool):
+    """h = x @ (scale * A) with the M adapters side by side, and the matching stacked B.
+
+    Laid out for two plain batched matmuls: h [rows, T, M*R] @ B [rows, M*R, N] sums the M
+    adapters inside the second matmul's reduction, so no activation-sized tensor is permuted.
+    """
     cdt = _compute_dtype(x.dtype, upcast)
     A, B, s = _gather(A_pool, B_pool, slots, scales, cdt)  # [rows, M, K, R], [rows, M, R, N], [rows, M]
-    h = torch.einsum("rtk,rmkq->rmtq", x.to(cdt), A) * s[:, :, None, None]  # [rows, M, T, R]
-    return torch.einsum("rmtq,rmqn->rtn", h, B)  # [rows, T, N]
+    rows, M, K, R = A.shape
+    A = (A * s[:, :, None, None]).permute(0, 2, 1, 3).reshape(rows, K, M * R)  # weights only: small
+    return torch.bmm(x.to(cdt), A), B.reshape(rows, M * R, B.shape[3])

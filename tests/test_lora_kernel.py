@@ -230,7 +230,7 @@ def test_meta_running_example():
     assert meta.pair_order.tolist() == [2, 0, 3, 1, 4, 5]
     assert meta.group_slot.tolist() == [0, 2, -1, -1]
     assert meta.group_start.tolist() == [0, 1, 3, 3, 3]
-    assert meta.stats.tolist() == [2, 2, -1, 2] and meta.stats.device.type == "cpu"
+    assert meta.stats.tolist() == [2, 2, -1, 2, 2] and meta.stats.device.type == "cpu"
     assert all(t.dtype == torch.int32 for t in meta[:3])
 
 
