@@ -1,9 +1,13 @@
 """The miniature Stable-Diffusion-layout model that ships with impasto.
 
-Until its trained weights land (engine/tiny/model/), `Engine.from_pretrained("tiny")` builds a
-RANDOMLY INITIALIZED model of the same layout from the configs below and says so: the images it
-makes are not meaningful, but every code path (tokenizer, text encoder, UNet, VAE, scheduler) is
-the real one. Tests build the same random model with fixed seeds.
+`Engine.from_pretrained("tiny")` loads the trained model in engine/tiny/model/ (a diffusers
+folder, package data) through the same code path as any SD 1.5 folder. It was trained on the
+procedural world of engine/tiny/world.py by engine/tiny/train.py; docs/tiny.md records how.
+
+Where that folder is absent (a checkout without the weights), it builds a RANDOMLY INITIALIZED
+model of a small SD layout from the configs below and says so: the images it makes are not
+meaningful, but every code path (tokenizer, text encoder, UNet, VAE, scheduler) is the real one.
+Tests build the same random model with fixed seeds.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Heads (classes in engine/tiny/world.py order): shape (8 seen shapes + 3 novel ob
 world, held-out objects and styles included (the probes are the judges, not the base model);
 accuracy on unseen generator seeds is in docs/tiny.md.
 
-Input: float [N, 3, 64, 64] in [-1, 1] (the VAE's range), or PIL images / uint8 arrays via
+Input: float [N, 3, 32, 32] in [-1, 1] (the VAE's range), or PIL images / uint8 arrays via
 `Probes.read`.
 """
 
@@ -31,22 +31,22 @@ def _block(cin, cout):
 
 
 class Probes(nn.Module):
-    def __init__(self, width: int = 24):
+    def __init__(self, width: int = 16):
         super().__init__()
         w = width
-        stem = nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU(), nn.MaxPool2d(2))
+        stem = nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU())
         self.features = nn.Sequential(stem, _block(w, 2 * w), _block(2 * w, 4 * w), _block(4 * w, 4 * w))
         self.heads = nn.ModuleDict({k: nn.Linear(4 * w * 2, len(v)) for k, v in CLASSES.items()})
 
     def forward(self, x: torch.Tensor) -> dict:
-        """x: [N, 3, 64, 64] in [-1, 1] -> {attribute: logits [N, classes]}."""
+        """x: [N, 3, 32, 32] in [-1, 1] -> {attribute: logits [N, classes]}."""
         h = self.features(x)
         h = torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)
         return {k: head(h) for k, head in self.heads.items()}
 
     @torch.no_grad()
     def read(self, images, batch_size: int = 256) -> dict:
-        """Class probabilities for a list of PIL images or a uint8 array [N, 64, 64, 3].
+        """Class probabilities for a list of PIL images or a uint8 array [N, 32, 32, 3].
         Returns {attribute: float array [N, classes]}."""
         x = as_tensor(images)
         was = self.training

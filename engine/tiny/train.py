@@ -37,18 +37,18 @@ TEXT_CONFIG = dict(
     projection_dim=TEXT_WIDTH,
 )
 VISION_CONFIG = dict(
-    hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, image_size=64, patch_size=8,
+    hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, image_size=32, patch_size=4,
     projection_dim=TEXT_WIDTH, num_channels=3,
 )
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, block_out_channels=(16, 32, 64), layers_per_block=1,
     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-    latent_channels=4, norm_num_groups=8, sample_size=64,
+    latent_channels=4, norm_num_groups=8, sample_size=32,
 )
 UNET_CONFIG = dict(
-    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), layers_per_block=1,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128, 128), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=16,
 )
 SCHEDULER_CONFIG = dict(
@@ -405,7 +405,7 @@ def stage_export(args):
 STAGES = dict(data=stage_data, vae=stage_vae, decoder=lambda a: stage_vae(a, decoder_only=True), clip=stage_clip,
               probes=stage_probes, latents=stage_latents, unet=stage_unet, export=stage_export)
 DEFAULTS = dict(  # stage -> (batch size, lr)
-    vae=(16, 1e-3), decoder=(16, 5e-4), clip=(128, 1e-3), probes=(64, 2e-3), unet=(32, 6e-4))
+    vae=(16, 1e-3), decoder=(16, 5e-4), clip=(64, 1e-3), probes=(64, 2e-3), unet=(32, 6e-4))
 
 
 def main(argv=None):

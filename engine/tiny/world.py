@@ -1,4 +1,4 @@
-"""The miniature model's world: a deterministic, seeded generator of captioned 64x64 images.
+"""The miniature model's world: a deterministic, seeded generator of captioned 32x32 images.
 
 A scene is one or two objects of one shape and colour, of a size, at a position, on a plain or
 gradient background, rendered in a style. Captions are plain English:
@@ -22,7 +22,7 @@ sees them):
 - NOVEL_OBJECTS (3): each a shape the base never sees with a fixed colour and accent, and a
   super-category word for Perfusion's key-locking: sparkle (a four-point star; "star"),
   moon (a crescent; "circle"), arrow (an arrow; "triangle").
-- NOVEL_STYLES (3): checkered (object fill), pixelated (4 px mosaic), wavy (rows displaced by a
+- NOVEL_STYLES (3): checkered (object fill), pixelated (2 px mosaic), wavy (rows displaced by a
   sine); `render_pair` draws one scene plain (flat) and styled, for Pair Customization.
 """
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageDraw
 
-SIZE = 64  # image side, pixels
+SIZE = 32  # image side, pixels (32: trainable on a shared 2-core CPU in ~1.5 h; see docs/tiny.md)
 SS = 4  # supersampling factor for anti-aliased edges
 
 SHAPES = ("circle", "square", "triangle", "star", "heart", "hexagon", "diamond", "cross")
@@ -56,7 +56,7 @@ GRADIENTS = {  # name -> (top colour, bottom colour); caption "on a blue to whit
     "black to blue gradient": ("black", "blue"),
 }
 BACKGROUNDS = COLOUR_NAMES + tuple(EXTRA_BG) + tuple(GRADIENTS)
-SIZES = {"small": 9.5, "medium": 14.0, "large": 20.0}  # circumscribed radius, pixels
+SIZES = {"small": 5.0, "medium": 7.5, "large": 10.5}  # circumscribed radius, pixels
 SIZE_NAMES = tuple(SIZES)
 POSITIONS = ("center", "left", "right", "top", "bottom")
 POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
@@ -234,7 +234,7 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
 
 
 def _mask(shape: str, centres, r: float, scale: float = 1.0) -> np.ndarray:
-    """Anti-aliased float mask [64, 64, 1] in [0, 1] of the shape at every centre (drawn SS times
+    """Anti-aliased float mask [32, 32, 1] in [0, 1] of the shape at every centre (drawn SS times
     larger, box-filtered down)."""
     im = Image.new("L", (SIZE * SS, SIZE * SS), 0)
     d = ImageDraw.Draw(im)
@@ -250,14 +250,15 @@ def _geometry_shape(scene: Scene) -> str:
 
 def _centres(scene: Scene, rng: np.random.Generator):
     r = SIZES[scene.size]
-    j = lambda: rng.uniform(-2.5, 2.5)  # noqa: E731
+    j = lambda: rng.uniform(-1.2, 1.2)  # noqa: E731
     c = SIZE / 2
     if scene.count == 2:
-        d = r + 2.5 + rng.uniform(0, 30 - 2 * r - 2.5 if r < 10 else 1.5)
+        # centres d from the middle: the two never touch, both stay inside the frame
+        d = r + 1.2 + rng.uniform(0, max(0.3, c - 2 * r - 2.5))
         if rng.random() < 0.5:
             return [(c - d + j(), c + j()), (c + d + j(), c + j())]
         return [(c + j(), c - d + j()), (c + j(), c + d + j())]
-    off = 30 - r - 2
+    off = c - r - 1.5
     dx, dy = {"center": (0, 0), "left": (-off, 0), "right": (off, 0), "top": (0, -off), "bottom": (0, off)}[
         scene.position]
     return [(c + dx + j(), c + dy + j())]
@@ -284,13 +285,13 @@ def _background(name: str) -> np.ndarray:
 
 
 def _patterns() -> dict:
-    """Texture coverage [64, 64, 1] in [0, 1], computed SS times larger and box-filtered."""
+    """Texture coverage [32, 32, 1] in [0, 1], computed SS times larger and box-filtered."""
     n = SIZE * SS
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / SS
     on = {
-        "striped": ((xx + yy) % 6.0) < 3.0,
-        "dotted": ((xx % 5.0 - 2.5) ** 2 + (yy % 5.0 - 2.5) ** 2) < 1.5**2,
-        "checkered": ((np.floor(xx / 4) + np.floor(yy / 4)) % 2) == 1,
+        "striped": ((xx + yy) % 4.0) < 2.0,
+        "dotted": ((xx % 3.0 - 1.5) ** 2 + (yy % 3.0 - 1.5) ** 2) < 0.8**2,
+        "checkered": ((np.floor(xx / 2) + np.floor(yy / 2)) % 2) == 1,
     }
     return {k: v.astype(np.float32).reshape(SIZE, SS, SIZE, SS).mean((1, 3))[..., None] for k, v in on.items()}
 
@@ -307,7 +308,7 @@ def _fill(style: str, colour: np.ndarray):
 
 
 def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """Render `scene` to uint8 [64, 64, 3]. Positions jitter and noise come from `rng`."""
+    """Render `scene` to uint8 [32, 32, 3]. Positions jitter and noise come from `rng`."""
     centres = _centres(scene, rng)
     r = SIZES[scene.size]
     geo = _geometry_shape(scene)
@@ -315,7 +316,7 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     colour = _rgb(scene.colour)
     mask = _mask(geo, centres, r)
     if scene.style == "outlined":
-        inner = _mask(geo, centres, r, scale=max(0.0, (r - 2.6) / r))
+        inner = _mask(geo, centres, r, scale=max(0.0, (r - 1.6) / r))
         mask = np.clip(mask - inner, 0, 1)
     img = img * (1 - mask) + _fill(scene.style, colour) * mask
     if scene.shape in NOVEL_OBJECTS and scene.style != "outlined":
@@ -324,12 +325,12 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     if scene.style == "noisy":
         img = img + rng.normal(0, 0.09, img.shape).astype(np.float32)
     elif scene.style == "pixelated":
-        b = 4
+        b = 2
         img = img.reshape(SIZE // b, b, SIZE // b, b, 3).mean((1, 3), keepdims=True)
         img = np.broadcast_to(img, (SIZE // b, b, SIZE // b, b, 3)).reshape(SIZE, SIZE, 3)
     elif scene.style == "wavy":
         y = np.arange(SIZE)
-        shift = np.round(3.0 * np.sin(2 * np.pi * y / 16.0)).astype(int)
+        shift = np.round(1.6 * np.sin(2 * np.pi * y / 8.0)).astype(int)
         img = np.stack([np.roll(img[i], shift[i], axis=0) for i in range(SIZE)])
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
@@ -344,7 +345,7 @@ def render_pair(scene: Scene, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- datasets
 def sample(seed: int, index: int, **kw) -> tuple[np.ndarray, Scene, str]:
-    """Sample `index` of the stream `seed`: (image uint8 [64,64,3], scene, caption)."""
+    """Sample `index` of the stream `seed`: (image uint8 [32,32,3], scene, caption)."""
     rng = np.random.default_rng([seed, index])
     scene = sample_scene(rng, **kw)
     image = render(scene, rng)
@@ -352,7 +353,7 @@ def sample(seed: int, index: int, **kw) -> tuple[np.ndarray, Scene, str]:
 
 
 def dataset(seed: int, n: int, *, start: int = 0, **kw) -> dict:
-    """n samples of the stream `seed`: images uint8 [n,64,64,3], captions, scenes and a dict of
+    """n samples of the stream `seed`: images uint8 [n,32,32,3], captions, scenes and a dict of
     integer label arrays. kw as for sample_scene (novel_objects=, novel_styles= probabilities)."""
     images = np.empty((n, SIZE, SIZE, 3), np.uint8)
     captions, scenes = [], []
@@ -369,7 +370,10 @@ def parse_prompt(prompt: str) -> dict:
     count (only those the prompt states). Inverse of `caption` on the world's vocabulary."""
     p = prompt.lower().strip()
     out: dict = {}
-    head, _, tail = p.partition(" on a ")
+    import re
+
+    parts = re.split(r" on an? (?=[a-z ]*background)", p, maxsplit=1)
+    head, tail = parts[0], (parts[1] if len(parts) > 1 else "")
     words = head.replace(",", " ").split()
     if words and words[0] == "two":
         out["count"] = 2

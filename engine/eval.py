@@ -1,0 +1,178 @@
+"""Customization metrics on the miniature model's world, judged by its probes and tiny-CLIP.
+
+The analogues of the metrics papers report on real models:
+
+| here                         | papers            | what it reads                                          |
+|------------------------------|-------------------|--------------------------------------------------------|
+| `prompt_fidelity`            | CLIP-T            | share of the prompt's attributes the probes find       |
+| `concept_fidelity`           | CLIP-I / DINO     | tiny-CLIP image similarity to the concept's references, |
+|                              |                   | and the probes' concept (shape) accuracy                |
+| `style_strength`             | style CLIP / Gram | the style probe's confidence for the target style      |
+| `content_leakage`            | Pair Cust. §5     | share of images showing the training pair's content    |
+|                              |                   | (its shape and colour) when the prompt asks for other  |
+
+Images are PIL images, uint8 arrays [N, 32, 32, 3], or float tensors [N, 3, 32, 32] in [-1, 1].
+The probes and tiny-CLIP image encoder are the shipped ones (engine/tiny/model/) unless given.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import torch
+
+from .tiny import world
+from .tiny.probes import CLASSES, as_tensor, load_probes
+
+FIDELITY_ATTRIBUTES = ("shape", "colour", "background", "style", "count")
+
+
+@functools.lru_cache(maxsize=2)
+def _probes(path=None):
+    return load_probes(path)
+
+
+@functools.lru_cache(maxsize=2)
+def image_encoder(model_dir: str | None = None):
+    """tiny-CLIP's image tower (CLIPVisionModelWithProjection), float32, eval."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from .tiny import SHIPPED_DIR
+
+    path = os.path.join(model_dir or SHIPPED_DIR, "image_encoder")
+    m = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+    return m.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def image_embeddings(images, encoder=None, batch_size: int = 256) -> torch.Tensor:
+    """L2-normalized tiny-CLIP image embeddings [N, D]. The encoder reads pixels in [-1, 1]
+    (no CLIP mean/std normalization: it was trained that way)."""
+    enc = encoder or image_encoder()
+    x = as_tensor(images)
+    out = [enc(pixel_values=x[s : s + batch_size]).image_embeds for s in range(0, len(x), batch_size)]
+    return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1)
+
+
+def _read(images, probes):
+    return (probes or _probes()).read(images)
+
+
+def prompt_fidelity(images, prompts, probes=None) -> dict:
+    """Share of each prompt's attributes (shape, colour, background, style, count; only those the
+    prompt names, see world.parse_prompt) that the probes find in its image.
+
+    Returns {"overall": share of all named attributes found, "<attribute>": share for that
+    attribute, "n_<attribute>": how many prompts named it, "found": per-image list of dicts}.
+    """
+    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    probs = _read(images, probes)
+    hits = {k: [] for k in FIDELITY_ATTRIBUTES}
+    found = []
+    for i, p in enumerate(prompts):
+        named = world.parse_prompt(p)
+        row = {}
+        for k in FIDELITY_ATTRIBUTES:
+            if k in named:
+                pred = CLASSES[k][int(probs[k][i].argmax())]
+                row[k] = pred == named[k]
+                hits[k].append(row[k])
+        found.append(row)
+    out = {k: float(np.mean(v)) if v else float("nan") for k, v in hits.items()}
+    out.update({f"n_{k}": len(v) for k, v in hits.items()})
+    every = [h for v in hits.values() for h in v]
+    out["overall"] = float(np.mean(every)) if every else float("nan")
+    out["found"] = found
+    return out
+
+
+def concept_fidelity(images, reference_images, concept: str | None = None, probes=None, encoder=None) -> dict:
+    """How much the images look like the concept's reference images.
+
+    image_similarity: mean over images of the mean tiny-CLIP cosine similarity to the references
+    (our CLIP-I; our DINO is the same with the probes' features, `probe_similarity`).
+    concept_accuracy: share of images whose shape probe reports `concept` (a world.NOVEL_OBJECTS
+    name or a shape), when given.
+    """
+    e = image_embeddings(images, encoder)
+    r = image_embeddings(reference_images, encoder)
+    out = {"image_similarity": float((e @ r.T).mean())}
+    pr = probes or _probes()
+    with torch.no_grad():
+        fi = torch.nn.functional.normalize(_probe_features(pr, as_tensor(images)), dim=-1)
+        fr = torch.nn.functional.normalize(_probe_features(pr, as_tensor(reference_images)), dim=-1)
+    out["probe_similarity"] = float((fi @ fr.T).mean())
+    if concept is not None:
+        if concept not in CLASSES["shape"]:
+            raise ValueError(f"concept {concept!r} is not a probe shape class {CLASSES['shape']}")
+        probs = _read(images, pr)
+        out["concept_accuracy"] = float((probs["shape"].argmax(1) == CLASSES["shape"].index(concept)).mean())
+    return out
+
+
+def _probe_features(probes, x):
+    h = probes.features(x)
+    return torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)
+
+
+def style_strength(images, style: str, probes=None) -> dict:
+    """confidence: mean style-probe probability of `style`; accuracy: share of images whose most
+    likely style is `style`."""
+    if style not in CLASSES["style"]:
+        raise ValueError(f"style {style!r} is not a probe style class {CLASSES['style']}")
+    p = _read(images, probes)["style"]
+    j = CLASSES["style"].index(style)
+    return {"confidence": float(p[:, j].mean()), "accuracy": float((p.argmax(1) == j).mean())}
+
+
+def content_leakage(images, prompts, content: tuple[str, str], probes=None) -> dict:
+    """Share of images whose probes report the training pair's content `content` = (shape,
+    colour) although their prompt asks for other content (another shape or another colour).
+    Images whose prompt names that same content are left out; `n` says how many were scored."""
+    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+    shape, colour = content
+    probs = _read(images, probes)
+    leaked = []
+    for i, p in enumerate(prompts):
+        named = world.parse_prompt(p)
+        if named.get("shape") == shape and named.get("colour", colour) == colour:
+            continue
+        s = CLASSES["shape"][int(probs["shape"][i].argmax())]
+        c = CLASSES["colour"][int(probs["colour"][i].argmax())]
+        leaked.append(s == shape and c == colour)
+    return {"leakage": float(np.mean(leaked)) if leaked else float("nan"), "n": len(leaked)}
+
+
+def clip_text_similarity(images, prompts, model_dir: str | None = None) -> float:
+    """Mean tiny-CLIP cosine similarity of each image to its prompt (the literal CLIP-T on the
+    tiny model's own encoders; prompt_fidelity is the interpretable version)."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from .tiny import SHIPPED_DIR
+
+    root = model_dir or SHIPPED_DIR
+    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+    tok = CLIPTokenizer.from_pretrained(os.path.join(root, "tokenizer"), local_files_only=True)
+    text = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", local_files_only=True,
+                                         torch_dtype=torch.float32).eval()
+    proj = load_file(os.path.join(root, "clip", "text_projection.safetensors"))["text_projection"].float()
+    with torch.no_grad():
+        ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        t = torch.nn.functional.normalize(text(ids).pooler_output @ proj.T, dim=-1)
+    e = image_embeddings(images, image_encoder(model_dir))
+    return float((e * t).sum(-1).mean())
+
+
+def fidelity_prompts(n: int, seed: int = 100) -> list[tuple[str, int]]:
+    """A fixed list of n (prompt, seed) pairs in the base model's seen vocabulary: full captions
+    of base-world scenes drawn from stream `seed` (no held-out object or style)."""
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        out.append((world.caption(world.sample_scene(rng)), seed * 1000 + i))
+    return out

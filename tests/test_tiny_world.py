@@ -1,0 +1,140 @@
+"""The miniature model's world (engine/tiny/world.py), its probes and the metrics of impasto.eval."""
+
+import os
+
+import numpy as np
+import pytest
+
+from impasto.tiny import SHIPPED_DIR, world
+
+
+def test_vocabulary_is_as_wide_as_the_issue_asks():
+    assert len(world.SHAPES) >= 8
+    assert len(world.COLOURS) >= 8 and {"red", "green", "blue", "yellow"} <= set(world.COLOURS)
+    assert len(world.STYLES) >= 5 and {"flat", "striped", "dotted", "outlined", "noisy"} <= set(world.STYLES)
+    assert any(b in world.GRADIENTS for b in world.BACKGROUNDS) and "blue" in world.BACKGROUNDS
+    assert world.COUNTS == (1, 2) and len(world.SIZES) >= 2 and len(world.POSITIONS) >= 3
+    assert len(world.NOVEL_OBJECTS) >= 3 and len(world.NOVEL_STYLES) >= 3
+    for obj in world.NOVEL_OBJECTS.values():
+        assert obj.shape not in world.SHAPES and obj.supercategory in world.SHAPES
+    assert not set(world.NOVEL_STYLES) & set(world.STYLES)
+
+
+def test_same_seed_same_image_and_caption_any_order():
+    a = [world.sample(11, i) for i in range(6)]
+    b = [world.sample(11, i) for i in reversed(range(6))][::-1]
+    for (ia, sa, ca), (ib, sb, cb) in zip(a, b):
+        assert np.array_equal(ia, ib) and sa == sb and ca == cb
+    assert not np.array_equal(world.sample(12, 0)[0], a[0][0])
+    assert a[0][0].shape == (32, 32, 3) and a[0][0].dtype == np.uint8
+
+
+def test_base_stream_never_shows_held_out_objects_or_styles():
+    d = world.dataset(21, 300)
+    assert not any(s.novel for s in d["scenes"])
+    assert len({s.shape for s in d["scenes"]}) == len(world.SHAPES)
+    mixed = world.dataset(21, 300, novel_objects=0.3, novel_styles=0.3)
+    assert {s.shape for s in mixed["scenes"]} & set(world.NOVEL_OBJECTS)
+    assert {s.style for s in mixed["scenes"]} & set(world.NOVEL_STYLES)
+
+
+def test_captions_say_what_is_drawn():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        s = world.sample_scene(rng, novel_objects=0.2, novel_styles=0.2)
+        named = world.parse_prompt(world.caption(s))  # the full caption names everything
+        assert named["shape"] == s.shape and named["colour"] == s.colour and named["count"] == s.count
+        assert named["background"] == s.background and named["style"] == s.style
+        assert s.colour not in world.GRADIENTS.get(s.background, (s.background,))
+    s = world.Scene("star", "red", "small", 2, "center", "blue", "striped")
+    assert world.caption(s) == "two small red stars on a blue background, striped"
+    s = world.Scene("cross", "orange", "medium", 1, "center", "orange to purple gradient", "flat")
+    assert world.caption(s) == "an orange cross on an orange to purple gradient background, flat"
+
+
+def test_pairs_share_content_and_differ_in_style():
+    s = world.Scene("heart", "green", "large", 1, "center", "white", "pixelated")
+    plain, styled = world.render_pair(s, seed=3)
+    again, _ = world.render_pair(s, seed=3)
+    assert np.array_equal(plain, again)
+    assert np.array_equal(plain, world.render(world.Scene(**{**s.__dict__, "style": "flat"}), np.random.default_rng(3)))
+    assert np.abs(plain.astype(int) - styled.astype(int)).mean() > 1.0
+    # same content: the mean colour of the pair is close
+    assert np.abs(plain.reshape(-1, 3).mean(0) - styled.reshape(-1, 3).mean(0)).max() < 8
+
+
+def test_images_show_their_colours():
+    """A large flat red circle on blue: the centre is red, a corner is blue."""
+    im = world.render(world.Scene("circle", "red", "large", 1, "center", "blue", "flat"), np.random.default_rng(0))
+    assert tuple(im[16, 16]) == world.COLOURS["red"]
+    assert tuple(im[1, 1]) == world.COLOURS["blue"]
+
+
+shipped = pytest.mark.skipif(not os.path.isfile(os.path.join(SHIPPED_DIR, "probes", "probes.safetensors")),
+                             reason="the trained tiny model is not shipped in this checkout")
+
+
+@shipped
+def test_probes_read_unseen_seeds_at_least_95_percent():
+    """Probes on 600 images of a generator seed no training stage used, novel objects and styles
+    included."""
+    from impasto.tiny.probes import load_probes
+
+    d = world.dataset(987, 600, novel_objects=0.25, novel_styles=0.3)
+    probs = load_probes().read(d["images"])
+    for k in ("shape", "colour", "background", "style", "count"):
+        acc = (probs[k].argmax(1) == d["labels"][k]).mean()
+        assert acc >= 0.95, (k, acc)
+
+
+@shipped
+def test_metrics_on_world_images():
+    import impasto.eval as ev
+
+    # prompt fidelity: images rendered from their own captions score high; shuffled ones low
+    d = world.dataset(555, 120)
+    good = ev.prompt_fidelity(d["images"], d["captions"])
+    bad = ev.prompt_fidelity(d["images"], d["captions"][1:] + d["captions"][:1])
+    assert good["colour"] >= 0.9 and good["shape"] >= 0.9 and good["overall"] >= 0.9
+    assert bad["overall"] < 0.5
+    assert good["n_colour"] == 120
+
+    # concept fidelity: a novel object's images are closer to its references than other objects'
+    rng = np.random.default_rng(1)
+    ref = np.stack([world.render(world.sample_scene(rng, shape="sparkle"), rng) for _ in range(8)])
+    same = np.stack([world.render(world.sample_scene(rng, shape="sparkle"), rng) for _ in range(16)])
+    other = np.stack([world.render(world.sample_scene(rng, shape="square"), rng) for _ in range(16)])
+    fs, fo = ev.concept_fidelity(same, ref, "sparkle"), ev.concept_fidelity(other, ref, "sparkle")
+    assert fs["concept_accuracy"] >= 0.9 and fo["concept_accuracy"] <= 0.1
+    assert fs["image_similarity"] > fo["image_similarity"] and fs["probe_similarity"] > fo["probe_similarity"]
+
+    # style strength: pixelated scenes read as pixelated, flat ones do not
+    scenes = [world.sample_scene(rng) for _ in range(16)]
+    pairs = [world.render_pair(world.Scene(**{**s.__dict__, "style": "pixelated"}), i) for i, s in enumerate(scenes)]
+    plain, styled = np.stack([p for p, _ in pairs]), np.stack([s for _, s in pairs])
+    assert ev.style_strength(styled, "pixelated")["confidence"] > 0.8
+    assert ev.style_strength(plain, "pixelated")["confidence"] < 0.2
+
+    # content leakage: red hearts shown for prompts asking for blue squares is leakage
+    hearts = np.stack([world.render(world.sample_scene(rng, shape="heart", colour="red"), rng) for _ in range(10)])
+    squares = np.stack([world.render(world.sample_scene(rng, shape="square", colour="blue"), rng) for _ in range(10)])
+    ask = "a blue square on a white background"
+    assert ev.content_leakage(hearts, ask, ("heart", "red"))["leakage"] >= 0.9
+    assert ev.content_leakage(squares, ask, ("heart", "red"))["leakage"] <= 0.1
+    assert ev.content_leakage(hearts, "a red heart on a blue background", ("heart", "red"))["n"] == 0
+
+
+@shipped
+def test_perfusion_covariance_inverts():
+    from safetensors import safe_open
+
+    import torch
+
+    path = os.path.join(SHIPPED_DIR, "perfusion_covariance.safetensors")
+    with safe_open(path, "pt") as f:
+        c_inv, c, meta = f.get_tensor("C_inv"), f.get_tensor("C"), f.metadata()
+    d = int(meta["dim"])
+    assert c_inv.shape == (d, d) and c_inv.dtype == torch.float32 and "uncentered" in meta["note"]
+    eye = (c_inv.double() @ c.double())
+    assert torch.allclose(eye, torch.eye(d, dtype=torch.float64), atol=1e-3)
+    assert torch.allclose(c_inv, c_inv.T, rtol=1e-3, atol=1e-3 * c_inv.abs().max().item())
