@@ -422,9 +422,12 @@ def _lora_delta_backward_triton(dy, x, A_pool, B_pool, slots, scales, meta: Lora
 # ----------------------------------------------------------------------------------------------
 # Registration (torch.library, namespace "impasto")
 # ----------------------------------------------------------------------------------------------
-# custom_op, not triton_op + wrap_triton: the launcher sizes its grid from the CPU-side counts
-# in meta.stats and picks the backend at run time, which must stay opaque to torch.compile
-# (triton_op would let Inductor trace the launcher, and `int(stats[0])` would not trace).
+# custom_op, not triton_op + wrap_triton, for two reasons: (1) the launcher sizes its grid from
+# the CPU-side counts in meta.stats and picks the backend at run time, which must stay opaque to
+# torch.compile (triton_op lets Dynamo trace the launcher, where `int(stats[0])` would not
+# trace); (2) under TRITON_INTERPRET=1, tracing a wrap_triton launch with fake tensors fails
+# ("Cannot access data pointer of Tensor (e.g. FakeTensor ...)", checked with torch 2.13 and
+# triton 3.7.1), so the compile tests could not run on CPU.
 # The backend string "" means: resolve through dispatch (argument > context > env > default).
 
 
