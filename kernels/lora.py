@@ -54,6 +54,10 @@ def _blocks(t: torch.Tensor) -> dict:
     return _INTERPRET_BLOCKS if _interpreting(t) else _GPU_BLOCKS
 
 
+# The rank is covered by one block (BLOCK_R); larger buckets need a rank loop.
+_MAX_TRITON_RANK = 256
+
+
 def _block(n: int, cap: int) -> int:
     # tl.dot needs every block dimension >= 16.
     return max(16, min(cap, triton.next_power_of_2(n)))
@@ -279,10 +283,16 @@ def _check_meta(meta: LoraMeta, slots: torch.Tensor, A_pool: torch.Tensor) -> No
         raise ValueError("meta.stats must be a CPU tensor")
 
 
+def _check_rank(R: int) -> None:
+    if R > _MAX_TRITON_RANK:
+        raise ValueError(f"No suitable kernel: rank bucket R={R} > {_MAX_TRITON_RANK} (one block covers the rank)")
+
+
 def _lora_shrink(x, W, scales, meta: LoraMeta, M: int) -> torch.Tensor:
     """tmp[p] = scales[p] * x[p // M] @ W[slot(p)] for every active pair p, fp32 [P, T, R]."""
     rows, T, K = x.shape  # x: [rows, T, K]
     R = W.shape[2]  # W: [S, K, R]
+    _check_rank(R)
     tmp = _workspace((rows * M, T, R), x.device)  # [P, T, R]
     num_groups, max_pairs = int(meta.stats[0]), int(meta.stats[1])
     blocks = _blocks(x)
@@ -294,7 +304,7 @@ def _lora_shrink(x, W, scales, meta: LoraMeta, M: int) -> torch.Tensor:
         M=M,
         BLOCK_T=blocks["BLOCK_T"],
         BLOCK_K=_block(K, blocks["BLOCK_K"]),
-        BLOCK_R=_block(R, 256),
+        BLOCK_R=_block(R, _MAX_TRITON_RANK),
         **_dot_flags(x),
     )
     return tmp
@@ -304,6 +314,7 @@ def _lora_expand(tmp, W, y, slots) -> None:
     """y[r] += sum over m with slots[r, m] >= 0 of tmp[r*M + m] @ W[slots[r, m]], in place."""
     rows, T, N = y.shape  # y: [rows, T, N]
     R = W.shape[1]  # W: [S, R, N]
+    _check_rank(R)
     M = slots.shape[1]  # slots: [rows, M]
     blocks = _blocks(y)
     block_n = _block(N, blocks["BLOCK_N"])
@@ -316,7 +327,7 @@ def _lora_expand(tmp, W, y, slots) -> None:
         M_POW2=triton.next_power_of_2(M),
         BLOCK_T=blocks["BLOCK_T"],
         BLOCK_N=block_n,
-        BLOCK_R=_block(R, 256),
+        BLOCK_R=_block(R, _MAX_TRITON_RANK),
         PRECISION=_dot_flags(y)["PRECISION"],
     )
 

@@ -282,6 +282,9 @@ def test_inputs_are_checked():
         lora_apply(y, x, A[:, :-1], B, slots, scales)
     with pytest.raises(ValueError, match="meta"):
         lora_apply(y, x, A, B, slots, scales, meta=lora_meta(slots[:-1], A.shape[0]))
+    big_A, big_B = torch.zeros(A.shape[0], A.shape[1], 257), torch.zeros(B.shape[0], 257, B.shape[2])
+    with pytest.raises(ValueError, match="No suitable kernel"):
+        lora_apply(y, x, big_A, big_B, slots, scales, backend="triton")
 
 
 # ----------------------------------------------------------------------------------------------
