@@ -112,6 +112,7 @@ class Engine:
         device_pool_bytes=None,
         max_rank: int = 64,
         max_adapters_per_row: int = 4,
+        slots_per_bucket: int = 16,
         progress: bool = False,
     ) -> "Engine":
         """Load a local diffusers SD-layout folder, or "tiny" (the miniature model shipped with
@@ -134,6 +135,7 @@ class Engine:
             device_pool_bytes=device_pool_bytes,
             max_rank=max_rank,
             max_adapters_per_row=max_adapters_per_row,
+            slots_per_bucket=slots_per_bucket,
             progress=progress,
         )
 
