@@ -16,17 +16,26 @@ if __name__ != "impasto.kernels":
 else:
     from . import dispatch
     from .dispatch import Backend, BackendNotSupportedError, not_supported_reasons, use_backend
+    from .guidance import BranchTable, RequestBranches, build_branch_table, guidance_blend, guidance_blend_ref
     from .lora import LoraMeta, lora_apply, lora_delta, lora_delta_ref, lora_meta
+    from .rank1 import rank1_edit, rank1_edit_ref
 
 __all__ = [
     "Backend",
     "BackendNotSupportedError",
+    "BranchTable",
     "LoraMeta",
+    "build_branch_table",
     "dispatch",
+    "guidance_blend",
+    "guidance_blend_ref",
     "lora_apply",
     "lora_delta",
     "lora_delta_ref",
     "lora_meta",
     "not_supported_reasons",
+    "RequestBranches",
+    "rank1_edit",
+    "rank1_edit_ref",
     "use_backend",
 ]
