@@ -178,13 +178,17 @@ class LoraRuntime:
         rows = len(row_adapters)
         tables: dict[int, _Table] = {}
         for bucket in {self.adapter_bucket[n] for n in names}:
-            slots = torch.full((rows, self.M), -1, dtype=torch.int32)
-            scales = torch.zeros((rows, self.M), dtype=torch.float32)
-            for r, row in enumerate(row_adapters):
-                for m, (name, scale) in enumerate(row):
-                    if self.adapter_bucket[name] == bucket:
-                        slots[r, m] = self.resident[bucket][name]
-                        scales[r, m] = scale
+            # Each row's pairs of this bucket are packed to the left and the table is cut to the
+            # widest row: the reference path computes every column, used or not.
+            pairs = [[(self.resident[bucket][n], w) for n, w in row if self.adapter_bucket[n] == bucket]
+                     for row in row_adapters]
+            width = max(len(p) for p in pairs)
+            slots = torch.full((rows, width), -1, dtype=torch.int32)
+            scales = torch.zeros((rows, width), dtype=torch.float32)
+            for r, row in enumerate(pairs):
+                for m, (slot, scale) in enumerate(row):
+                    slots[r, m] = slot
+                    scales[r, m] = scale
             slots, scales = slots.to(self.device), scales.to(self.device)
             tables[bucket] = _Table(slots, scales, lora_meta(slots, self.S))
         self._active, self._rows = tables, rows

@@ -1,0 +1,129 @@
+"""N requests, N different LoRAs: impasto's one batched forward vs diffusers+PEFT best practice.
+
+    .venv/bin/python benchmarks/bench_multi_lora.py [--n 1 4 16] [--steps 10] [--repeats 2]
+
+Side by side in one run, same requests and seeds:
+  (a) impasto `generate_batch` with every request naming its own LoRA (one UNet forward per step);
+  (b) diffusers+PEFT best practice: every adapter loaded once up front, then per request
+      `set_adapters([name])` and a pipeline call, sequentially;
+  (c) impasto with the same requests and no adapters (the floor).
+Cost breakdown of (a) from the engine's own timings: plan (text encoding), denoise (UNet incl.
+LoRA), decode (VAE); the LoRA op's share is denoise(a) - denoise(c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+# A CPU-sized SD-layout model: wider than the test model so LoRA GEMMs are not trivially small.
+UNET = dict(block_out_channels=(64, 128), cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
+RANK = 16
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class Setup:
+    n: int
+    steps: int
+    size: int
+
+
+def build(folder: str, n_max: int):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from impasto.tiny import build_random_model
+
+    build_random_model(os.path.join(folder, "model"), seed=0, unet_config=UNET)
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "model"), subfolder="unet")
+    paths = []
+    for i in range(n_max):
+        torch.manual_seed(i)
+        unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS, init_lora_weights=False),
+                         adapter_name=f"a{i}")
+        out = os.path.join(folder, f"a{i}")
+        StableDiffusionPipeline.save_lora_weights(
+            out, unet_lora_layers=get_peft_model_state_dict(unet, adapter_name=f"a{i}"),
+            unet_lora_adapter_metadata=unet.peft_config[f"a{i}"].to_dict())
+        paths.append(os.path.join(out, "pytorch_lora_weights.safetensors"))
+        unet.delete_adapters(f"a{i}")
+    return os.path.join(folder, "model"), paths
+
+
+def run_impasto(engine, s: Setup, with_adapters: bool):
+    import impasto
+
+    reqs = [impasto.Request(f"a red star number {i}", adapters=[f"a{i}"] if with_adapters else [],
+                            seed=i, steps=s.steps, height=s.size, width=s.size, output_type="np")
+            for i in range(s.n)]
+    t = time.perf_counter()
+    outs = engine.generate_batch(reqs)
+    wall = time.perf_counter() - t
+    assert all(o.error is None for o in outs), [o.error for o in outs]
+    return wall, outs[0].timings
+
+
+def run_diffusers(pipe, s: Setup):
+    t = time.perf_counter()
+    for i in range(s.n):
+        pipe.set_adapters([f"a{i}"])
+        pipe(f"a red star number {i}", num_inference_steps=s.steps, height=s.size, width=s.size,
+             generator=torch.Generator().manual_seed(i), output_type="np")
+    return time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    import impasto
+    from diffusers import StableDiffusionPipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, paths = build(tmp, max(args.n))
+        engine = impasto.Engine.from_pretrained(model, slots_per_bucket=max(args.n))
+        pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        for i, p in enumerate(paths):
+            engine.adapters.register(f"a{i}", p)
+            pipe.load_lora_weights(os.path.dirname(p), weight_name=os.path.basename(p), adapter_name=f"a{i}")
+        u = engine.base.unet
+        print(f"config: UNet {UNET} ({sum(p.numel() for p in u.parameters()) / 1e6:.1f} M params), "
+              f"LoRA rank {RANK} on {TARGETS} of every attention, DDIM, cfg 7.5, {args.steps} steps, "
+              f"{args.size}x{args.size} px, float32, {torch.get_num_threads()} threads, "
+              f"median of {args.repeats} after a warm-up")
+        rows = []
+        for n in args.n:
+            s = Setup(n, args.steps, args.size)
+            run_impasto(engine, Setup(1, 2, args.size), True)  # warm-up
+            a, c, b, ta, tc = [], [], [], None, None
+            for _ in range(args.repeats):
+                w, ta = run_impasto(engine, s, True)
+                a.append(w)
+                w, tc = run_impasto(engine, s, False)
+                c.append(w)
+                b.append(run_diffusers(pipe, s))
+            a, b, c = statistics.median(a), statistics.median(b), statistics.median(c)
+            rows.append((n, n / a, n / b, n / c, b / a, c / a, ta, tc))
+        print("\n|  N | impasto img/s (a) | diffusers+PEFT img/s (b) | no-adapter img/s (c) | a/b speed | a/c speed "
+              "| plan s | denoise s | LoRA share s | decode s |")
+        print("|----|------|------|------|------|------|------|------|------|------|")
+        for n, ia, ib, ic, ab, ac, ta, tc in rows:
+            print(f"| {n:2d} | {ia:.2f} | {ib:.2f} | {ic:.2f} | {ab:.2f}x | {ac:.2f}x | {ta['plan']:.3f} | "
+                  f"{ta['denoise']:.3f} | {max(ta['denoise'] - tc['denoise'], 0):.3f} | {ta['decode']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
