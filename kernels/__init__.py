@@ -17,7 +17,6 @@ else:
     from . import dispatch
     from .dispatch import Backend, BackendNotSupportedError, not_supported_reasons, use_backend
     from .guidance import BranchTable, RequestBranches, build_branch_table, guidance_blend, guidance_blend_ref
-    from .guidance import BranchTable, RequestBranches, build_branch_table, guidance_blend, guidance_blend_ref
     from .lora import LoraMeta, lora_apply, lora_delta, lora_delta_ref, lora_meta
     from .rank1 import rank1_edit, rank1_edit_ref
 
@@ -25,13 +24,9 @@ __all__ = [
     "Backend",
     "BackendNotSupportedError",
     "BranchTable",
-    "BranchTable",
     "LoraMeta",
     "build_branch_table",
-    "build_branch_table",
     "dispatch",
-    "guidance_blend",
-    "guidance_blend_ref",
     "guidance_blend",
     "guidance_blend_ref",
     "lora_apply",
@@ -39,7 +34,6 @@ __all__ = [
     "lora_delta_ref",
     "lora_meta",
     "not_supported_reasons",
-    "RequestBranches",
     "RequestBranches",
     "rank1_edit",
     "rank1_edit_ref",
