@@ -1,7 +1,7 @@
 """Measure the shipped miniature model: probe accuracy on unseen seeds, and the base model's
 prompt fidelity on seen-vocabulary prompts (default 200 prompts, 25 steps, guidance 7.5).
 
-    nice -n 19 python benchmarks/tiny_fidelity.py --prompts 200 --steps 25 --out /tmp/tiny_fidelity.json
+    nice -n 19 python benchmarks/bench_tiny_fidelity.py --prompts 200 --steps 25 --out /tmp/tiny_fidelity.json
 
 Writes one JSON record (and prints it); --sheet PATH also writes a contact sheet of the first 64.
 """
