@@ -80,7 +80,6 @@ tensors are fine).
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import pickle
@@ -835,26 +834,27 @@ def write_kv(path, kvfile: KvFile) -> int:
 def _features(texts: list[str], tokenizer, text_encoder, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Concatenated last hidden states of ``texts``, unpadded, with the original's row drop:
     texts with 'photo of a' in their first 15 characters lose their first 4 rows (BOS + 3 words),
-    all others lose BOS. EOS is kept. Placeholders in ``tokens`` get their embedding row through a
-    hook on the token embedding (the caller's tokenizer and text encoder are not modified).
+    all others lose BOS. EOS is kept.
+
+    Placeholders are tokenized as added tokens are (the text is split at them and each piece
+    BPE-encoded alone) and get ids past the embedding table; a hook on the token embedding puts
+    their vectors there. The caller's tokenizer and text encoder are not modified.
     """
-    tok = copy.deepcopy(tokenizer)
-    tok.add_tokens(list(tokens))
-    ids_of = {tok.convert_tokens_to_ids(t): v for t, v in tokens.items()}
     emb = text_encoder.get_input_embeddings()
     n = emb.num_embeddings
+    fake = {t: n + i for i, t in enumerate(tokens)}
+    vectors = {n + i: v for i, v in enumerate(tokens.values())}
+    split = re.compile("(" + "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)) + ")") if tokens else None
     state = {}
 
     def pre(module, args):
-        ids = args[0]
-        state["ids"] = ids
-        return (ids.clamp(max=n - 1),)
+        state["ids"] = args[0]
+        return (args[0].clamp(max=n - 1),)
 
     def post(module, args, out):
-        ids = state["ids"]
         out = out.clone()
-        for i, v in ids_of.items():
-            out[ids == i] = v.to(out.dtype)
+        for i, v in vectors.items():
+            out[state["ids"] == i] = v.to(out.dtype)
         return out
 
     handles = [emb.register_forward_pre_hook(pre), emb.register_forward_hook(post)]
@@ -862,13 +862,26 @@ def _features(texts: list[str], tokenizer, text_encoder, tokens: Mapping[str, to
     try:
         with torch.no_grad():
             for text in texts:
-                ids = tok(text, truncation=True, max_length=tok.model_max_length, padding="do_not_pad").input_ids
+                ids = [tokenizer.bos_token_id]
+                for piece in split.split(text) if split else [text]:
+                    if piece in fake:
+                        ids.append(fake[piece])
+                    elif piece.strip():
+                        ids += tokenizer(piece, add_special_tokens=False).input_ids
+                ids = ids[: tokenizer.model_max_length - 1] + [tokenizer.eos_token_id]
                 hidden = text_encoder(torch.tensor([ids]))[0][0].to(torch.float64)
                 rows.append(hidden[4:] if "photo of a" in text[:15] else hidden[1:])
     finally:
         for h in handles:
             h.remove()
     return torch.cat(rows, 0)
+
+
+def _check_conditioned(m: torch.Tensor, what: str, hint: str) -> None:
+    """Refuse a (numerically) singular system: LU would solve it silently into garbage."""
+    cond = float(torch.linalg.cond(m))
+    if not math.isfinite(cond) or cond > 1e12:
+        raise AdapterValueError(f"merge_kv: {what} is singular (condition number {cond:.3g}); {hint}")
 
 
 def merge_kv(
@@ -925,8 +938,10 @@ def merge_kv(
     targets, owner = targets[keep], owner[keep]
 
     gram = c_reg.T @ c_reg  # [D, D]
+    _check_conditioned(gram, f"C_regᵀC_reg of {len(captions)} captions ({c_reg.shape[0]} token rows)", "add captions")
     d = torch.linalg.solve(gram, targets.T).T  # C (C_regᵀ C_reg)⁻¹, gram symmetric   [T, D]
     e2 = d @ targets.T  # [T, T]
+    _check_conditioned(e2, f"d Cᵀ of {targets.shape[0]} target rows", "the targets are (nearly) linearly dependent")
     layers = {}
     for name, (wk0, wv0) in base.items():
         deltas = []
