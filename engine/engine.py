@@ -31,7 +31,8 @@ from .api import (
 from .errors import ImpastoError, RequestError
 from .guidance import BranchLayout, blend
 from .loading import BaseModel, load_base_model
-from .plan import encode_prompts
+from .attention import PlanState, install_planned_attention
+from .plan import Branch, build_plan
 
 
 @dataclass
@@ -50,6 +51,10 @@ class _Job:
     @property
     def has_uncond(self) -> bool:
         return self.guidance.cfg > 1.0
+
+    def adapter_key(self) -> tuple:
+        """The request's adapters as a hashable ((name, scale), ...), applied to every branch."""
+        return tuple((a.name, float(a.scale)) for a in self.adapters)
 
     def branch_prompts(self) -> list[str]:
         neg = self.request.negative_prompt or ""
@@ -95,6 +100,8 @@ class Engine:
             device=self.device,
             dtype=dtype,
         )
+        self._plan_state = PlanState()
+        self._attn2 = install_planned_attention(base.unet, self._plan_state)
         # UNet downsamples by 2 per down block but the last; latents must divide evenly.
         self._size_multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
 
@@ -254,15 +261,15 @@ class Engine:
         height, width, steps = jobs[0].height, jobs[0].width, jobs[0].request.steps
         t_plan = time.perf_counter()
 
-        # -- plan: text encodings of every branch, once per request and branch
-        prompts = [p for job in jobs for p in job.branch_prompts()]
-        embeds = encode_prompts(base.tokenizer, base.text_encoder, prompts, dev)  # [branches, L, D]
+        # -- plan: once per distinct (request, branch): text encoding, then every attn2 K/V
+        branches = [Branch(text, job.adapter_key()) for job in jobs for text in job.branch_prompts()]
+        plan = build_plan(branches, base.tokenizer, base.text_encoder, self._attn2, self.lora, files, dev, dtype)
 
         scheduler = type(base.scheduler).from_config(base.scheduler.config)
         scheduler.set_timesteps(steps, device=dev)
         latent_shape = (base.unet.config.in_channels, height // base.vae_scale_factor, width // base.vae_scale_factor)
 
-        rows_embeds, row_latent, row_adapters, layouts, latents, generators = [], [], [], [], [], []
+        row_branch, row_latent, row_adapters, layouts, latents, generators = [], [], [], [], [], []
         row, latent, branch = 0, 0, 0
         for job in jobs:
             n = job.request.num_images
@@ -271,31 +278,40 @@ class Engine:
             generators += [gen] * n
             layout = BranchLayout(row, n, job.guidance.cfg, job.has_uncond, job.guidance.rescale)
             for _ in job.branch_prompts():
-                rows_embeds.append(embeds[branch : branch + 1].expand(n, -1, -1))
+                row_branch += [plan.index[branch]] * n
                 row_latent += range(latent, latent + n)
-                row_adapters += [[(a.name, float(a.scale)) for a in job.adapters]] * n
+                row_adapters += [list(job.adapter_key())] * n
                 branch += 1
             layouts.append(layout)
             row += layout.num_rows
             latent += n
-        encoder_hidden_states = torch.cat(rows_embeds).to(dtype)
+        row_branch = torch.tensor(row_branch, device=dev)
         row_latent = torch.tensor(row_latent, device=dev)
+        encoder_hidden_states = plan.embeds[row_branch]
+        kv_rows = {name: (k[row_branch], v[row_branch]) for name, (k, v) in plan.kv.items()}
         latents = torch.cat(latents) * scheduler.init_noise_sigma
         step_kwargs = self._step_kwargs(scheduler, generators)
         t_denoise = time.perf_counter()
 
-        # -- step: one UNet forward for every row of every request
-        with self.lora.activate(row_adapters, files), torch.inference_mode():
-            for t in tqdm(scheduler.timesteps, disable=not self.progress, desc="denoise", leave=False):
-                model_input = scheduler.scale_model_input(latents[row_latent], t)
-                noise = base.unet(model_input, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
-                noise = blend(noise, layouts)
-                latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-            t_decode = time.perf_counter()
+        # -- step: one UNet forward for every row of every request; attn2 reads the plan's K/V
+        self._plan_state.kv = kv_rows
+        try:
+            with self.lora.activate(row_adapters, files), torch.inference_mode():
+                for t in tqdm(scheduler.timesteps, disable=not self.progress, desc="denoise", leave=False):
+                    model_input = scheduler.scale_model_input(latents[row_latent], t)
+                    noise = base.unet(
+                        model_input, t, encoder_hidden_states=encoder_hidden_states, return_dict=False
+                    )[0]
+                    noise = blend(noise, layouts)
+                    latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+        finally:
+            self._plan_state.kv = None
+        t_decode = time.perf_counter()
 
-            # -- decode
-            need_pixels = any(job.request.output_type != "latent" for job in jobs)
-            if need_pixels:
+        # -- decode
+        need_pixels = any(job.request.output_type != "latent" for job in jobs)
+        if need_pixels:
+            with torch.inference_mode():
                 pixels = base.vae.decode(latents / base.vae.config.scaling_factor, return_dict=False)[0]
         t_end = time.perf_counter()
 

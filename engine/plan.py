@@ -1,13 +1,42 @@
-"""The conditioning plan: step-invariant work done once per (request, branch) before step 1.
+"""The conditioning plan: step-invariant work, done once per distinct (request, branch).
 
-Today: text encodings, tokenized and encoded exactly as diffusers' `encode_prompt` does
-(padding to model_max_length, truncation), batched over every branch of every request with
-identical prompts encoded once.
+For every branch (uncond, cond, later one per style): tokenize and encode the text exactly as
+diffusers' `encode_prompt` does, then compute every cross-attention (attn2) layer's K and V with
+the branch's K/V-affecting adapters folded in:
+
+    K = W_K e + Σ sᵢ·ΔW_lora,i e          (LoRA on to_k applied by its hook, per branch row)
+
+The UNet's attn2 reads these K/V in every step (engine/attention.py) instead of recomputing them.
+Branches with the same text and adapters are planned once and shared.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One guidance branch of one request: its text and its adapters ((name, scale), ...)."""
+
+    text: str
+    adapters: tuple = ()
+
+
+@dataclass
+class Plan:
+    """Planned conditioning of a group of requests.
+
+    `index[i]`: the unique branch that branch i of the group maps to;
+    `embeds`: Shape [U, L, D], the text encodings of the U unique branches;
+    `kv`: attn2 name -> (K, V), each Shape [U, L, inner].
+    """
+
+    index: list[int]
+    embeds: torch.Tensor
+    kv: dict
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
@@ -27,3 +56,80 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch
         hidden = text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
     index = torch.tensor([unique.index(p) for p in prompts], device=hidden.device)
     return hidden[index]
+
+
+def build_plan(branches: list[Branch], tokenizer, text_encoder, attn2: dict, lora, files, device, dtype) -> Plan:
+    """Encode every distinct branch once and compute each attn2 layer's K/V for it."""
+    unique = list(dict.fromkeys(branches))
+    index = [unique.index(b) for b in branches]
+    embeds = encode_prompts(tokenizer, text_encoder, [b.text for b in unique], device).to(dtype)
+    kv = {}
+    with lora.activate([list(b.adapters) for b in unique], files), torch.inference_mode():
+        for name, attn in attn2.items():
+            kv[name] = (attn.to_k(embeds), attn.to_v(embeds))
+    return Plan(index, embeds, kv)
+
+
+PLACEHOLDER = r"<[^<>\s]+>"  # how learned-token placeholders look in a prompt: <corgi>, <new1>
+
+
+def tokenize_with_placeholders(tokenizer, text: str, placeholders) -> tuple[list[int], list[tuple[int, str]]]:
+    """Tokenize `text` as diffusers does once each placeholder is a single added token.
+
+    The tokenizer is never grown: each placeholder occupies one position, holding the id of the
+    tokenizer's unk token, and is returned with its position so its embedding can be injected.
+    Returns (input_ids padded to model_max_length, [(position, placeholder), ...]).
+    """
+    import re
+
+    max_len = tokenizer.model_max_length
+    if placeholders:
+        pattern = "(" + "|".join(re.escape(p) for p in sorted(placeholders, key=len, reverse=True)) + ")"
+        pieces = re.split(pattern, text)
+    else:
+        pieces = [text]
+    ids, marks = [], []
+    for i, piece in enumerate(pieces):
+        if i % 2 == 1:  # a placeholder
+            marks.append((len(ids) + 1, piece))  # +1: BOS comes first
+            ids.append(tokenizer.unk_token_id)
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False).input_ids
+    ids = ids[: max_len - 2]  # truncation, as tokenizer(truncation=True) keeps BOS and EOS
+    marks = [(pos, p) for pos, p in marks if pos < max_len - 1]
+    ids = [tokenizer.bos_token_id] + ids + [tokenizer.eos_token_id]
+    ids += [tokenizer.pad_token_id] * (max_len - len(ids))
+    return ids, marks
+
+
+def encode_with_tokens(tokenizer, text_encoder, texts: list[str], tokens: list[dict], device) -> torch.Tensor:
+    """Semantics: out[i] = text_encoder(texts[i]) with each placeholder p of tokens[i] encoded as
+    one token whose input embedding is tokens[i][p] (textual-inversion style, per row).
+
+    texts: B strings; tokens: B dicts placeholder -> embedding, Shape [D_emb].
+    Returns Shape [B, L, D]. Other rows and the text encoder's tables are untouched.
+    """
+    rows, injections = [], []
+    for b, (text, tok) in enumerate(zip(texts, tokens)):
+        ids, marks = tokenize_with_placeholders(tokenizer, text, list(tok))
+        rows.append(ids)
+        injections += [(b, pos, tok[p]) for pos, p in marks]
+    input_ids = torch.tensor(rows, device=device)
+    emb = text_encoder.get_input_embeddings()
+
+    def inject(module, args, output):
+        output = output.clone()
+        for b, pos, vec in injections:
+            output[b, pos] = vec.to(device=output.device, dtype=output.dtype)
+        return output
+
+    handle = emb.register_forward_hook(inject) if injections else None
+    try:
+        with torch.inference_mode():
+            mask = None
+            if getattr(text_encoder.config, "use_attention_mask", False):
+                mask = (input_ids != tokenizer.pad_token_id).long()
+            return text_encoder(input_ids, attention_mask=mask)[0]
+    finally:
+        if handle is not None:
+            handle.remove()
