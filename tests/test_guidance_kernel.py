@@ -2,7 +2,7 @@
 `rescale_noise_cfg`, the branch table, exact CFG equality, layouts, checks and registration.
 
 Triton runs under TRITON_INTERPRET=1 (tests/conftest.py): shapes are small and odd, and the
-"split" block size (128) makes every latent span several blocks with a ragged last one, so the
+128-element block size makes every latent span several blocks with a ragged last one, so the
 moment merge of the two-pass rescale is exercised. Workspaces and outputs are NaN-poisoned, and
 prediction rows no latent uses hold NaN, so a missed write or a stray read cannot pass.
 """
@@ -33,11 +33,13 @@ def _poison_workspaces(monkeypatch):
     monkeypatch.setattr(guidance_module, "_POISON_WORKSPACE", True)
 
 
-@pytest.fixture(params=["one_block", "split"])
-def block(request, monkeypatch):
-    if request.param == "split":
-        monkeypatch.setitem(guidance_module._INTERPRET_BLOCKS, "BLOCK_L", 128)
-    return request.param
+# (backend, blocks): Triton with one block per latent, and with 128-element blocks.
+IMPLS = [("reference", None), ("triton", None), ("triton", 128)]
+
+
+def _set_block(monkeypatch, block_l):
+    if block_l is not None:
+        monkeypatch.setitem(guidance_module._INTERPRET_BLOCKS, "BLOCK_L", block_l)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,12 +139,11 @@ def test_reference_matches_loop_float64(case):
     torch.testing.assert_close(guidance_blend_ref(noise, table), blend_loop(noise, case.requests), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, block_l", IMPLS, ids=lambda v: str(v or "one_block"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_guidance_blend_matches_loop(case, dtype, backend, block):
-    if backend == "reference" and block == "split":
-        pytest.skip("the reference has no blocks")
+def test_guidance_blend_matches_loop(case, dtype, backend, block_l, monkeypatch):
+    _set_block(monkeypatch, block_l)
     noise = _noise(case, dtype)
     table = build_branch_table(case.requests)
     out = torch.full((table.cond_row.shape[0], *case.shape), float("nan"), dtype=dtype)
