@@ -115,13 +115,24 @@ def test_lora_apply_rejection_reaches_the_caller(monkeypatch):
             lora_apply(y, x, A, B, slots, scales)
 
 
-def test_one_copy_of_the_package(monkeypatch):
+def test_one_copy_of_the_package(tmp_path):
     """With the repo root on sys.path, `import kernels` (as transformers' probe for Hugging Face's
-    `kernels` package does) must not load a second copy that re-registers the ops."""
-    import importlib
+    `kernels` package does) must load no second copy of the ops, and transformers must still
+    import (it treats the empty top-level module's version 0 as "not installed")."""
     import pathlib
+    import subprocess
+    import sys
 
     import impasto.kernels
 
-    monkeypatch.syspath_prepend(str(pathlib.Path(impasto.kernels.__file__).parents[1]))
-    assert importlib.import_module("kernels") is impasto.kernels
+    root = pathlib.Path(impasto.kernels.__file__).parents[1]
+    code = (
+        "import kernels; assert kernels.__all__ == [] and kernels.__version__ == '0'\n"
+        "from transformers import CLIPTextModel\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "assert not is_kernels_available()\n"
+        "import impasto.kernels, torch\n"
+        "assert impasto.kernels is not kernels and hasattr(torch.ops.impasto, 'lora_apply_')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
