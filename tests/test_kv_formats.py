@@ -423,7 +423,10 @@ def test_compress_picks_rule_rank_and_fixed_rank_error_is_svd_tail():
     comp, ranks = compress_kv_delta(kf)
     assert ranks == {"a.attn2": (1, 1)} and comp.metadata["impasto.energy"] == "0.6"
     comp, ranks = compress_kv_delta(kf, energy=0.75)  # 0.75 exactly at index 1: strict, keep 2
-    assert ranks == {"a.attn2": (2, 2)}
+    assert ranks == {"a.attn2": (2, 2)} and not comp.notes
+    comp, ranks = compress_kv_delta(kf, energy=0.4)  # s_0 holds 0.5 > 0.4: the rule keeps nothing, and says so
+    assert ranks == {"a.attn2": (0, 0)} and "rank 0 for 2 of 2" in comp.notes[0]
+    assert torch.equal(comp.layers["a.attn2"].delta_k(), torch.zeros_like(delta))
     for r in (1, 3, 5):
         comp, _ = compress_kv_delta(kf, rank=r)
         layer = comp.layers["a.attn2"]

@@ -775,6 +775,14 @@ def compress_kv_delta(kvfile: KvFile, *, rank: int | None = None, energy: float 
         layers[name] = KvLayer(k_factors=(uk, vk), v_factors=(uv, vv))
         ranks[name] = (rk, rv)
     max_rank = max((r for pair in ranks.values() for r in pair), default=0)
+    notes = list(kvfile.notes)
+    dropped = [f"{n}.{p}" for n, pair in ranks.items() for p, r in zip(_PROJ, pair) if r == 0]
+    if dropped:  # the paper's rule, kept exactly: s_0 alone above `energy` keeps nothing
+        notes.append(
+            f"energy rule (energy={energy}) kept rank 0 for {len(dropped)} of {2 * len(ranks)} matrices "
+            f"(their first singular value alone holds more than {energy} of the sum), e.g. {dropped[0]!r}: "
+            "those deltas are dropped; pass rank= to keep them"
+        )
     metadata = {
         "impasto.family": FAMILY,
         "impasto.format_version": FORMAT_VERSION,
@@ -782,7 +790,7 @@ def compress_kv_delta(kvfile: KvFile, *, rank: int | None = None, energy: float 
         "impasto.energy": "" if rank is not None else repr(float(energy)),
     }
     out = KvFile(path="", format="kv", layers=layers, tokens={k: v.clone() for k, v in kvfile.tokens.items()},
-                 metadata=metadata, notes=list(kvfile.notes))
+                 metadata=metadata, notes=notes)
     return out, ranks
 
 
