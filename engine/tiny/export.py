@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from . import TOKENIZER_DIR, world
 from . import train as T
 
-COVARIANCE_CAPTIONS = 20000
+COVARIANCE_CAPTIONS = 5000
 COVARIANCE_SEED = 5
 
 
@@ -56,7 +56,7 @@ def text_covariance(text_encoder, n=COVARIANCE_CAPTIONS, seed=COVARIANCE_SEED, b
     return (acc / count).float(), count
 
 
-def export(run: str, out: str) -> None:
+def export(run: str, out: str, covariance: bool = True) -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -80,7 +80,7 @@ def export(run: str, out: str) -> None:
     text_plain.load_state_dict(text.state_dict())
     tok = T.tokenizer()
     sched = DDIMScheduler(**T.SCHEDULER_CONFIG)
-    cov, count = text_covariance(text_plain)
+    cov, count = text_covariance(text_plain) if covariance else (torch.eye(T.TEXT_WIDTH), 0)
     pipe = StableDiffusionPipeline(
         vae=vae.half(), text_encoder=text_plain.half(), tokenizer=tok, unet=unet.half(), scheduler=sched,
         safety_checker=None, feature_extractor=None, image_encoder=vision.half(), requires_safety_checker=False,
@@ -96,7 +96,7 @@ def export(run: str, out: str) -> None:
               os.path.join(tmp, "clip", "text_projection.safetensors"))
 
     probes = Probes()
-    probes.load_state_dict(_state(run, "probes")["probes"])
+    probes.load_state_dict((_state(run, "probes_vae") or _state(run, "probes"))["probes"])
     os.makedirs(os.path.join(tmp, "probes"))
     save_file({k: v.half().contiguous() for k, v in probes.state_dict().items()},
               os.path.join(tmp, "probes", "probes.safetensors"))
@@ -115,11 +115,14 @@ def export(run: str, out: str) -> None:
     record = {"configs": dict(unet=T.UNET_CONFIG, vae=T.VAE_CONFIG, text=T.TEXT_CONFIG, vision=T.VISION_CONFIG,
                               scheduler=T.SCHEDULER_CONFIG),
               "scaling_factor": lat["scaling_factor"]}
-    for stage in ("vae", "decoder", "clip", "probes", "unet"):
+    for stage in ("vae", "decoder", "clip", "probes", "probes_vae", "unet"):
         st = _state(run, stage)
         if st is not None:
             record[f"{stage}_steps"] = st["step"]
     with open(os.path.join(tmp, "training.json"), "w") as f:
         json.dump(record, f, indent=1, default=list)
+    for folder, _, files in os.walk(tmp):
+        for f in files:
+            os.chmod(os.path.join(folder, f), 0o644)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)

@@ -7,6 +7,7 @@
     python -m impasto.tiny.train latents --run /work/tiny_runs/r1
     python -m impasto.tiny.train unet    --run /work/tiny_runs/r1 --steps 2600
     python -m impasto.tiny.train decoder --run /work/tiny_runs/r1 --steps 800   (decoder only; latents unchanged)
+    python -m impasto.tiny.train probes_vae --run /work/tiny_runs/r1 --steps 400 (probes also read VAE output)
     python -m impasto.tiny.train export  --run /work/tiny_runs/r1 --out engine/tiny/model
 
 Every stage is seeded (--seed), writes `<stage>.pt` checkpoints every --ckpt-every steps and
@@ -303,6 +304,53 @@ def stage_probes(args):
     Log(args.run, "probes")(f"validation (seed {DATA_SEEDS['probe_val']}, unseen): {json.dumps(acc)}")
 
 
+def stage_probes_vae(args):
+    """Fine-tune the probes (from probes.pt) so they also read images that went through the
+    final VAE: each batch is half clean world images, half their VAE reconstructions
+    (encode -> posterior sample -> decode with the decoder stage's weights), true labels. The
+    judges must read the base model's decoder output as well as clean pictures; validation
+    reports both."""
+    from .probes import Probes
+
+    data = load_data(args.run, "probe")
+    val = load_data(args.run, "probe_val")
+    images = data["images"]
+    labels = {k: torch.from_numpy(data[f"label_{k}"]) for k in ATTRS}
+    vae = load_final_vae(args.run)
+    torch.manual_seed(args.seed)
+    model = Probes()
+    model.load_state_dict(load_ckpt(os.path.join(args.run, "probes.pt"))["probes"])
+
+    def step_fn(step):
+        model.train()
+        idx = batch_index(args.seed + 31, step, len(images), args.bs)
+        x = to_tensor(images[idx])
+        half = len(idx) // 2
+        with torch.no_grad():
+            x[half:] = vae.decode(vae.encode(x[half:]).latent_dist.sample()).sample.clamp(-1, 1)
+        out = model(x)
+        losses = {k: F.cross_entropy(out[k], labels[k][idx]) for k in ATTRS}
+        return dict(loss=sum(losses.values()), **losses)
+
+    train_loop(args, "probes_vae", model.parameters(), step_fn, {"probes": model})
+    model.eval()
+    log = Log(args.run, "probes_vae")
+    log(f"validation clean (seed {DATA_SEEDS['probe_val']}, unseen): {json.dumps(probe_accuracy(model, val))}")
+    rec = dict(val)
+    with torch.no_grad():
+        rec["images"] = np.concatenate([
+            ((vae.decode(vae.encode(to_tensor(val["images"][s : s + 250])).latent_dist.mode()).sample.clamp(-1, 1)
+              + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+            for s in range(0, len(val["images"]), 250)])
+    log(f"validation VAE reconstructions (seed {DATA_SEEDS['probe_val']}): {json.dumps(probe_accuracy(model, rec))}")
+
+
+def load_final_vae(run):
+    vae = build_vae()
+    vae.load_state_dict((load_ckpt(os.path.join(run, "decoder.pt")) or load_ckpt(os.path.join(run, "vae.pt")))["vae"])
+    return vae.eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def probe_accuracy(model, data, bs=256):
     preds = {k: [] for k in ATTRS}
@@ -403,9 +451,9 @@ def stage_export(args):
 
 
 STAGES = dict(data=stage_data, vae=stage_vae, decoder=lambda a: stage_vae(a, decoder_only=True), clip=stage_clip,
-              probes=stage_probes, latents=stage_latents, unet=stage_unet, export=stage_export)
+              probes=stage_probes, probes_vae=stage_probes_vae, latents=stage_latents, unet=stage_unet, export=stage_export)
 DEFAULTS = dict(  # stage -> (batch size, lr)
-    vae=(16, 1e-3), decoder=(16, 5e-4), clip=(64, 1e-3), probes=(64, 2e-3), unet=(32, 6e-4))
+    vae=(16, 1e-3), decoder=(16, 5e-4), clip=(64, 1e-3), probes=(64, 2e-3), probes_vae=(64, 5e-4), unet=(32, 6e-4))
 
 
 def main(argv=None):
