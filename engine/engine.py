@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import tiny
 from .adapters.lora import LoraRuntime, rank_bucket
-from .adapters.store import AdapterStore
+from .adapters.store import LORA_LIKE, AdapterStore
 from .api import (
     GenerationOutput,
     Guidance,
@@ -28,11 +29,11 @@ from .api import (
     normalize_guidance,
     validate_request,
 )
-from .errors import ImpastoError, RequestError
+from .errors import AdapterNameError, ImpastoError, RequestError
 from .guidance import BranchLayout, blend
 from .loading import BaseModel, load_base_model
 from .attention import PlanState, install_planned_attention
-from .plan import Branch, build_plan
+from .plan import PLACEHOLDER, Branch, build_plan
 
 
 @dataclass
@@ -54,7 +55,7 @@ class _Job:
 
     def adapter_key(self) -> tuple:
         """The request's adapters as a hashable ((name, scale), ...), applied to every branch."""
-        return tuple((a.name, float(a.scale)) for a in self.adapters)
+        return tuple((a.name, float(a.scale), tuple(sorted(a.options.items()))) for a in self.adapters)
 
     def branch_prompts(self) -> list[str]:
         neg = self.request.negative_prompt or ""
@@ -92,6 +93,7 @@ class Engine:
             device_pool_bytes=device_pool_bytes,
             max_rank=max_rank,
             dtype=dtype,
+            model_dir=base.path,
         )
         self.lora = LoraRuntime(
             base.unet,
@@ -215,6 +217,7 @@ class Engine:
                 f"adapters: {len(adapters)} adapters named, max_adapters_per_row is {self.max_adapters_per_row}"
             )
         adapters = self.adapters.resolve(adapters)
+        self._check_adapters(adapters, req)
         default = self.base.unet.config.sample_size * self.base.vae_scale_factor
         height, width = req.height or default, req.width or default
         for name, v in (("height", height), ("width", width)):
@@ -252,6 +255,36 @@ class Engine:
                 job.out.error = e
         return ok, files
 
+    def _check_adapters(self, adapters, req: Request) -> None:
+        """Family rules of a request's adapters, and that every placeholder in its prompts is
+        defined by exactly one of its adapters."""
+        defined = {}
+        for a in adapters:
+            info = self.adapters.info(a.name)
+            if info.family == "style":
+                raise AdapterNameError(f"adapters: {a.name!r} is a style adapter; name it in guidance.styles")
+            if info.family == "rank1":
+                if a.scale != 1.0:
+                    raise RequestError(f"adapters: {a.name!r} is a rank1 (Perfusion) adapter: tune it with beta and "
+                                       f"tau, not a scale (got {a.scale})")
+                unknown = set(a.options) - {"beta", "tau", "global_lock"}
+                if unknown:
+                    raise RequestError(f"adapters: {a.name!r}: unknown rank1 options {sorted(unknown)}")
+                if "tau" in a.options and not float(a.options["tau"]) > 0:
+                    raise RequestError(f"adapters: {a.name!r}: tau must be > 0, got {a.options['tau']}")
+            elif a.options:
+                raise RequestError(f"adapters: {a.name!r} ({info.family}) takes no options, got {sorted(a.options)}")
+            if info.token:
+                if info.token in defined:
+                    raise AdapterNameError(
+                        f"adapters: {a.name!r} and {defined[info.token]!r} both define the placeholder {info.token!r}"
+                    )
+                defined[info.token] = a.name
+        for field, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt or "")):
+            for placeholder in re.findall(PLACEHOLDER, text):
+                if placeholder not in defined:
+                    raise AdapterNameError(f"{field}: placeholder {placeholder!r} is defined by none of this request's adapters")
+
     def _run_group(self, jobs: list[_Job]) -> None:
         """Plan, denoise and decode one group of requests sharing size and step count."""
         base, dev, dtype = self.base, self.device, self.dtype
@@ -263,7 +296,7 @@ class Engine:
 
         # -- plan: once per distinct (request, branch): text encoding, then every attn2 K/V
         branches = [Branch(text, job.adapter_key()) for job in jobs for text in job.branch_prompts()]
-        plan = build_plan(branches, base.tokenizer, base.text_encoder, self._attn2, self.lora, files, dev, dtype)
+        plan = build_plan(branches, base, self._attn2, self.lora, self.adapters, files, dev, dtype)
 
         scheduler = type(base.scheduler).from_config(base.scheduler.config)
         scheduler.set_timesteps(steps, device=dev)
@@ -280,7 +313,7 @@ class Engine:
             for _ in job.branch_prompts():
                 row_branch += [plan.index[branch]] * n
                 row_latent += range(latent, latent + n)
-                row_adapters += [list(job.adapter_key())] * n
+                row_adapters += [[(a.name, float(a.scale)) for a in job.adapters if self.adapters.info(a.name).family in LORA_LIKE]] * n
                 branch += 1
             layouts.append(layout)
             row += layout.num_rows

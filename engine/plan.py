@@ -22,7 +22,7 @@ class Branch:
     """One guidance branch of one request: its text and its adapters ((name, scale), ...)."""
 
     text: str
-    adapters: tuple = ()
+    adapters: tuple = ()  # ((name, scale, ((option, value), ...)), ...)
 
 
 @dataclass
@@ -58,16 +58,74 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch
     return hidden[index]
 
 
-def build_plan(branches: list[Branch], tokenizer, text_encoder, attn2: dict, lora, files, device, dtype) -> Plan:
-    """Encode every distinct branch once and compute each attn2 layer's K/V for it."""
+def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: dict, device, dtype) -> Plan:
+    """Encode every distinct branch once and compute each attn2 layer's K/V for it.
+
+    Composition on one projection (docs/formats.md): K = h_rank1(e; W0) + Σ sᵢ·ΔW_lora,i e, where
+    the LoRA deltas come from the LoRA hooks on to_k/to_v and h_rank1 is Perfusion's gated
+    rank-1 edit of W0 (identity when the branch has no rank1 adapter).
+    """
     unique = list(dict.fromkeys(branches))
     index = [unique.index(b) for b in branches]
-    embeds = encode_prompts(tokenizer, text_encoder, [b.text for b in unique], device).to(dtype)
+    tokens, concepts = [], []
+    for b in unique:
+        tok, con = {}, []
+        for name, scale, options in b.adapters:
+            info = store.info(name)
+            if info.family == "rank1":
+                f = files[name]
+                tok[info.token] = f.token_embedding
+                con.append((f, dict(options), info.token))
+        tokens.append(tok)
+        concepts.append(con)
+    embeds = encode_with_tokens(base.tokenizer, base.text_encoder, [b.text for b in unique], tokens, device).to(dtype)
+    key_embeds = embeds
+    if any(opt.get("global_lock") for con in concepts for _, opt, _ in con):
+        # Global key-locking: the K pathway sees the prompt with each concept's placeholder
+        # replaced by its super-category word (Perfusion §2.1, inference only).
+        key_texts = []
+        for b, con in zip(unique, concepts):
+            text = b.text
+            for f, opt, placeholder in con:
+                if opt.get("global_lock"):
+                    text = text.replace(placeholder, f.super_word)
+            key_texts.append(text)
+        key_embeds = encode_with_tokens(base.tokenizer, base.text_encoder, key_texts, tokens, device).to(dtype)
+    lora_rows = [[(n, s) for n, s, _ in b.adapters if store.info(n).family in ("lora", "style")] for b in unique]
     kv = {}
-    with lora.activate([list(b.adapters) for b in unique], files), torch.inference_mode():
+    with lora.activate(lora_rows, files), torch.inference_mode():
         for name, attn in attn2.items():
-            kv[name] = (attn.to_k(embeds), attn.to_v(embeds))
+            k, v = attn.to_k(key_embeds), attn.to_v(embeds)
+            if any(concepts):
+                k = _rank1(k, key_embeds, attn.to_k.weight, name, 0, concepts, store)
+                v = _rank1(v, embeds, attn.to_v.weight, name, 1, concepts, store)
+            kv[name] = (k, v)
     return Plan(index, embeds, kv)
+
+
+def _rank1(out, e, W, layer: str, which: int, concepts: list, store):
+    """Apply every row's Perfusion concepts to one projection's output (which: 0 = K, 1 = V)."""
+    from impasto.kernels import rank1_edit
+
+    from .adapters.rank1 import Concept, perfusion_basis, row_tensors
+
+    C_inv = store.covariance()
+    M = max(len(c) for c in concepts)
+    rows = []
+    for con in concepts:
+        cs = [
+            Concept(
+                f.i_star,
+                f.layers[layer][which],
+                float(opt.get("beta", f.beta)),
+                float(opt.get("tau", f.tau)),
+            )
+            for f, opt, _ in con
+        ]
+        basis = perfusion_basis(torch.stack([c.i_star for c in cs]).double(), C_inv.double()) if cs else None
+        rows.append(row_tensors(W, cs, C_inv, slots=M, basis=basis, dtype=torch.float32))
+    P, WU, G, O, beta, tau = (torch.stack(t) for t in zip(*rows))
+    return rank1_edit(out, e, P, WU, G, O, beta, tau)
 
 
 PLACEHOLDER = r"<[^<>\s]+>"  # how learned-token placeholders look in a prompt: <corgi>, <new1>

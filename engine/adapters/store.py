@@ -8,21 +8,62 @@ from __future__ import annotations
 
 import os
 import threading
+
+import torch
 from collections import OrderedDict
 
+import json
+
 from ..api import ADAPTER_NAME, Adapter, AdapterInfo
-from ..errors import AdapterError, AdapterFormatError, AdapterNameError, RequestError
+from ..errors import AdapterError, AdapterFormatError, AdapterNameError, AdapterShapeError, RequestError
+from . import rank1 as rank1_format
 from .lora import lora_targets, validate_lora_header
 from .lora_formats import read_lora, read_lora_header
 
-FAMILIES = ("lora",)
+FAMILIES = ("lora", "style", "rank1")
+LORA_LIKE = ("lora", "style")
+
+
+def detect_family(path: str) -> str:
+    """The family a file or tool-written folder holds, from names and the safetensors header."""
+    if os.path.isdir(path):
+        names = set(os.listdir(path))
+        if any(n.startswith("pytorch_custom_diffusion_weights") for n in names):
+            return "kv"
+        return "lora"
+    if path.endswith(".safetensors"):
+        meta = _safetensors_metadata(path)
+        family = meta.get("impasto.family")
+        if family:
+            return family
+        if meta.get("impasto.style_suffix"):
+            return "style"
+        return "lora"
+    base = os.path.basename(path)
+    if base.startswith(("delta", "compressed_delta", "pytorch_custom_diffusion_weights")):
+        return "kv"
+    return "lora"
+
+
+def _safetensors_metadata(path: str) -> dict:
+    """The header's __metadata__ without reading tensors; {} when unreadable (the reader reports)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or n > 100_000_000 or n > os.path.getsize(path) - 8:
+                return {}
+            return json.loads(f.read(n)).get("__metadata__") or {}
+    except (OSError, ValueError):
+        return {}
 
 
 class AdapterStore:
     """Adapters known to one engine: `register(name, path)` reads and validates the header;
     weights are read when a request first needs them."""
 
-    def __init__(self, unet, *, root=None, host_cache_bytes=None, device_pool_bytes=None, max_rank=64, dtype=None):
+    def __init__(
+        self, unet, *, root=None, host_cache_bytes=None, device_pool_bytes=None, max_rank=64, dtype=None, model_dir=None
+    ):
         self.unet = unet
         self.root = os.path.realpath(root) if root else None
         self.host_cache_bytes = host_cache_bytes
@@ -34,6 +75,9 @@ class AdapterStore:
         self._infos: dict[str, AdapterInfo] = {}
         self._host: OrderedDict = OrderedDict()  # name -> (LoraFile, nbytes), LRU order
         self._lock = threading.RLock()
+        self._fingerprint = None
+        self._C_inv = None
+        self.model_dir = model_dir
 
     # ------------------------------------------------------------------ registry
     def __contains__(self, name: str) -> bool:
@@ -57,12 +101,28 @@ class AdapterStore:
         if not isinstance(name, str) or not ADAPTER_NAME.match(name):
             raise AdapterNameError(f"adapter name {name!r} must match [A-Za-z0-9._-]+")
         path = self._check_path(path)
-        family = family or "lora"
+        detected = detect_family(path)
+        family = family or detected
         if family not in FAMILIES:
             raise AdapterFormatError(f"{path}: unknown adapter family {family!r} (known: {', '.join(FAMILIES)})")
+        if family == "style" and detected not in LORA_LIKE:
+            raise AdapterFormatError(f"{path}: a style adapter must be a LoRA file, this one holds {detected!r}")
+        if family in LORA_LIKE:
+            info = self._register_lora(name, path, family, suffix, token)
+        elif family == "rank1":
+            info = self._register_rank1(name, path, suffix, token)
+        with self._lock:
+            if name in self._infos:
+                raise AdapterNameError(f"adapter name {name!r} is already registered (to {self._infos[name].path})")
+            self._infos[name] = info
+        return info
+
+    def _register_lora(self, name, path, family, suffix, token) -> AdapterInfo:
         header = read_lora_header(path, self._module_names)
         validate_lora_header(header, self.targets, self.max_rank)
-        info = AdapterInfo(
+        if family == "style" and suffix is None:
+            suffix = header.metadata.get("impasto.style_suffix")
+        return AdapterInfo(
             name=name,
             path=path,
             family=family,
@@ -73,11 +133,72 @@ class AdapterStore:
             token=token,
             suffix=suffix,
         )
-        with self._lock:
-            if name in self._infos:
-                raise AdapterNameError(f"adapter name {name!r} is already registered (to {self._infos[name].path})")
-            self._infos[name] = info
-        return info
+
+    def _register_rank1(self, name, path, suffix, token) -> AdapterInfo:
+        header = rank1_format.read_rank1_header(path)
+        if header.fingerprint != self.fingerprint:
+            raise AdapterShapeError(
+                f"{path}: made for another base model (fingerprint {header.fingerprint}, this base is {self.fingerprint})"
+            )
+        shapes = rank1_format.base_shapes(self.unet)
+        layers = {k[: -len(rank1_format.SUFFIX_K)] for k in header.shapes if k.endswith(rank1_format.SUFFIX_K)}
+        if layers != set(shapes):
+            missing = sorted(set(shapes) - layers) or sorted(layers - set(shapes))
+            raise AdapterShapeError(f"{path}: attn2 layers differ from this base model's (e.g. {missing[0]!r})")
+        for layer, (k_shape, v_shape) in shapes.items():
+            got = (header.shapes[layer + rank1_format.SUFFIX_K], header.shapes[layer + rank1_format.SUFFIX_V])
+            if got != ((k_shape[0],), (v_shape[0],)):
+                raise AdapterShapeError(f"{path}: layer {layer!r} has o* lengths {got}, this base needs {k_shape[0]}, {v_shape[0]}")
+        if header.shapes[rank1_format.KEY_I_STAR] != (k_shape[1],):
+            raise AdapterShapeError(f"{path}: i_star has shape {header.shapes[rank1_format.KEY_I_STAR]}, this base needs ({k_shape[1]},)")
+        return AdapterInfo(
+            name=name,
+            path=path,
+            family="rank1",
+            format="impasto-rank1",
+            rank=1,
+            targets=tuple(shapes),
+            nbytes=sum(4 * s[0] for s in header.shapes.values()),
+            token=token or header.placeholder,
+            suffix=suffix,
+            fingerprint=header.fingerprint,
+        )
+
+    def covariance_root(self) -> str:
+        """Where engine state (C⁻¹ per base model) lives: adapter_root, else the user cache."""
+        return self.root or os.path.join(
+            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "impasto"
+        )
+
+    def covariance(self) -> torch.Tensor:
+        """C⁻¹ of this base model's text encodings (Perfusion), keyed by the base fingerprint:
+        from the covariance root, else shipped beside the model (`perfusion_covariance.safetensors`)."""
+        if self._C_inv is None:
+            path = rank1_format.covariance_path(self.covariance_root(), self.fingerprint)
+            shipped = os.path.join(self.model_dir or "", "perfusion_covariance.safetensors")
+            if not path.is_file() and self.model_dir and os.path.isfile(shipped):
+                from safetensors.torch import load_file
+
+                self._C_inv = load_file(shipped)["C_inv"].float()
+            else:
+                self._C_inv = rank1_format.load_covariance(self.covariance_root(), self.fingerprint)
+        return self._C_inv
+
+    def compute_covariance(self, tokenizer, text_encoder, captions) -> str:
+        """Compute C⁻¹ over `captions` and store it under the covariance root; returns the path."""
+        C = rank1_format.compute_covariance(tokenizer, text_encoder, list(captions))
+        C_inv = rank1_format.inverse_covariance(C)
+        path = rank1_format.save_covariance(
+            self.covariance_root(), self.fingerprint, C_inv, num_captions=len(captions), model_dir=self.model_dir
+        )
+        self._C_inv = None
+        return str(path)
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = rank1_format.fingerprint(self.unet)
+        return self._fingerprint
 
     def unregister(self, name: str) -> None:
         with self._lock:
@@ -115,15 +236,20 @@ class AdapterStore:
                 self._host.move_to_end(name)
                 return self._host[name][0]
             info = self.info(name)
-        lora = read_lora(info.path, self._module_names, dtype=self.dtype) if self.dtype else read_lora(
-            info.path, self._module_names
-        )
-        if set(lora.layers) != set(info.targets):
-            raise AdapterError(f"{info.path}: file changed since registration (targets differ)")
+        if info.family in LORA_LIKE:
+            obj = read_lora(info.path, self._module_names, dtype=self.dtype or torch.float32)
+            if set(obj.layers) != set(info.targets):
+                raise AdapterError(f"{info.path}: file changed since registration (targets differ)")
+        elif info.family == "rank1":
+            obj = rank1_format.read_rank1(
+                info.path, base_shapes=rank1_format.base_shapes(self.unet), fingerprint=self.fingerprint
+            )
+        else:
+            raise AdapterFormatError(f"{info.path}: no loader for family {info.family!r}")
         with self._lock:
-            self._host[name] = (lora, info.nbytes)
+            self._host[name] = (obj, info.nbytes)
             self._shrink_host()
-        return lora
+        return obj
 
     def _shrink_host(self) -> None:
         if self.host_cache_bytes is None:

@@ -85,8 +85,8 @@ def build_random_model(path: str, *, seed: int = 0, unet_config: dict | None = N
     text_encoder = CLIPTextModel(CLIPTextConfig(**tcfg))
     with torch.no_grad():  # a fresh LayerNorm (weight 1, bias 0) puts every encoding in the
         # hyperplane sum(e) = 0, making the text covariance singular; trained encoders are not so.
-        text_encoder.text_model.final_layer_norm.weight.normal_(1.0, 0.1)
-        text_encoder.text_model.final_layer_norm.bias.normal_(0.0, 0.1)
+        text_encoder.final_layer_norm.weight.normal_(1.0, 0.1)
+        text_encoder.final_layer_norm.bias.normal_(0.0, 0.1)
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=77)
     pipe = StableDiffusionPipeline(
         vae=vae,
