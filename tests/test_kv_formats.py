@@ -494,12 +494,14 @@ def test_merge_closed_form(tmp_path, tiny_dir, unet, base):
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_dir, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(tiny_dir, subfolder="text_encoder").eval()
-    with pytest.raises(AdapterValueError, match="singular"):  # random init: final LayerNorm bias 0, so every
-        merge_kv([KvFile("x", "kv", {}, {})], CAPTIONS, categories=["dog"], tokenizer=tokenizer,  # feature row sums to 0
-                 text_encoder=text_encoder, base=base)
+    ln = next(m for n, m in text_encoder.named_modules() if n.endswith("final_layer_norm"))
+    with torch.no_grad():  # final LayerNorm with bias 0 and gain 1 (a fresh init): every feature row sums to 0
+        ln.bias.zero_()
+        ln.weight.fill_(1.0)
+    with pytest.raises(AdapterValueError, match="singular"):
+        merge_kv([KvFile("x", "kv", {}, {})], CAPTIONS, categories=["dog"], tokenizer=tokenizer, text_encoder=text_encoder, base=base)
     torch.manual_seed(5)
     with torch.no_grad():  # a trained CLIP's final LayerNorm has a bias and gains: features span all of R^D
-        ln = next(m for n, m in text_encoder.named_modules() if n.endswith("final_layer_norm"))
         ln.bias.normal_(0, 0.5)
         ln.weight.uniform_(0.5, 1.5)
     files = []
