@@ -30,7 +30,7 @@ from .api import (
     validate_request,
 )
 from .errors import AdapterNameError, ImpastoError, RequestError
-from .guidance import BranchLayout, blend
+from .guidance import BranchLayout, blend, branch_table
 from .loading import BaseModel, load_base_model
 from .attention import PlanState, install_planned_attention
 from .plan import PLACEHOLDER, Branch, build_plan
@@ -48,6 +48,7 @@ class _Job:
     width: int
     seed: int
     out: GenerationOutput = field(default_factory=GenerationOutput)
+    styles: tuple = ()  # ((style adapter name, suffix or None), ...) in Guidance.styles order
 
     @property
     def has_uncond(self) -> bool:
@@ -57,9 +58,16 @@ class _Job:
         """The request's adapters as a hashable ((name, scale), ...), applied to every branch."""
         return tuple((a.name, float(a.scale), tuple(sorted(a.options.items()))) for a in self.adapters)
 
-    def branch_prompts(self) -> list[str]:
+    def branches(self) -> list[tuple[str, tuple]]:
+        """(text, adapters) per branch: [uncond], cond, then one per style, whose text gets the
+        style's suffix and whose adapters add the style LoRA at scale 1."""
         neg = self.request.negative_prompt or ""
-        return ([neg] if self.has_uncond else []) + [self.request.prompt]
+        base = self.adapter_key()
+        out = ([(neg, base)] if self.has_uncond else []) + [(self.request.prompt, base)]
+        for name, suffix in self.styles:
+            text = self.request.prompt + (" " + suffix if suffix else "")
+            out.append((text, base + ((name, 1.0, ()),)))
+        return out
 
 
 class Engine:
@@ -209,13 +217,21 @@ class Engine:
             raise RequestError(f"requests[{index}]: expected impasto.Request, got {type(req).__name__}")
         validate_request(req)
         guidance = normalize_guidance(req.guidance)
-        if guidance.styles:
-            raise RequestError("guidance.styles: style guidance is not available in this version")
         adapters = normalize_adapters(req.adapters)
-        if len(adapters) > self.max_adapters_per_row:
+        per_row = len(adapters) + (1 if guidance.styles else 0)  # a style row adds its style LoRA
+        if per_row > self.max_adapters_per_row:
             raise RequestError(
-                f"adapters: {len(adapters)} adapters named, max_adapters_per_row is {self.max_adapters_per_row}"
+                f"adapters: {len(adapters)} adapters named{' plus a style' if guidance.styles else ''}, "
+                f"max_adapters_per_row is {self.max_adapters_per_row}"
             )
+        styles = []
+        for name, weight in guidance.styles.items():
+            info = self.adapters.info(name)
+            if info.family != "style":
+                raise AdapterNameError(f"guidance.styles: {name!r} is a {info.family} adapter, not a style adapter")
+            if not isinstance(weight, (int, float)) or weight != weight:
+                raise RequestError(f"guidance.styles[{name!r}]: weight must be a number, got {weight!r}")
+            styles.append((name, info.suffix))
         adapters = self.adapters.resolve(adapters)
         self._check_adapters(adapters, req)
         default = self.base.unet.config.sample_size * self.base.vae_scale_factor
@@ -224,15 +240,17 @@ class Engine:
             if v % self._size_multiple:
                 raise RequestError(f"{name}: {v} is not a multiple of {self._size_multiple} for this model")
         seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**63)
-        return _Job(index, req, guidance, adapters, height, width, seed, GenerationOutput(seed=seed))
+        return _Job(index, req, guidance, adapters, height, width, seed, GenerationOutput(seed=seed), tuple(styles))
 
     def _fit_slots(self, jobs: list[_Job]) -> list[list[_Job]]:
         """Split a group so no rank bucket needs more distinct adapters than it has slots."""
         chunks, current, used = [], [], {}
         for job in jobs:
             need = {}
-            for a in job.adapters:
-                need.setdefault(rank_bucket(self.adapters.info(a.name).rank), set()).add(a.name)
+            for name in [a.name for a in job.adapters] + [n for n, _ in job.styles]:
+                info = self.adapters.info(name)
+                if info.family in LORA_LIKE:
+                    need.setdefault(rank_bucket(info.rank), set()).add(name)
             fits = all(len(used.get(b, set()) | names) <= self.lora.S for b, names in need.items())
             if current and not fits:
                 chunks.append(current)
@@ -247,9 +265,9 @@ class Engine:
         files, ok = {}, []
         for job in jobs:
             try:
-                for a in job.adapters:
-                    if a.name not in files:
-                        files[a.name] = self.adapters.load(a.name)
+                for name in [a.name for a in job.adapters] + [n for n, _ in job.styles]:
+                    if name not in files:
+                        files[name] = self.adapters.load(name)
                 ok.append(job)
             except ImpastoError as e:
                 job.out.error = e
@@ -295,7 +313,7 @@ class Engine:
         t_plan = time.perf_counter()
 
         # -- plan: once per distinct (request, branch): text encoding, then every attn2 K/V
-        branches = [Branch(text, job.adapter_key()) for job in jobs for text in job.branch_prompts()]
+        branches = [Branch(text, adapters) for job in jobs for text, adapters in job.branches()]
         plan = build_plan(branches, base, self._attn2, self.lora, self.adapters, files, dev, dtype)
 
         scheduler = type(base.scheduler).from_config(base.scheduler.config)
@@ -309,11 +327,13 @@ class Engine:
             gen = torch.Generator("cpu").manual_seed(job.seed)
             latents.append(randn_tensor((n, *latent_shape), generator=gen, device=dev, dtype=dtype))
             generators += [gen] * n
-            layout = BranchLayout(row, n, job.guidance.cfg, job.has_uncond, job.guidance.rescale)
-            for _ in job.branch_prompts():
+            style_weights = tuple(float(w) for w in job.guidance.styles.values())
+            layout = BranchLayout(row, n, job.guidance.cfg, job.has_uncond, style_weights, job.guidance.rescale)
+            for _, adapters in job.branches():
                 row_branch += [plan.index[branch]] * n
                 row_latent += range(latent, latent + n)
-                row_adapters += [[(a.name, float(a.scale)) for a in job.adapters if self.adapters.info(a.name).family in LORA_LIKE]] * n
+                lora = [(name, scale) for name, scale, _ in adapters if self.adapters.info(name).family in LORA_LIKE]
+                row_adapters += [lora] * n
                 branch += 1
             layouts.append(layout)
             row += layout.num_rows
@@ -323,6 +343,7 @@ class Engine:
         encoder_hidden_states = plan.embeds[row_branch]
         kv_rows = {name: (k[row_branch], v[row_branch]) for name, (k, v) in plan.kv.items()}
         latents = torch.cat(latents) * scheduler.init_noise_sigma
+        table = branch_table(layouts, dev)
         step_kwargs = self._step_kwargs(scheduler, generators)
         t_denoise = time.perf_counter()
 
@@ -335,7 +356,7 @@ class Engine:
                     noise = base.unet(
                         model_input, t, encoder_hidden_states=encoder_hidden_states, return_dict=False
                     )[0]
-                    noise = blend(noise, layouts)
+                    noise = blend(noise, table)
                     latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
         finally:
             self._plan_state.kv = None

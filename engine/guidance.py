@@ -1,9 +1,14 @@
 """Guidance: how the branch predictions of one request become its noise prediction.
 
-Branches of a request, in row order: [uncond] (only when cfg > 1), cond, then one per style.
-With no styles this is exactly diffusers' classifier-free guidance:
-    e = e_u + cfg · (e_c − e_u)                      (cfg > 1; else e = e_c)
-then, when rescale > 0, diffusers' `rescale_noise_cfg(e, e_c, rescale)` (arXiv 2305.08891 §3.4).
+Branches of a request, in row order (N rows each): [uncond] (only when cfg > 1), cond, then one
+per style. Pair Customization's style guidance (eq. 10/11), then diffusers' guidance rescale:
+
+    e = e_u + cfg·(e_c − e_u) + Σᵢ wᵢ·(e_sᵢ − e_c)        (without uncond: e = e_c + Σᵢ ...)
+    e ← rescale_noise_cfg(e, e_c, rescale)                 when rescale > 0
+
+With no styles this is exactly diffusers' classifier-free guidance. The blend of every branch
+of every request runs as one fused op, `impasto.kernels.guidance_blend`, over a table built
+once per group.
 """
 
 from __future__ import annotations
@@ -11,45 +16,40 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+from impasto.kernels import build_branch_table, guidance_blend
 
 
 @dataclass(frozen=True)
 class BranchLayout:
-    """Where one request's branches sit in the step's rows.
+    """Where one request's branches sit in the step's rows (read by `build_branch_table`).
 
-    `start`: first row of the request; `images`: N rows per branch; `cfg`: the guidance scale;
-    `has_uncond`: whether an uncond branch comes first; `rescale`: guidance rescale factor.
+    `start`: first row; `images`: N rows per branch; `cfg`: guidance scale; `has_uncond`:
+    whether an uncond branch comes first; `style_weights`: one weight per style branch;
+    `rescale`: guidance rescale factor.
     """
 
     start: int
     images: int
     cfg: float
     has_uncond: bool
+    style_weights: tuple = ()
     rescale: float = 0.0
 
     @property
     def num_rows(self) -> int:
-        return self.images * (2 if self.has_uncond else 1)
+        return self.images * (1 + int(self.has_uncond) + len(self.style_weights))
 
 
-def blend(noise: torch.Tensor, layouts: list[BranchLayout]) -> torch.Tensor:
-    """Semantics: for each request j (layout l, N = l.images rows per branch):
-        out[j's N latents] = e_u + l.cfg · (e_c − e_u)   (or e_c without uncond), then rescale.
+def branch_table(layouts: list[BranchLayout], device):
+    """The fixed-size blend table of a group; built once, reused by every step."""
+    return build_branch_table(layouts, device=device)
+
+
+def blend(noise: torch.Tensor, table) -> torch.Tensor:
+    """Semantics: see the module docstring; one output latent per (request, image).
 
     noise: Shape [rows, C, h, w], the UNet output of every branch row of every request.
-    Returns Shape [sum of N, C, h, w], in request order.
+    Returns Shape [latents, C, h, w], in request order.
     """
-    outs = []
-    for l in layouts:
-        n = l.images
-        if l.has_uncond:
-            e_u = noise[l.start : l.start + n]
-            e_c = noise[l.start + n : l.start + 2 * n]
-            e = e_u + l.cfg * (e_c - e_u)
-            if l.rescale > 0.0:
-                e = rescale_noise_cfg(e, e_c, guidance_rescale=l.rescale)
-        else:
-            e = noise[l.start : l.start + n]
-        outs.append(e)
-    return torch.cat(outs)
+    return guidance_blend(noise, table)
