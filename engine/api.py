@@ -94,6 +94,7 @@ class AdapterInfo:
     token: str | None = None
     suffix: str | None = None
     fingerprint: str | None = None
+    token_map: tuple = ()  # ((placeholder in prompts, placeholder in the file), ...)
 
 
 def normalize_adapters(adapters) -> list[Adapter]:

@@ -290,14 +290,16 @@ class Engine:
                     raise RequestError(f"adapters: {a.name!r}: unknown rank1 options {sorted(unknown)}")
                 if "tau" in a.options and not float(a.options["tau"]) > 0:
                     raise RequestError(f"adapters: {a.name!r}: tau must be > 0, got {a.options['tau']}")
+            elif info.family == "kv" and a.options:
+                raise RequestError(f"adapters: {a.name!r} (kv) takes no options, got {sorted(a.options)}")
             elif a.options:
                 raise RequestError(f"adapters: {a.name!r} ({info.family}) takes no options, got {sorted(a.options)}")
-            if info.token:
-                if info.token in defined:
+            for placeholder, _ in info.token_map:
+                if placeholder in defined:
                     raise AdapterNameError(
-                        f"adapters: {a.name!r} and {defined[info.token]!r} both define the placeholder {info.token!r}"
+                        f"adapters: {a.name!r} and {defined[placeholder]!r} both define the placeholder {placeholder!r}"
                     )
-                defined[info.token] = a.name
+                defined[placeholder] = a.name
         for field, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt or "")):
             for placeholder in re.findall(PLACEHOLDER, text):
                 if placeholder not in defined:

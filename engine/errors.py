@@ -21,6 +21,14 @@ class AdapterFormatError(AdapterError):
     """The file is not a readable adapter: truncated, corrupt, foreign keys or layout."""
 
 
+class AdapterNotFoundError(AdapterFormatError):
+    """The adapter's file or folder does not exist."""
+
+
+class AdapterPathError(AdapterError):
+    """The adapter's path resolves outside the engine's adapter_root (`../`, a symlink out)."""
+
+
 class AdapterUnsupportedError(AdapterFormatError):
     """The file is a real adapter of a kind impasto refuses by name (DoRA, LoHa, 3x3-conv LoRA...)."""
 

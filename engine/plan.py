@@ -76,6 +76,9 @@ def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: di
                 f = files[name]
                 tok[info.token] = f.token_embedding
                 con.append((f, dict(options), info.token))
+            elif info.family == "kv":
+                for prompt_ph, file_ph in info.token_map:
+                    tok[prompt_ph] = files[name].tokens[file_ph]
         tokens.append(tok)
         concepts.append(con)
     embeds = encode_with_tokens(base.tokenizer, base.text_encoder, [b.text for b in unique], tokens, device).to(dtype)
@@ -96,11 +99,38 @@ def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: di
     with lora.activate(lora_rows, files), torch.inference_mode():
         for name, attn in attn2.items():
             k, v = attn.to_k(key_embeds), attn.to_v(embeds)
+            k, v = _kv_deltas(k, v, key_embeds, embeds, name, unique, store, files)
             if any(concepts):
                 k = _rank1(k, key_embeds, attn.to_k.weight, name, 0, concepts, store)
                 v = _rank1(v, embeds, attn.to_v.weight, name, 1, concepts, store)
             kv[name] = (k, v)
     return Plan(index, embeds, kv)
+
+
+def _kv_deltas(k, v, key_embeds, embeds, layer: str, unique: list, store, files):
+    """Custom Diffusion: K += s·ΔW_K e, V += s·ΔW_V e for every branch row naming a kv adapter."""
+    users: dict[str, list] = {}
+    for r, b in enumerate(unique):
+        for name, scale, _ in b.adapters:
+            if store.info(name).family == "kv":
+                users.setdefault(name, []).append((r, scale))
+    for name, rows_scales in users.items():
+        layer_delta = files[name].layers.get(layer)
+        if layer_delta is None:
+            continue
+        rows = torch.tensor([r for r, _ in rows_scales], device=k.device)
+        s = torch.tensor([w for _, w in rows_scales], device=k.device, dtype=k.dtype)[:, None, None]
+        k = k.index_add(0, rows, s * _project(key_embeds[rows], layer_delta.dk, layer_delta.k_factors))
+        v = v.index_add(0, rows, s * _project(embeds[rows], layer_delta.dv, layer_delta.v_factors))
+    return k, v
+
+
+def _project(e, dense, factors):
+    """e @ ΔWᵀ with ΔW dense [h, D] or factored u [h, r] @ v [r, D] (never materialized)."""
+    if dense is not None:
+        return e @ dense.t()
+    u, v = factors
+    return (e @ v.t()) @ u.t()
 
 
 def _rank1(out, e, W, layer: str, which: int, concepts: list, store):

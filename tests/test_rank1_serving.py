@@ -155,5 +155,5 @@ def test_other_base_model_refused(perf):
     safetensors.torch.save_file(t, other, metadata=meta)
     with pytest.raises(impasto.AdapterShapeError, match="another base model"):
         eng.adapters.register("other", other)
-    with pytest.raises(impasto.AdapterFormatError, match="outside adapter_root"):
+    with pytest.raises(impasto.AdapterPathError, match="outside adapter_root"):
         eng.adapters.register("outside", __file__)

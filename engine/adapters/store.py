@@ -15,12 +15,21 @@ from collections import OrderedDict
 import json
 
 from ..api import ADAPTER_NAME, Adapter, AdapterInfo
-from ..errors import AdapterError, AdapterFormatError, AdapterNameError, AdapterShapeError, RequestError
+from ..errors import (
+    AdapterError,
+    AdapterFormatError,
+    AdapterNameError,
+    AdapterNotFoundError,
+    AdapterPathError,
+    AdapterShapeError,
+    RequestError,
+)
+from . import kv as kv_format
 from . import rank1 as rank1_format
 from .lora import lora_targets, validate_lora_header
 from .lora_formats import read_lora, read_lora_header
 
-FAMILIES = ("lora", "style", "rank1")
+FAMILIES = ("lora", "style", "rank1", "kv")
 LORA_LIKE = ("lora", "style")
 
 
@@ -111,6 +120,8 @@ class AdapterStore:
             info = self._register_lora(name, path, family, suffix, token)
         elif family == "rank1":
             info = self._register_rank1(name, path, suffix, token)
+        elif family == "kv":
+            info = self._register_kv(name, path, suffix, token)
         with self._lock:
             if name in self._infos:
                 raise AdapterNameError(f"adapter name {name!r} is already registered (to {self._infos[name].path})")
@@ -162,7 +173,58 @@ class AdapterStore:
             token=token or header.placeholder,
             suffix=suffix,
             fingerprint=header.fingerprint,
+            token_map=((token or header.placeholder, header.placeholder),),
         )
+
+    def _register_kv(self, name, path, suffix, token) -> AdapterInfo:
+        header = kv_format.read_kv_header(path, kv_format.base_kv_weights(self.unet))
+        placeholders = list(header.placeholders)
+        if token is not None and len(placeholders) != 1:
+            raise AdapterNameError(f"{path}: token= renames one placeholder, the file defines {placeholders}")
+        token_map = ((token, placeholders[0]),) if token is not None else tuple((p, p) for p in placeholders)
+        return AdapterInfo(
+            name=name,
+            path=path,
+            family="kv",
+            format=header.format,
+            rank=header.rank or 0,
+            targets=tuple(header.layers),
+            nbytes=header.nbytes,
+            token=token_map[0][0] if token_map else None,
+            suffix=suffix,
+            token_map=token_map,
+        )
+
+    def compress_kv(self, name: str, out_path, *, rank=None, energy=0.6) -> dict:
+        """SVD-compress the Custom Diffusion adapter `name` into impasto's `kv` file at `out_path`.
+
+        rank=None: per matrix, the paper's energy rule (singular values up to the first index
+        whose cumulative share exceeds `energy`, that index excluded); else a fixed rank.
+        Returns {"path", "bytes", "ranks": {attn2 layer: (r_k, r_v)}, "notes"}.
+        """
+        info = self.info(name)
+        if info.family != "kv":
+            raise AdapterFormatError(f"compress_kv: {name!r} is a {info.family} adapter, not kv")
+        compressed, ranks = kv_format.compress_kv_delta(self.load(name), rank=rank, energy=energy)
+        nbytes = kv_format.write_kv(out_path, compressed)
+        return {"path": str(out_path), "bytes": nbytes, "ranks": ranks, "notes": compressed.notes}
+
+    def merge_kv(self, names, captions, *, name: str, categories, tokenizer, text_encoder, out_path) -> AdapterInfo:
+        """Merge Custom Diffusion adapters in closed form (Custom Diffusion §3.2) into one `kv`
+        file at `out_path` (full rank, so nothing is lost) and register it as `name`; the
+        tokens become <new1>, <new2>, ... in the order of `names`."""
+        files = [self.load(n) for n in names]
+        for n in names:
+            if self.info(n).family != "kv":
+                raise AdapterFormatError(f"merge_kv: {n!r} is a {self.info(n).family} adapter, not kv")
+        merged = kv_format.merge_kv(
+            files, list(captions), categories=list(categories), tokenizer=tokenizer, text_encoder=text_encoder,
+            base=kv_format.base_kv_weights(self.unet),
+        )
+        full = max(min(layer.delta_k().shape) for layer in merged.layers.values())
+        compressed, _ = kv_format.compress_kv_delta(merged, rank=full)
+        kv_format.write_kv(out_path, compressed)
+        return self.register(name, out_path, family="kv")
 
     def covariance_root(self) -> str:
         """Where engine state (C⁻¹ per base model) lives: adapter_root, else the user cache."""
@@ -209,11 +271,11 @@ class AdapterStore:
     def _check_path(self, path) -> str:
         path = os.fspath(path)
         if not os.path.exists(path):
-            raise AdapterFormatError(f"{path}: no such file or folder")
+            raise AdapterNotFoundError(f"{path}: no such file or folder")
         if self.root is not None:
             real = os.path.realpath(path)
             if os.path.commonpath([real, self.root]) != self.root:
-                raise AdapterFormatError(f"{path}: resolves to {real}, outside adapter_root {self.root}")
+                raise AdapterPathError(f"{path}: resolves to {real}, outside adapter_root {self.root}")
         return path
 
     # ------------------------------------------------------------------ requests
@@ -244,6 +306,9 @@ class AdapterStore:
             obj = rank1_format.read_rank1(
                 info.path, base_shapes=rank1_format.base_shapes(self.unet), fingerprint=self.fingerprint
             )
+        elif info.family == "kv":
+            obj = kv_format.read_kv(info.path, kv_format.base_kv_weights(self.unet))
+            obj.layers = {k: _to(v, self.dtype) for k, v in obj.layers.items()}
         else:
             raise AdapterFormatError(f"{info.path}: no loader for family {info.family!r}")
         with self._lock:
@@ -258,3 +323,16 @@ class AdapterStore:
         while total > self.host_cache_bytes and len(self._host) > 1:
             _, (_, n) = self._host.popitem(last=False)
             total -= n
+
+
+def _to(layer, dtype):
+    """A KvLayer's tensors in the engine's dtype (dense deltas stay dense, factors stay factors)."""
+    if dtype is None:
+        return layer
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return type(layer)(
+        dk=cast(layer.dk),
+        dv=cast(layer.dv),
+        k_factors=None if layer.k_factors is None else tuple(map(cast, layer.k_factors)),
+        v_factors=None if layer.v_factors is None else tuple(map(cast, layer.v_factors)),
+    )

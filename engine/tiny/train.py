@@ -194,7 +194,8 @@ def build_vae():
 
 def stage_vae(args, decoder_only=False):
     """AutoencoderKL: L1 + MSE reconstruction, KL weight 1e-6. `decoder` stage: encoder frozen
-    (so latents already computed stay valid), decoder trained further."""
+    (so latents already computed stay valid), decoder trained further with an extra L1 on image
+    finite differences (sharper edges)."""
     data = load_data(args.run, "base")
     images = data["images"]
     torch.manual_seed(args.seed)
@@ -219,7 +220,11 @@ def stage_vae(args, decoder_only=False):
             kl = post.kl().mean()
         l1 = (rec - x).abs().mean()
         mse = (rec - x).pow(2).mean()
-        return dict(loss=l1 + mse + 1e-6 * kl, l1=l1, mse=mse, kl=kl)
+        loss = l1 + mse + 1e-6 * kl
+        if decoder_only:  # sharper edges: L1 on horizontal and vertical finite differences too
+            edge = ((rec.diff(dim=2) - x.diff(dim=2)).abs().mean() + (rec.diff(dim=3) - x.diff(dim=3)).abs().mean())
+            loss = loss + 0.5 * edge
+        return dict(loss=loss, l1=l1, mse=mse, kl=kl)
 
     train_loop(args, stage, vae.parameters(), step_fn, {"vae": vae})
 

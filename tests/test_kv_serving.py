@@ -1,0 +1,135 @@
+"""Custom Diffusion (`kv`) adapters served through the plan, equal to diffusers with
+CustomDiffusionAttnProcessor2_0 on every attention layer and the token from load_textual_inversion."""
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
+from safetensors.torch import save_file
+
+import impasto
+
+STEPS = 4
+TOL = 1e-3
+WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
+
+
+def _diff(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max())
+
+
+def custom_diffusion(tiny_dir, folder, seed, scale=0.3):
+    """A fine-tune as train_custom_diffusion.py leaves it: processors on every attention layer
+    (attn1 with train_kv=False), saved by diffusers' save_attn_procs, the token by save_new_embed."""
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet")
+    torch.manual_seed(seed)
+    procs = {}
+    for name in unet.attn_processors:
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        if name.endswith("attn1.processor"):
+            procs[name] = CustomDiffusionAttnProcessor2_0(train_kv=False, train_q_out=False,
+                                                          hidden_size=attn.to_q.out_features)
+            continue
+        proc = CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out=False, hidden_size=attn.to_k.out_features,
+                                               cross_attention_dim=attn.to_k.in_features)
+        proc.load_state_dict({"to_k_custom_diffusion.weight": attn.to_k.weight,
+                              "to_v_custom_diffusion.weight": attn.to_v.weight})
+        with torch.no_grad():
+            for lin in (proc.to_k_custom_diffusion, proc.to_v_custom_diffusion):
+                lin.weight.add_(scale * torch.randn_like(lin.weight))
+        procs[name] = proc
+    unet.set_attn_processor(procs)
+    os.makedirs(folder, exist_ok=True)
+    unet.save_attn_procs(folder, weight_name=WEIGHTS, safe_serialization=True)
+    tok = torch.randn(unet.config.cross_attention_dim)
+    save_file({"<new1>": tok}, os.path.join(folder, "<new1>.safetensors"), metadata={"format": "pt"})
+    return unet
+
+
+def reference(tiny_dir, cd_unet, folder, prompt, seed, token="<new1>"):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, unet=copy.deepcopy(cd_unet), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_textual_inversion(os.path.join(folder, "<new1>.safetensors"), token=token)
+    return pipe(prompt, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(seed),
+                output_type="np").images
+
+
+@pytest.fixture(scope="module")
+def cd(tiny_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cd")
+    a = custom_diffusion(tiny_dir, str(d / "corgi"), seed=1)
+    b = custom_diffusion(tiny_dir, str(d / "teapot"), seed=2)
+    eng = impasto.Engine.from_pretrained(tiny_dir)
+    info = eng.adapters.register("corgi", str(d / "corgi"))
+    eng.adapters.register("teapot", str(d / "teapot"), token="<teapot>")
+    return eng, d, a, b, info
+
+
+def test_custom_diffusion_equals_diffusers(tiny_dir, cd, pipe):
+    eng, d, a, b, info = cd
+    assert info.family == "kv" and info.format == "diffusers" and info.token == "<new1>"
+    out = eng.generate("a photo of a <new1> dog", adapters=["corgi"], steps=STEPS, seed=3, output_type="np").images
+    ref = reference(tiny_dir, a, str(d / "corgi"), "a photo of a <new1> dog", 3)
+    assert _diff(out, ref) <= TOL
+    base = pipe("a photo of a dog", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(3),
+                output_type="np").images
+    assert _diff(ref, base) > 100 * TOL
+
+
+def test_renamed_token_mixed_batch(tiny_dir, cd):
+    eng, d, a, b, _ = cd
+    reqs = [
+        impasto.Request("a photo of a <new1> dog", adapters=["corgi"], seed=3, steps=STEPS, output_type="np"),
+        impasto.Request("a <teapot> on a table", adapters=["teapot"], seed=4, steps=STEPS, output_type="np"),
+        impasto.Request("a <new1> next to a <teapot>", adapters=["corgi", ("teapot", 0.5)], seed=5, steps=STEPS,
+                        output_type="np"),
+        impasto.Request("a plain image", seed=6, steps=STEPS, output_type="np"),
+    ]
+    outs = eng.generate_batch(reqs)
+    for req, out in zip(reqs, outs):
+        assert out.error is None, out.error
+        assert _diff(out.images, eng.generate_batch([req])[0].images) <= TOL
+    ref = reference(tiny_dir, b, str(d / "teapot"), "a <teapot> on a table", 4, token="<teapot>")
+    assert _diff(outs[1].images, ref) <= TOL
+
+
+def test_compress_full_rank_is_lossless_and_low_rank_is_not(tiny_dir, cd, tmp_path):
+    eng, d, a, _, _ = cd
+    full = eng.adapters.compress_kv("corgi", tmp_path / "full.safetensors", rank=32)
+    low = eng.adapters.compress_kv("corgi", tmp_path / "low.safetensors", rank=1)
+    assert all(r == (32, 32) for r in full["ranks"].values()) and low["bytes"] < full["bytes"]
+    eng.adapters.register("corgi-full", full["path"])
+    eng.adapters.register("corgi-low", low["path"])
+    assert eng.adapters.info("corgi-full").format == "kv"
+    prompt = "a photo of a <new1> dog"
+    outs = [eng.generate(prompt, adapters=[n], steps=STEPS, seed=3, output_type="np").images
+            for n in ("corgi", "corgi-full", "corgi-low")]
+    assert _diff(outs[0], outs[1]) <= 5 * TOL  # fp16 factors
+    assert _diff(outs[0], outs[2]) > 10 * TOL
+    rule = eng.adapters.compress_kv("corgi", tmp_path / "rule.safetensors")
+    assert all(0 <= rk <= 32 and 0 <= rv <= 32 for rk, rv in rule["ranks"].values())
+
+
+def test_merge_registers_a_working_adapter(cd, tmp_path):
+    eng, *_ = cd
+    words = "red green blue yellow star circle square heart white black photo small dog cat of a on the".split()
+    captions = [" ".join(words[(i * 5 + j * 3) % len(words)] for j in range(4 + i % 6)) for i in range(80)]
+    info = eng.adapters.merge_kv(["corgi", "teapot"], captions, name="both", categories=["dog", "teapot"],
+                                 tokenizer=eng.base.tokenizer, text_encoder=eng.base.text_encoder,
+                                 out_path=tmp_path / "both.safetensors")
+    assert {p for p, _ in info.token_map} == {"<new1>", "<new2>"}
+    out = eng.generate("a <new1> and a <new2>", adapters=["both"], steps=2, seed=1, output_type="np")
+    assert np.isfinite(out.images).all()
+
+
+def test_kv_rules(cd):
+    eng, *_ = cd
+    with pytest.raises(impasto.AdapterNameError, match="<new1>"):
+        eng.generate("a photo of a <new1> dog", steps=1)
+    with pytest.raises(impasto.AdapterNameError, match="both define"):
+        eng.adapters.register("corgi2", eng.adapters.info("corgi").path)
+        eng.generate("a <new1>", adapters=["corgi", "corgi2"], steps=1)
