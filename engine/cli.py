@@ -51,6 +51,21 @@ def _generate(args) -> int:
     return 0
 
 
+def _covariance(args) -> int:
+    """C⁻¹ of a base model's text encodings (Perfusion), stored under the adapter root by the
+    base model's fingerprint; never written into the model folder."""
+    import impasto
+
+    with open(args.captions, encoding="utf-8") as f:
+        captions = [line.strip() for line in f if line.strip()]
+    if not captions:
+        raise impasto.RequestError(f"{args.captions}: no captions")
+    engine = impasto.Engine.from_pretrained(args.model, adapter_root=args.adapter_root)
+    path = engine.adapters.compute_covariance(engine.base.tokenizer, engine.base.text_encoder, captions)
+    print(f"wrote {path} ({len(captions)} captions, base fingerprint {engine.adapters.fingerprint})")
+    return 0
+
+
 def _numbered(path: str, i: int) -> str:
     stem, dot, ext = path.rpartition(".")
     return f"{stem}-{i}.{ext}" if dot else f"{path}-{i}"
@@ -89,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", action="append", metavar="NAME[=SCALE]", help="apply a registered adapter")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
+    c = sub.add_parser("covariance", help="compute a base model's text-encoding C⁻¹ for Perfusion (rank1)")
+    c.add_argument("--model", default="tiny", help='"tiny" or a local diffusers SD-layout folder')
+    c.add_argument("--captions", required=True, help="a text file, one caption per line")
+    c.add_argument("--adapter-root", default=None, help="where engine state lives (default: the user cache)")
+    c.set_defaults(func=_covariance)
     return p
 
 

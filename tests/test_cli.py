@@ -24,3 +24,18 @@ def test_error_is_one_line(tiny_dir, tmp_path, capsys):
     rc = main(["generate", "a star", "-o", str(tmp_path / "x.png"), "--model", tiny_dir, "--adapter", "missing", "-q"])
     assert rc == 2
     assert "AdapterNameError" in capsys.readouterr().err
+
+
+def test_covariance_command(tiny_dir, tmp_path, capsys):
+    import os
+
+    captions = tmp_path / "captions.txt"
+    words = "red green blue yellow star circle square heart photo of a on the small large".split()
+    captions.write_text("\n".join(" ".join(words[(i * 3 + j) % len(words)] for j in range(2 + i % 7))
+                                  for i in range(200)))
+    before = sorted(os.listdir(tiny_dir))
+    assert main(["covariance", "--model", tiny_dir, "--captions", str(captions), "--adapter-root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    (written,) = list((tmp_path / "covariance").glob("*.safetensors"))
+    assert str(written) in out
+    assert sorted(os.listdir(tiny_dir)) == before  # never written into the model folder

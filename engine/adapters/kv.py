@@ -18,7 +18,7 @@ Semantics:
 Legend: h = attention width (320/640/1280 in SD 1.5), D = cross_attention_dim (768 in SD 1.5),
 D_emb = text-encoder width (equal to D in every SD 1.x/2.x layout; checked), r = rank.
 
-Layouts (``KvFile.format``), each as its tool writes it (docs/formats_kv.md has the details):
+Layouts (``KvFile.format``), each as its tool writes it (docs/formats.md has the details):
 
 ======================  ========================================================================
 ``"diffusers"``         diffusers ``examples/custom_diffusion``: ``unet.save_attn_procs`` writes

@@ -21,7 +21,7 @@ basis of span{i*_j},
 C⁻¹ belongs to a base model (its text encoder), not to a concept: it is stored under the
 engine's adapter root as ``<adapter_root>/covariance/<fingerprint>.safetensors``, keyed by
 `fingerprint(unet)`, never in the user's model folder. The `rank1` file format is documented in
-docs/formats_rank1.md (`write_rank1` / `read_rank1`).
+docs/formats.md (`write_rank1` / `read_rank1`).
 """
 
 from __future__ import annotations
@@ -360,7 +360,7 @@ def write_rank1(
     tau: float,
     fingerprint: str,
 ) -> None:
-    """Write one concept as a rank1 file (safetensors, fp32); see docs/formats_rank1.md."""
+    """Write one concept as a rank1 file (safetensors, fp32); see docs/formats.md."""
     path = str(path)
     if not layers:
         raise AdapterFormatError(f"{path}: a rank1 file needs at least one attn2 layer")
