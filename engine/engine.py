@@ -112,6 +112,7 @@ class Engine:
         )
         self._plan_state = PlanState()
         self._attn2 = install_planned_attention(base.unet, self._plan_state)
+        self.adapters.runtime = self.lora
         # UNet downsamples by 2 per down block but the last; latents must divide evenly.
         self._size_multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
 
@@ -307,6 +308,11 @@ class Engine:
 
     def _run_group(self, jobs: list[_Job]) -> None:
         """Plan, denoise and decode one group of requests sharing size and step count."""
+        names = {a.name for job in jobs for a in job.adapters} | {n for job in jobs for n, _ in job.styles}
+        with self.adapters.pinned(names):
+            self._run_pinned_group(jobs)
+
+    def _run_pinned_group(self, jobs: list[_Job]) -> None:
         base, dev, dtype = self.base, self.device, self.dtype
         jobs, files = self._load_adapters(jobs)
         if not jobs:

@@ -132,6 +132,11 @@ class LoraRuntime:
                 return s
         raise AdapterError(f"all {self.S} slots of rank bucket {bucket} are in use by this batch")
 
+    def nbytes(self) -> int:
+        """Bytes held by the slot pools (allocated once per module and rank bucket)."""
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                   for pools in self.pools.values() for a, b in pools.values())
+
     def evict(self, name: str) -> None:
         """Forget a resident adapter (its slot is reused later; no memory is freed)."""
         bucket = self.adapter_bucket.pop(name, None)

@@ -6,6 +6,7 @@ LRU, `host_cache_bytes`) -> device slot pools (`LoraRuntime`, fixed slots per ra
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -85,6 +86,8 @@ class AdapterStore:
         self._host: OrderedDict = OrderedDict()  # name -> (LoraFile, nbytes), LRU order
         self._lock = threading.RLock()
         self._fingerprint = None
+        self._pins: dict[str, int] = {}
+        self.runtime = None  # the LoraRuntime holding device slot pools, set by the engine
         self._C_inv = None
         self.model_dir = model_dir
 
@@ -262,11 +265,59 @@ class AdapterStore:
             self._fingerprint = rank1_format.fingerprint(self.unet)
         return self._fingerprint
 
+    def register_dir(self, folder) -> dict:
+        """Register every adapter in `folder`: one per file (.safetensors, .bin, .ckpt) or per
+        subfolder a tool wrote (a Custom Diffusion or PEFT output folder), named by its stem.
+        Returns {path: AdapterError} for the ones refused; the others are registered."""
+        errors = {}
+        for entry in sorted(os.listdir(folder)):
+            path = os.path.join(folder, entry)
+            if entry.startswith("."):
+                continue
+            if os.path.isdir(path):
+                name = entry
+            elif entry.endswith((".safetensors", ".bin", ".ckpt")):
+                name = os.path.splitext(entry)[0]
+            else:
+                continue
+            try:
+                self.register(name, path)
+            except AdapterError as e:
+                errors[path] = e
+        return errors
+
     def unregister(self, name: str) -> None:
+        """Forget `name`. An adapter a running request uses cannot be unregistered."""
         with self._lock:
             self.info(name)
+            if self._pins.get(name):
+                raise AdapterError(f"adapter {name!r} is in use by a running request; unregister it after the batch")
             del self._infos[name]
             self._host.pop(name, None)
+
+    @contextlib.contextmanager
+    def pinned(self, names):
+        """Keep `names` resident in the host cache while a batch uses them."""
+        names = list(names)
+        with self._lock:
+            for n in names:
+                self._pins[n] = self._pins.get(n, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                for n in names:
+                    self._pins[n] -= 1
+                    if not self._pins[n]:
+                        del self._pins[n]
+                self._shrink_host()
+
+    def resident_bytes(self) -> dict:
+        """Bytes of adapter weights resident per tier: host cache (as stored) and device pools."""
+        return {"host": sum(n for _, n in self._host.values()), "device": self.device_bytes()}
+
+    def device_bytes(self) -> int:
+        return 0 if self.runtime is None else self.runtime.nbytes()
 
     def _check_path(self, path) -> str:
         path = os.fspath(path)
@@ -317,12 +368,16 @@ class AdapterStore:
         return obj
 
     def _shrink_host(self) -> None:
+        """Evict least-recently-used adapters past the budget; never one a running batch uses."""
         if self.host_cache_bytes is None:
             return
         total = sum(n for _, n in self._host.values())
-        while total > self.host_cache_bytes and len(self._host) > 1:
-            _, (_, n) = self._host.popitem(last=False)
-            total -= n
+        for name in list(self._host):
+            if total <= self.host_cache_bytes:
+                break
+            if self._pins.get(name):
+                continue
+            total -= self._host.pop(name)[1]
 
 
 def _to(layer, dtype):
