@@ -301,10 +301,10 @@ class Engine:
                         f"adapters: {a.name!r} and {defined[placeholder]!r} both define the placeholder {placeholder!r}"
                     )
                 defined[placeholder] = a.name
-        for field, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt or "")):
+        for where, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt or "")):
             for placeholder in re.findall(PLACEHOLDER, text):
                 if placeholder not in defined:
-                    raise AdapterNameError(f"{field}: placeholder {placeholder!r} is defined by none of this request's adapters")
+                    raise AdapterNameError(f"{where}: placeholder {placeholder!r} is defined by none of this request's adapters")
 
     def _run_group(self, jobs: list[_Job]) -> None:
         """Plan, denoise and decode one group of requests sharing size and step count."""

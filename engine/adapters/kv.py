@@ -89,10 +89,11 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 import torch
-from safetensors import SafetensorError, safe_open
+
 from safetensors.torch import save_file
 
 from ..errors import AdapterFormatError, AdapterShapeError, AdapterUnsupportedError, AdapterValueError
+from . import lora_formats
 
 __all__ = [
     "FORMATS",
@@ -261,12 +262,6 @@ def compvis_name_map(names: Iterable[str]) -> dict[str, str]:
 # File access.
 # ---------------------------------------------------------------------------------------------
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
 
 def _looks_like_safetensors(path: str) -> bool:
     """Content sniff: 8-byte little-endian header length, then a JSON object."""
@@ -282,36 +277,21 @@ def _looks_like_safetensors(path: str) -> bool:
     return head[8:9] == b"{" and 8 + n <= size
 
 
-class _Source:
+class _Source(lora_formats._Source):
     """Keys, shapes, dtypes and tensors of one file. Nested pickle dicts are flattened with "/"."""
 
     def __init__(self, path: str):
-        self.path = path
-        self.metadata: dict[str, str] = {}
         self.empty: list[str] = []  # pickle keys whose value is an empty dict
         self.others: dict[str, object] = {}  # pickle leaves that are not tensors
-        self._tensors: dict[str, torch.Tensor] | None = None
-        self.is_safetensors = not path.endswith(_PICKLE_SUFFIXES) or _looks_like_safetensors(path)
-        if self.is_safetensors:
-            try:
-                with safe_open(path, framework="pt", device="cpu") as f:
-                    self.metadata = dict(f.metadata() or {})
-                    self._shapes, self._dtypes = {}, {}
-                    for k in f.keys():
-                        sl = f.get_slice(k)
-                        self._shapes[k] = tuple(sl.get_shape())
-                        dt = _SAFETENSORS_DTYPES.get(str(sl.get_dtype()).upper())
-                        if dt is None:
-                            raise AdapterValueError(f"{path}: tensor {k!r} has dtype {sl.get_dtype()}, which impasto cannot read")
-                        self._dtypes[k] = dt
-            except (SafetensorError, OSError, ValueError) as e:
-                raise AdapterFormatError(f"{path}: not a readable safetensors file: {e}") from e
-        else:
-            obj = _torch_load_weights_only(path)
-            self._tensors = {}
-            self._flatten(obj, "")
-            self._shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
-            self._dtypes = {k: v.dtype for k, v in self._tensors.items()}
+        super().__init__(path)
+
+    def _is_safetensors(self, path: str) -> bool:
+        return not path.endswith(_PICKLE_SUFFIXES) or _looks_like_safetensors(path)
+
+    def _load_pickle(self, path: str) -> dict[str, torch.Tensor]:
+        self._tensors = {}
+        self._flatten(_torch_load_weights_only(path), "")
+        return self._tensors
 
     def _flatten(self, obj, prefix: str) -> None:
         if isinstance(obj, torch.Tensor):
@@ -325,28 +305,6 @@ class _Source:
                 self._flatten(v, f"{prefix}/{k}" if prefix else k)
         else:
             self.others[prefix] = obj
-
-    def keys(self) -> list[str]:
-        return list(self._shapes)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key]
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._dtypes[key]
-
-    def nbytes(self, key: str) -> int:
-        return math.prod(self._shapes[key]) * self._dtypes[key].itemsize
-
-    def tensors(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-        keys = list(keys)
-        if self._tensors is not None:
-            return {k: self._tensors[k] for k in keys}
-        try:
-            with safe_open(self.path, framework="pt", device="cpu") as f:
-                return {k: f.get_tensor(k) for k in keys}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise AdapterFormatError(f"{self.path}: cannot read tensor data (truncated or corrupt file?): {e}") from e
 
 
 def _torch_load_weights_only(path: str):

@@ -239,7 +239,7 @@ class _Source:
 
     def __init__(self, path: str):
         self.path = path
-        self.is_safetensors = not path.endswith((".bin", ".pt", ".pth", ".ckpt"))
+        self.is_safetensors = self._is_safetensors(path)
         self._tensors: dict[str, torch.Tensor] | None = None
         self.metadata: dict[str, str] = {}
         if self.is_safetensors:
@@ -251,9 +251,16 @@ class _Source:
             except (SafetensorError, OSError, ValueError) as e:
                 raise AdapterFormatError(f"{path}: not a readable safetensors file: {e}") from e
         else:
-            self._tensors = _torch_load_weights_only(path)
+            self._tensors = self._load_pickle(path)
             self._shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
             self._dtypes = {k: v.dtype for k, v in self._tensors.items()}
+
+    def _is_safetensors(self, path: str) -> bool:
+        return not path.endswith((".bin", ".pt", ".pth", ".ckpt"))
+
+    def _load_pickle(self, path: str) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor dict of a pickle, loaded weights-only (subclasses read nested ones)."""
+        return _torch_load_weights_only(path)
 
     def keys(self) -> list[str]:
         return list(self._shapes)
