@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import random
+from concurrent.futures import ThreadPoolExecutor
 import re
 import time
 from dataclasses import dataclass, field
@@ -113,6 +114,7 @@ class Engine:
         self._plan_state = PlanState()
         self._attn2 = install_planned_attention(base.unet, self._plan_state)
         self.adapters.runtime = self.lora
+        self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="impasto-prefetch")
         # UNet downsamples by 2 per down block but the last; latents must divide evenly.
         self._size_multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
 
@@ -205,9 +207,11 @@ class Engine:
         groups: dict[tuple, list[_Job]] = {}
         for job in jobs:
             groups.setdefault((job.height, job.width, job.request.steps), []).append(job)
-        for group in groups.values():
-            for chunk in self._fit_slots(group):
-                self._run_group(chunk)
+        chunks = [chunk for group in groups.values() for chunk in self._fit_slots(group)]
+        for i, chunk in enumerate(chunks):
+            if i + 1 < len(chunks):  # the next chunk's adapters load while this one computes
+                self._prefetch.submit(self._prefetch_adapters, chunks[i + 1])
+            self._run_group(chunk)
         for out in outputs:
             out.timings.setdefault("total", time.perf_counter() - t0)
         return outputs
@@ -242,6 +246,15 @@ class Engine:
                 raise RequestError(f"{name}: {v} is not a multiple of {self._size_multiple} for this model")
         seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**63)
         return _Job(index, req, guidance, adapters, height, width, seed, GenerationOutput(seed=seed), tuple(styles))
+
+    def _prefetch_adapters(self, jobs: list[_Job]) -> None:
+        """Read a later chunk's adapters into the host cache; a failure is left for that
+        request's own load to report."""
+        for name in {a.name for job in jobs for a in job.adapters} | {n for job in jobs for n, _ in job.styles}:
+            try:
+                self.adapters.load(name)
+            except Exception:  # noqa: BLE001 - reported by the request's own load
+                pass
 
     def _fit_slots(self, jobs: list[_Job]) -> list[list[_Job]]:
         """Split a group so no rank bucket needs more distinct adapters than it has slots."""

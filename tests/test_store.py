@@ -89,3 +89,20 @@ def test_unregister_of_a_busy_adapter_fails_clearly(tiny_dir, tmp_path):
     assert out.images is not None and seen and "in use" in str(seen[0])
     eng.adapters.unregister("busy")  # free after the batch
     assert "busy" not in eng.adapters.names()
+
+
+def test_next_chunk_adapters_prefetch_during_this_chunk(tiny_dir, tmp_path):
+    eng = impasto.Engine.from_pretrained(tiny_dir)
+    eng.adapters.register("first", lora(tmp_path / "first.safetensors", 1))
+    eng.adapters.register("later", lora(tmp_path / "later.safetensors", 2))
+    seen = []
+    h = eng.base.unet.register_forward_hook(lambda m, i, o: seen.append("later" in eng.adapters._host))
+    try:
+        outs = eng.generate_batch([
+            impasto.Request("a", adapters=["first"], steps=12, seed=0, output_type="latent"),
+            impasto.Request("b", adapters=["later"], steps=2, seed=0, output_type="latent"),  # another group
+        ])
+    finally:
+        h.remove()
+    assert all(o.error is None for o in outs)
+    assert len(seen) == 14 and any(seen[:12])  # loaded while the first group's steps ran
