@@ -97,6 +97,7 @@ class Engine:
         self.image_processor = VaeImageProcessor(vae_scale_factor=base.vae_scale_factor)
         self.adapters = AdapterStore(
             base.unet,
+            text_encoder=base.text_encoder,
             root=adapter_root,
             host_cache_bytes=host_cache_bytes,
             device_pool_bytes=device_pool_bytes,
@@ -114,6 +115,13 @@ class Engine:
         self._plan_state = PlanState()
         self._attn2 = install_planned_attention(base.unet, self._plan_state)
         self.adapters.runtime = self.lora
+        self.te_lora = LoraRuntime(
+            base.text_encoder,
+            slots_per_bucket=slots_per_bucket,
+            max_adapters_per_row=max_adapters_per_row,
+            device=self.device,
+            dtype=dtype,
+        )
         self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="impasto-prefetch")
         # UNet downsamples by 2 per down block but the last; latents must divide evenly.
         self._size_multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
@@ -335,7 +343,7 @@ class Engine:
 
         # -- plan: once per distinct (request, branch): text encoding, then every attn2 K/V
         branches = [Branch(text, adapters) for job in jobs for text, adapters in job.branches()]
-        plan = build_plan(branches, base, self._attn2, self.lora, self.adapters, files, dev, dtype)
+        plan = build_plan(branches, base, self._attn2, self.lora, self.adapters, files, dev, dtype, self.te_lora)
 
         scheduler = type(base.scheduler).from_config(base.scheduler.config)
         scheduler.set_timesteps(steps, device=dev)

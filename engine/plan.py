@@ -12,6 +12,7 @@ Branches with the same text and adapters are planned once and shared.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +59,7 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch
     return hidden[index]
 
 
-def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: dict, device, dtype) -> Plan:
+def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: dict, device, dtype, te_lora=None) -> Plan:
     """Encode every distinct branch once and compute each attn2 layer's K/V for it.
 
     Composition on one projection (docs/formats.md): K = h_rank1(e; W0) + Σ sᵢ·ΔW_lora,i e, where
@@ -81,7 +82,20 @@ def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: di
                     tok[prompt_ph] = files[name].tokens[file_ph]
         tokens.append(tok)
         concepts.append(con)
-    embeds = encode_with_tokens(base.tokenizer, base.text_encoder, [b.text for b in unique], tokens, device).to(dtype)
+    # text-encoder LoRA, per branch row, through the same kernel as the UNet's
+    te_rows, te_files = [], {}
+    for b in unique:
+        row = []
+        for name, scale, _ in b.adapters:
+            te = getattr(files.get(name), "text_encoder", None)
+            if te is not None:
+                row.append((name, scale))
+                te_files[name] = te
+        te_rows.append(row)
+    te_ctx = te_lora.activate(te_rows, te_files) if te_lora is not None else contextlib.nullcontext()
+    with te_ctx:
+        embeds = encode_with_tokens(base.tokenizer, base.text_encoder, [b.text for b in unique], tokens, device)
+    embeds = embeds.to(dtype)
     key_embeds = embeds
     if any(opt.get("global_lock") for con in concepts for _, opt, _ in con):
         # Global key-locking: the K pathway sees the prompt with each concept's placeholder
@@ -93,7 +107,8 @@ def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: di
                 if opt.get("global_lock"):
                     text = text.replace(placeholder, f.super_word)
             key_texts.append(text)
-        key_embeds = encode_with_tokens(base.tokenizer, base.text_encoder, key_texts, tokens, device).to(dtype)
+        with te_lora.activate(te_rows, te_files) if te_lora is not None else contextlib.nullcontext():
+            key_embeds = encode_with_tokens(base.tokenizer, base.text_encoder, key_texts, tokens, device).to(dtype)
     lora_rows = [[(n, s) for n, s, _ in b.adapters if store.info(n).family in ("lora", "style")] for b in unique]
     kv = {}
     with lora.activate(lora_rows, files), torch.inference_mode():

@@ -202,8 +202,8 @@ def test_slot_pressure_splits_the_batch_and_stays_equal(tiny_dir, lora_engine, p
 
 def _text_encoder_lora(path):
     safetensors.torch.save_file({
-        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 32),
-        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(32, 4),
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 32),
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(32, 4),
         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 32),
         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(32, 4),
     }, path)
@@ -213,8 +213,8 @@ def test_registration_refusals(tiny_dir, tmp_path, peft_unet):
     eng = impasto.Engine.from_pretrained(tiny_dir, max_rank=8)
     te = str(tmp_path / "te.safetensors")
     _text_encoder_lora(te)
-    with pytest.raises(impasto.AdapterUnsupportedError, match="text-encoder"):
-        eng.adapters.register("te", te)
+    with pytest.raises(impasto.AdapterUnsupportedError, match="second text encoder"):
+        eng.adapters.register("te", te)  # SDXL's text_encoder_2: this base has one text encoder
     big = write_layout("diffusers", peft_unet, "rslora", str(tmp_path / "big"))  # rank 16 > max_rank 8
     with pytest.raises(impasto.AdapterValueError, match="max_rank"):
         eng.adapters.register("big", big)

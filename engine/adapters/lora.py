@@ -26,7 +26,7 @@ import torch
 
 from impasto.kernels import lora_apply, lora_delta, lora_meta
 
-from ..errors import AdapterError, AdapterShapeError, AdapterUnsupportedError, AdapterValueError
+from ..errors import AdapterError, AdapterShapeError, AdapterValueError
 
 RANK_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -52,13 +52,8 @@ def lora_targets(unet: torch.nn.Module) -> dict[str, tuple[int, int]]:
 def validate_lora_header(header, targets: dict, max_rank: int) -> None:
     """Check a LoRA file header against the base model; raise naming the file and module."""
     path = header.path
-    if header.text_encoder_keys:
-        raise AdapterUnsupportedError(
-            f"{path}: text-encoder LoRA keys (e.g. {header.text_encoder_keys[0]!r}) are not supported yet; "
-            "only UNet LoRA is applied"
-        )
-    if not header.layers:
-        raise AdapterShapeError(f"{path}: no UNet LoRA layers found")
+    if not header.layers and not header.text_encoder_keys:
+        raise AdapterShapeError(f"{path}: no LoRA layers found")
     for module, info in header.layers.items():
         if module not in targets:
             raise AdapterShapeError(f"{path}: module {module!r} is not a Linear or 1x1 conv of this base UNet")
@@ -146,6 +141,8 @@ class LoraRuntime:
 
     def load(self, name: str, lora, pinned: set[str]) -> None:
         """Copy adapter `name` (a LoraFile) into a slot of its bucket, in place, unless resident."""
+        if not lora.layers:
+            raise AdapterError(f"{name!r} has no layers for this model")
         bucket = rank_bucket(max(layer.rank for layer in lora.layers.values()))
         res = self.resident.setdefault(bucket, OrderedDict())
         if name in res and self.loaded_version.get(name) is lora:
@@ -174,6 +171,8 @@ class LoraRuntime:
         files: name -> LoraFile for every adapter named. Builds one slot table and one kernel
         metadata per rank bucket, reused by every module and every step of the block.
         """
+        # adapters with no layers in this model (a text-encoder-only LoRA seen by the UNet) skip
+        row_adapters = [[(n, w) for n, w in row if files[n].layers] for row in row_adapters]
         names = {n for row in row_adapters for n, _ in row}
         if not names:
             yield

@@ -695,3 +695,72 @@ def read_lora(path, unet_module_names: Iterable[str], *, dtype: torch.dtype = to
         path=p, format=header.format, layers=layers, text_encoder_layers=te, metadata=header.metadata, notes=header.notes
     )
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Text-encoder LoRA (applied once per request and branch by the conditioning plan).
+# ---------------------------------------------------------------------------------------------
+
+_TE_SUFFIXES = (
+    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
+    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+)
+
+
+def text_encoder_lora_layers(path, keys_shapes: dict, metadata: dict, te_module_names, alphas=None) -> dict:
+    """Resolve a LoRA file's text-encoder keys to the base text encoder's modules.
+
+    Semantics: diffusers keys `text_encoder.<module>.lora_A/B.weight` (also `lora.down/up`,
+    `lora_linear_layer`; an old `text_model.` prefix is dropped when the module has none), scale
+    from the `text_encoder.`-prefixed LoraConfig in `lora_adapter_metadata` (PEFT's rule) else 1;
+    kohya keys `lora_te_<module with . -> _>.lora_down/.lora_up/.alpha`, scale alpha / r.
+    Returns {module: (down key, up key, scale)}; AdapterShapeError for a module the text encoder
+    lacks, AdapterUnsupportedError for a second text encoder (SDXL).
+    """
+    names = set(te_module_names)
+    under = {n.replace(".", "_"): n for n in names}
+    entries: dict[str, dict] = {}
+    kohya = False
+    for key in keys_shapes:
+        if key.startswith(("text_encoder_2.", "lora_te2_")):
+            raise AdapterUnsupportedError(f"{path}: key {key!r}: a second text encoder (SDXL) is not supported")
+        if key.startswith(("lora_te_", "lora_te1_")):
+            kohya = True
+            stem, _, rest = key.partition(".")
+            base = stem.split("_", 2)[2] if stem.startswith("lora_te1_") else stem[len("lora_te_"):]
+            module = under.get(base) or under.get(base.removeprefix("text_model_"))
+            kind = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(rest)
+        else:
+            body = key.removeprefix("text_encoder.")
+            module, kind = None, None
+            for suffix, k in _TE_SUFFIXES:
+                if body.endswith(suffix):
+                    module, kind = body[: -len(suffix)], k
+                    break
+            if module is not None and module not in names and module.removeprefix("text_model.") in names:
+                module = module.removeprefix("text_model.")
+        if kind is None:
+            raise AdapterFormatError(f"{path}: unknown text-encoder LoRA key {key!r}")
+        if module not in names:
+            raise AdapterShapeError(f"{path}: key {key!r}: the base text encoder has no such module")
+        entries.setdefault(module, {})[kind] = key
+    config = None
+    raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
+    if raw and not kohya:
+        cfg = {k.removeprefix("text_encoder."): v for k, v in json.loads(raw).items() if k.startswith("text_encoder.")}
+        config = _ConfigScale(cfg, path, "text_encoder LoraConfig") if cfg else None
+    out = {}
+    for module, e in entries.items():
+        if "down" not in e or "up" not in e:
+            raise AdapterFormatError(f"{path}: text-encoder module {module!r} lacks its {'up' if 'down' in e else 'down'} weight")
+        rank = keys_shapes[e["down"]][0]
+        if keys_shapes[e["up"]][1] != rank:
+            raise AdapterShapeError(f"{path}: {e['down']!r} has rank {rank}, {e['up']!r} does not match")
+        if kohya:
+            alpha = (alphas or {}).get(e.get("alpha"), rank) or rank
+            scale = float(alpha) / rank
+        else:
+            scale = config.scale(module, rank, e["down"]) if config else 1.0
+        out[module] = (e["down"], e["up"], scale)
+    return out

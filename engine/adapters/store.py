@@ -17,6 +17,7 @@ import json
 
 from ..api import ADAPTER_NAME, Adapter, AdapterInfo
 from ..errors import (
+    AdapterValueError,
     AdapterError,
     AdapterFormatError,
     AdapterNameError,
@@ -28,10 +29,18 @@ from ..errors import (
 from . import kv as kv_format
 from . import rank1 as rank1_format
 from .lora import lora_targets, validate_lora_header
+from . import lora_formats
 from .lora_formats import read_lora, read_lora_header
 
 FAMILIES = ("lora", "style", "rank1", "kv")
 LORA_LIKE = ("lora", "style")
+
+
+class TextEncoderLora:
+    """A LoRA file's text-encoder layers ({module: LoraLayer}), applied by the plan."""
+
+    def __init__(self, layers: dict):
+        self.layers = layers
 
 
 def detect_family(path: str) -> str:
@@ -72,7 +81,16 @@ class AdapterStore:
     weights are read when a request first needs them."""
 
     def __init__(
-        self, unet, *, root=None, host_cache_bytes=None, device_pool_bytes=None, max_rank=64, dtype=None, model_dir=None
+        self,
+        unet,
+        *,
+        text_encoder=None,
+        root=None,
+        host_cache_bytes=None,
+        device_pool_bytes=None,
+        max_rank=64,
+        dtype=None,
+        model_dir=None,
     ):
         self.unet = unet
         self.root = os.path.realpath(root) if root else None
@@ -81,6 +99,7 @@ class AdapterStore:
         self.max_rank = max_rank
         self.dtype = dtype
         self.targets = lora_targets(unet)
+        self.te_targets = lora_targets(text_encoder) if text_encoder is not None else {}
         self._module_names = set(dict(unet.named_modules()))
         self._infos: dict[str, AdapterInfo] = {}
         self._host: OrderedDict = OrderedDict()  # name -> (LoraFile, nbytes), LRU order
@@ -134,6 +153,8 @@ class AdapterStore:
     def _register_lora(self, name, path, family, suffix, token) -> AdapterInfo:
         header = read_lora_header(path, self._module_names)
         validate_lora_header(header, self.targets, self.max_rank)
+        if header.text_encoder_keys:
+            self._text_encoder_entries(header.path, header.text_encoder_keys, header.metadata)
         if family == "style" and suffix is None:
             suffix = header.metadata.get("impasto.style_suffix")
         return AdapterInfo(
@@ -141,12 +162,30 @@ class AdapterStore:
             path=path,
             family=family,
             format=header.format,
-            rank=max(layer.rank for layer in header.layers.values()),
+            rank=max((layer.rank for layer in header.layers.values()), default=0),
             targets=tuple(sorted(header.layers)),
             nbytes=header.nbytes,
             token=token,
             suffix=suffix,
         )
+
+    def _text_encoder_entries(self, path, keys, metadata) -> dict:
+        """{text-encoder module: (down key, up key, scale)}, checked against the text encoder."""
+        src = lora_formats._Source(path)
+        alpha_keys = [k for k in keys if k.endswith(".alpha")]
+        alphas = {k: float(v) for k, v in src.tensors(alpha_keys).items()} if alpha_keys else {}
+        entries = lora_formats.text_encoder_lora_layers(
+            path, {k: src.shape(k) for k in keys}, metadata, self.te_targets, alphas
+        )
+        for module, (down, up, _) in entries.items():
+            k, n = self.te_targets[module]
+            if (src.shape(down)[1], src.shape(up)[0]) != (k, n):
+                raise AdapterShapeError(f"{path}: text-encoder module {module!r} is {k}->{n}, the adapter has "
+                                        f"{src.shape(down)[1]}->{src.shape(up)[0]}")
+            if src.shape(down)[0] > self.max_rank:
+                raise AdapterValueError(f"{path}: text-encoder module {module!r} has rank {src.shape(down)[0]}, "
+                                        f"above max_rank={self.max_rank}")
+        return entries
 
     def _register_rank1(self, name, path, suffix, token) -> AdapterInfo:
         header = rank1_format.read_rank1_header(path)
@@ -259,6 +298,24 @@ class AdapterStore:
         self._C_inv = None
         return str(path)
 
+    def _text_encoder_lora(self, lora):
+        """The file's text-encoder LoRA as {module: LoraLayer} (None without one), values checked."""
+        if not lora.text_encoder_layers:
+            return None
+        tensors = lora.text_encoder_layers
+        alphas = {k: float(v) for k, v in tensors.items() if k.endswith(".alpha")}
+        entries = lora_formats.text_encoder_lora_layers(
+            lora.path, {k: tuple(v.shape) for k, v in tensors.items()}, lora.metadata, self.te_targets, alphas
+        )
+        layers = {}
+        for module, (down, up, scale) in entries.items():
+            d, u = tensors[down].to(self.dtype or torch.float32), tensors[up].to(self.dtype or torch.float32)
+            for key, t in ((down, d), (up, u)):
+                if not bool(torch.isfinite(t).all()):
+                    raise AdapterValueError(f"{lora.path}: tensor {key!r} holds NaN or Inf")
+            layers[module] = lora_formats.LoraLayer(down=d, up=u, scale=scale)
+        return TextEncoderLora(layers)
+
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -353,6 +410,7 @@ class AdapterStore:
             obj = read_lora(info.path, self._module_names, dtype=self.dtype or torch.float32)
             if set(obj.layers) != set(info.targets):
                 raise AdapterError(f"{info.path}: file changed since registration (targets differ)")
+            obj.text_encoder = self._text_encoder_lora(obj)
         elif info.family == "rank1":
             obj = rank1_format.read_rank1(
                 info.path, base_shapes=rank1_format.base_shapes(self.unet), fingerprint=self.fingerprint

@@ -56,7 +56,7 @@ def text_covariance(text_encoder, n=COVARIANCE_CAPTIONS, seed=COVARIANCE_SEED, b
     return (acc / count).float(), count
 
 
-def export(run: str, out: str, covariance: bool = True) -> None:
+def export(run: str, out: str, covariance: bool = True, unet_weights: str = "ema") -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -69,7 +69,7 @@ def export(run: str, out: str, covariance: bool = True) -> None:
     dec = _state(run, "decoder") or _state(run, "vae")
     vae.load_state_dict(dec["vae"])
     unet = T.build_unet()
-    unet.load_state_dict(_state(run, "unet")["ema"])
+    unet.load_state_dict(_state(run, "unet")[unet_weights])  # "ema" or "unet" (the live weights)
     clip = _state(run, "clip")["clip"]
     text = T.load_text_encoder(run)
     vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**T.VISION_CONFIG))
@@ -114,7 +114,7 @@ def export(run: str, out: str, covariance: bool = True) -> None:
                         "dim": str(cov.shape[0])})
     record = {"configs": dict(unet=T.UNET_CONFIG, vae=T.VAE_CONFIG, text=T.TEXT_CONFIG, vision=T.VISION_CONFIG,
                               scheduler=T.SCHEDULER_CONFIG),
-              "scaling_factor": lat["scaling_factor"]}
+              "scaling_factor": lat["scaling_factor"], "unet_weights": unet_weights}
     for stage in ("vae", "decoder", "clip", "probes", "probes_vae", "unet"):
         st = _state(run, stage)
         if st is not None:

@@ -444,6 +444,21 @@ def stage_unet(args):
         return dict(loss=(per * w).mean(), mse=per.mean())
 
     extra = {"after_step": ema_update}
+    if args.ema_reset_at:
+        # restart the EMA from the live weights at step `ema_reset_at` (an EMA begun at step 0
+        # keeps 0.998^step of the random init: 25% at step 700)
+        orig = ema_update
+
+        def ema_update():
+            if unet_step[0] == args.ema_reset_at:
+                ema.load_state_dict(unet.state_dict())
+            unet_step[0] += 1
+            orig()
+
+        unet_step = [0]
+        ck = load_ckpt(os.path.join(args.run, "unet.pt"))
+        unet_step[0] = ck["step"] if ck else 0
+        extra["after_step"] = ema_update
     train_loop(args, "unet", params, step_fn, {"unet": unet, "ema": ema}, extra_state=extra)
 
 
@@ -452,7 +467,7 @@ def stage_export(args):
     image encoder, probes, C^-1 for Perfusion, and a training record."""
     from .export import export
 
-    export(args.run, args.out)
+    export(args.run, args.out, unet_weights=args.unet_weights)
 
 
 STAGES = dict(data=stage_data, vae=stage_vae, decoder=lambda a: stage_vae(a, decoder_only=True), clip=stage_clip,
@@ -471,6 +486,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--wd", type=float, default=0.0)
     p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--unet-weights", default="ema", choices=("ema", "unet"), help="export: which UNet weights ship")
+    p.add_argument("--ema-reset-at", type=int, default=0, help="unet: copy the live weights into the EMA at this step")
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--n-base", type=int, default=40000)
