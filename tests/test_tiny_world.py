@@ -135,6 +135,9 @@ def test_perfusion_covariance_inverts():
         c_inv, c, meta = f.get_tensor("C_inv"), f.get_tensor("C"), f.metadata()
     d = int(meta["dim"])
     assert c_inv.shape == (d, d) and c_inv.dtype == torch.float32 and "uncentered" in meta["note"]
-    eye = (c_inv.double() @ c.double())
-    assert torch.allclose(eye, torch.eye(d, dtype=torch.float64), atol=1e-3)
-    assert torch.allclose(c_inv, c_inv.T, rtol=1e-3, atol=1e-3 * c_inv.abs().max().item())
+    # C is ill-conditioned (cond ~ 5e7: some text directions barely vary over the world's
+    # captions), so compare with the float64 inverse of the stored C rather than C_inv @ C = I.
+    ref = torch.linalg.inv(c.double())
+    assert ((c_inv.double() - ref).norm() / ref.norm()).item() < 1e-5
+    assert torch.allclose(c_inv, c_inv.T, rtol=1e-4, atol=1e-5 * c_inv.abs().max().item())
+    assert torch.linalg.eigvalsh(c.double()).min() > 0  # C is positive definite
