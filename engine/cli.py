@@ -81,7 +81,8 @@ def _contact_sheet(images):
     sheet = Image.new("RGB", (cols * w, rows * h), "white")
     for i, im in enumerate(images):
         sheet.paste(im, ((i % cols) * w, (i // cols) * h))
-    return sheet
+    zoom = max(1, 256 // max(sheet.size))  # tiny images: enlarge so a person can look at them
+    return sheet.resize((sheet.width * zoom, sheet.height * zoom), Image.NEAREST) if zoom > 1 else sheet
 
 
 def build_parser() -> argparse.ArgumentParser:

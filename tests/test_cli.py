@@ -17,7 +17,7 @@ def test_generate_writes_png(tiny_dir, tmp_path, capsys):
 def test_grid_contact_sheet(tiny_dir, tmp_path):
     out = tmp_path / "grid.png"
     assert main(["generate", "a star", "-o", str(out), "--model", tiny_dir, "--steps", "2", "--grid", "4", "-q"]) == 0
-    assert Image.open(out).size == (64, 64)
+    assert Image.open(out).size == (256, 256)  # 2x2 sheet of 32 px images, enlarged 4x
 
 
 def test_error_is_one_line(tiny_dir, tmp_path, capsys):
