@@ -105,6 +105,8 @@ class AdapterStore:
         self._host: OrderedDict = OrderedDict()  # name -> (LoraFile, nbytes), LRU order
         self._lock = threading.RLock()
         self._fingerprint = None
+        self._shapes_cache = None
+        self._kv_cache = None
         self._pins: dict[str, int] = {}
         self.runtime = None  # the LoraRuntime holding device slot pools, set by the engine
         self._C_inv = None
@@ -193,7 +195,7 @@ class AdapterStore:
             raise AdapterShapeError(
                 f"{path}: made for another base model (fingerprint {header.fingerprint}, this base is {self.fingerprint})"
             )
-        shapes = rank1_format.base_shapes(self.unet)
+        shapes = self._rank1_shapes()
         layers = {k[: -len(rank1_format.SUFFIX_K)] for k in header.shapes if k.endswith(rank1_format.SUFFIX_K)}
         if layers != set(shapes):
             missing = sorted(set(shapes) - layers) or sorted(layers - set(shapes))
@@ -202,8 +204,9 @@ class AdapterStore:
             got = (header.shapes[layer + rank1_format.SUFFIX_K], header.shapes[layer + rank1_format.SUFFIX_V])
             if got != ((k_shape[0],), (v_shape[0],)):
                 raise AdapterShapeError(f"{path}: layer {layer!r} has o* lengths {got}, this base needs {k_shape[0]}, {v_shape[0]}")
-        if header.shapes[rank1_format.KEY_I_STAR] != (k_shape[1],):
-            raise AdapterShapeError(f"{path}: i_star has shape {header.shapes[rank1_format.KEY_I_STAR]}, this base needs ({k_shape[1]},)")
+        width = {k[1] for k, _ in shapes.values()}  # the text width every attn2 K/V reads
+        if (header.shapes[rank1_format.KEY_I_STAR][0],) != tuple(width) or len(width) != 1:
+            raise AdapterShapeError(f"{path}: i_star has shape {header.shapes[rank1_format.KEY_I_STAR]}, this base needs {tuple(width)}")
         return AdapterInfo(
             name=name,
             path=path,
@@ -219,7 +222,7 @@ class AdapterStore:
         )
 
     def _register_kv(self, name, path, suffix, token) -> AdapterInfo:
-        header = kv_format.read_kv_header(path, kv_format.base_kv_weights(self.unet))
+        header = kv_format.read_kv_header(path, self._kv_base())
         placeholders = list(header.placeholders)
         if token is not None and len(placeholders) != 1:
             raise AdapterNameError(f"{path}: token= renames one placeholder, the file defines {placeholders}")
@@ -261,7 +264,7 @@ class AdapterStore:
                 raise AdapterFormatError(f"merge_kv: {n!r} is a {self.info(n).family} adapter, not kv")
         merged = kv_format.merge_kv(
             files, list(captions), categories=list(categories), tokenizer=tokenizer, text_encoder=text_encoder,
-            base=kv_format.base_kv_weights(self.unet),
+            base=self._kv_base(),
         )
         full = max(min(layer.delta_k().shape) for layer in merged.layers.values())
         compressed, _ = kv_format.compress_kv_delta(merged, rank=full)
@@ -315,6 +318,18 @@ class AdapterStore:
                     raise AdapterValueError(f"{lora.path}: tensor {key!r} holds NaN or Inf")
             layers[module] = lora_formats.LoraLayer(down=d, up=u, scale=scale)
         return TextEncoderLora(layers)
+
+    def _rank1_shapes(self) -> dict:
+        """attn2 K/V weight shapes of the (frozen) base, walked once: every rank1 load needs them."""
+        if self._shapes_cache is None:
+            self._shapes_cache = rank1_format.base_shapes(self.unet)
+        return self._shapes_cache
+
+    def _kv_base(self) -> dict:
+        """attn2 K/V weights of the (frozen) base, walked once: every kv load needs them."""
+        if self._kv_cache is None:
+            self._kv_cache = kv_format.base_kv_weights(self.unet)
+        return self._kv_cache
 
     @property
     def fingerprint(self) -> str:
@@ -413,10 +428,10 @@ class AdapterStore:
             obj.text_encoder = self._text_encoder_lora(obj)
         elif info.family == "rank1":
             obj = rank1_format.read_rank1(
-                info.path, base_shapes=rank1_format.base_shapes(self.unet), fingerprint=self.fingerprint
+                info.path, base_shapes=self._rank1_shapes(), fingerprint=self.fingerprint
             )
         elif info.family == "kv":
-            obj = kv_format.read_kv(info.path, kv_format.base_kv_weights(self.unet))
+            obj = kv_format.read_kv(info.path, self._kv_base())
             obj.layers = {k: _to(v, self.dtype) for k, v in obj.layers.items()}
         else:
             raise AdapterFormatError(f"{info.path}: no loader for family {info.family!r}")
