@@ -55,6 +55,10 @@ class _Job:
     def has_uncond(self) -> bool:
         return self.guidance.cfg > 1.0
 
+    def adapter_names(self) -> set[str]:
+        """Every adapter the request uses: its own and its styles'."""
+        return {a.name for a in self.adapters} | {name for name, _ in self.styles}
+
     def adapter_key(self) -> tuple:
         """The request's adapters as a hashable ((name, scale), ...), applied to every branch."""
         return tuple((a.name, float(a.scale), tuple(sorted(a.options.items()))) for a in self.adapters)
@@ -258,7 +262,7 @@ class Engine:
     def _prefetch_adapters(self, jobs: list[_Job]) -> None:
         """Read a later chunk's adapters into the host cache; a failure is left for that
         request's own load to report."""
-        for name in {a.name for job in jobs for a in job.adapters} | {n for job in jobs for n, _ in job.styles}:
+        for name in set().union(*(job.adapter_names() for job in jobs)):
             try:
                 self.adapters.load(name)
             except Exception:  # noqa: BLE001 - reported by the request's own load
@@ -269,7 +273,7 @@ class Engine:
         chunks, current, used = [], [], {}
         for job in jobs:
             need = {}
-            for name in [a.name for a in job.adapters] + [n for n, _ in job.styles]:
+            for name in job.adapter_names():
                 info = self.adapters.info(name)
                 if info.family in LORA_LIKE:
                     need.setdefault(rank_bucket(info.rank), set()).add(name)
@@ -287,7 +291,7 @@ class Engine:
         files, ok = {}, []
         for job in jobs:
             try:
-                for name in [a.name for a in job.adapters] + [n for n, _ in job.styles]:
+                for name in job.adapter_names():
                     if name not in files:
                         files[name] = self.adapters.load(name)
                 ok.append(job)
@@ -312,8 +316,6 @@ class Engine:
                     raise RequestError(f"adapters: {a.name!r}: unknown rank1 options {sorted(unknown)}")
                 if "tau" in a.options and not float(a.options["tau"]) > 0:
                     raise RequestError(f"adapters: {a.name!r}: tau must be > 0, got {a.options['tau']}")
-            elif info.family == "kv" and a.options:
-                raise RequestError(f"adapters: {a.name!r} (kv) takes no options, got {sorted(a.options)}")
             elif a.options:
                 raise RequestError(f"adapters: {a.name!r} ({info.family}) takes no options, got {sorted(a.options)}")
             for placeholder, _ in info.token_map:
@@ -329,8 +331,7 @@ class Engine:
 
     def _run_group(self, jobs: list[_Job]) -> None:
         """Plan, denoise and decode one group of requests sharing size and step count."""
-        names = {a.name for job in jobs for a in job.adapters} | {n for job in jobs for n, _ in job.styles}
-        with self.adapters.pinned(names):
+        with self.adapters.pinned(set().union(*(job.adapter_names() for job in jobs))):
             self._run_pinned_group(jobs)
 
     def _run_pinned_group(self, jobs: list[_Job]) -> None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .adapters.store import LORA_LIKE
+
 
 @dataclass(frozen=True)
 class Branch:
@@ -38,25 +40,6 @@ class Plan:
     index: list[int]
     embeds: torch.Tensor
     kv: dict
-
-
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
-    """Semantics: out[i] = text_encoder(tokenize(prompts[i]))[0], the last hidden state.
-
-    prompts: B strings (duplicates are encoded once).
-    Returns Shape [B, L, D] with L = tokenizer.model_max_length, D = text width.
-    """
-    unique = list(dict.fromkeys(prompts))
-    tokens = tokenizer(
-        unique, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
-    mask = None
-    if getattr(text_encoder.config, "use_attention_mask", False):
-        mask = tokens.attention_mask.to(device)
-    with torch.inference_mode():
-        hidden = text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
-    index = torch.tensor([unique.index(p) for p in prompts], device=hidden.device)
-    return hidden[index]
 
 
 def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: dict, device, dtype, te_lora=None) -> Plan:
@@ -92,43 +75,48 @@ def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: di
                 row.append((name, scale))
                 te_files[name] = te
         te_rows.append(row)
-    te_ctx = te_lora.activate(te_rows, te_files) if te_lora is not None else contextlib.nullcontext()
-    with te_ctx:
-        embeds = encode_with_tokens(base.tokenizer, base.text_encoder, [b.text for b in unique], tokens, device)
-    embeds = embeds.to(dtype)
-    key_embeds = embeds
+    texts = [b.text for b in unique]
+    key_texts = None
     if any(opt.get("global_lock") for con in concepts for _, opt, _ in con):
         # Global key-locking: the K pathway sees the prompt with each concept's placeholder
         # replaced by its super-category word (Perfusion §2.1, inference only).
-        key_texts = []
-        for b, con in zip(unique, concepts):
-            text = b.text
+        key_texts = list(texts)
+        for i, con in enumerate(concepts):
             for f, opt, placeholder in con:
                 if opt.get("global_lock"):
-                    text = text.replace(placeholder, f.super_word)
-            key_texts.append(text)
-        with te_lora.activate(te_rows, te_files) if te_lora is not None else contextlib.nullcontext():
+                    key_texts[i] = key_texts[i].replace(placeholder, f.super_word)
+    with te_lora.activate(te_rows, te_files) if te_lora is not None else contextlib.nullcontext():
+        embeds = encode_with_tokens(base.tokenizer, base.text_encoder, texts, tokens, device).to(dtype)
+        key_embeds = embeds
+        if key_texts is not None:
             key_embeds = encode_with_tokens(base.tokenizer, base.text_encoder, key_texts, tokens, device).to(dtype)
-    lora_rows = [[(n, s) for n, s, _ in b.adapters if store.info(n).family in ("lora", "style")] for b in unique]
+    kv_users = _kv_users(unique, store)
+    bases = _rank1_bases(concepts, store) if any(concepts) else None
+    lora_rows = [[(n, s) for n, s, _ in b.adapters if store.info(n).family in LORA_LIKE] for b in unique]
     kv = {}
     with lora.activate(lora_rows, files), torch.inference_mode():
         for name, attn in attn2.items():
             k, v = attn.to_k(key_embeds), attn.to_v(embeds)
-            k, v = _kv_deltas(k, v, key_embeds, embeds, name, unique, store, files)
-            if any(concepts):
-                k = _rank1(k, key_embeds, attn.to_k.weight, name, 0, concepts, store)
-                v = _rank1(v, embeds, attn.to_v.weight, name, 1, concepts, store)
+            k, v = _kv_deltas(k, v, key_embeds, embeds, name, kv_users, files)
+            if bases is not None:
+                k = _rank1(k, key_embeds, attn.to_k.weight, name, 0, concepts, bases, store)
+                v = _rank1(v, embeds, attn.to_v.weight, name, 1, concepts, bases, store)
             kv[name] = (k, v)
     return Plan(index, embeds, kv)
 
 
-def _kv_deltas(k, v, key_embeds, embeds, layer: str, unique: list, store, files):
-    """Custom Diffusion: K += s·ΔW_K e, V += s·ΔW_V e for every branch row naming a kv adapter."""
+def _kv_users(unique: list, store) -> dict:
+    """kv adapter name -> [(branch row, scale), ...]: who gets each Custom Diffusion delta."""
     users: dict[str, list] = {}
     for r, b in enumerate(unique):
         for name, scale, _ in b.adapters:
             if store.info(name).family == "kv":
                 users.setdefault(name, []).append((r, scale))
+    return users
+
+
+def _kv_deltas(k, v, key_embeds, embeds, layer: str, users: dict, files):
+    """Custom Diffusion: K += s·ΔW_K e, V += s·ΔW_V e for every branch row naming a kv adapter."""
     for name, rows_scales in users.items():
         layer_delta = files[name].layers.get(layer)
         if layer_delta is None:
@@ -148,16 +136,26 @@ def _project(e, dense, factors):
     return (e @ v.t()) @ u.t()
 
 
-def _rank1(out, e, W, layer: str, which: int, concepts: list, store):
+def _rank1_bases(concepts: list, store) -> list:
+    """Per branch row, the C⁻¹-orthonormal basis of its concepts' i* (None without concepts);
+    the same for every layer, so computed once per plan."""
+    from .adapters.rank1 import perfusion_basis
+
+    C_inv = store.covariance().double()
+    return [perfusion_basis(torch.stack([f.i_star for f, _, _ in con]).double(), C_inv) if con else None
+            for con in concepts]
+
+
+def _rank1(out, e, W, layer: str, which: int, concepts: list, bases: list, store):
     """Apply every row's Perfusion concepts to one projection's output (which: 0 = K, 1 = V)."""
     from impasto.kernels import rank1_edit
 
-    from .adapters.rank1 import Concept, perfusion_basis, row_tensors
+    from .adapters.rank1 import Concept, row_tensors
 
     C_inv = store.covariance()
     M = max(len(c) for c in concepts)
     rows = []
-    for con in concepts:
+    for con, basis in zip(concepts, bases):
         cs = [
             Concept(
                 f.i_star,
@@ -167,7 +165,6 @@ def _rank1(out, e, W, layer: str, which: int, concepts: list, store):
             )
             for f, opt, _ in con
         ]
-        basis = perfusion_basis(torch.stack([c.i_star for c in cs]).double(), C_inv.double()) if cs else None
         rows.append(row_tensors(W, cs, C_inv, slots=M, basis=basis, dtype=torch.float32))
     P, WU, G, O, beta, tau = (torch.stack(t) for t in zip(*rows))
     return rank1_edit(out, e, P, WU, G, O, beta, tau)

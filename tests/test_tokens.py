@@ -4,7 +4,7 @@ growing the tokenizer or the embedding table."""
 import safetensors.torch
 import torch
 
-from impasto.plan import encode_prompts, encode_with_tokens, tokenize_with_placeholders
+from impasto.plan import encode_with_tokens, tokenize_with_placeholders
 
 
 def test_plain_text_equals_tokenizer(engine):
@@ -31,7 +31,7 @@ def test_injection_equals_textual_inversion(engine, pipe, tmp_path):
         assert torch.allclose(out[i], ref[0], atol=1e-5)
     # the same placeholder with another embedding in the same batch does not interfere
     assert (out[0] - out[1]).abs().max() > 1e-2
-    plain = encode_prompts(engine.base.tokenizer, te, ["a photo of a dog"], "cpu")
+    plain, _ = pipe.encode_prompt("a photo of a dog", "cpu", 1, False)  # no placeholder: plain diffusers
     assert torch.allclose(encode_with_tokens(engine.base.tokenizer, te, ["a photo of a dog"], [{}], "cpu"), plain)
     assert len(engine.base.tokenizer) == n_vocab
     assert te.get_input_embeddings().weight.shape[0] == n_vocab
