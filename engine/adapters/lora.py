@@ -90,6 +90,7 @@ class LoraRuntime:
         self.adapter_bucket: dict[str, int] = {}
         self.loaded_version: dict[str, object] = {}  # name -> identity of the LoraFile in its slot
         self._hooked: set[str] = set()
+        self._written: dict[tuple[int, int], set[str]] = {}  # (bucket, slot) -> modules holding its adapter
         self._active: dict[int, _Table] | None = None
         self._rows = 0
 
@@ -150,15 +151,19 @@ class LoraRuntime:
             return
         self.evict(name)
         slot = self._free_slot(bucket, pinned)
-        for module, pools in self.pools.items():  # clear the slot in modules this adapter skips
-            if bucket in pools:
-                pools[bucket][0][slot].zero_()
-                pools[bucket][1][slot].zero_()
+        # Pools start zeroed; clear only what the slot's previous adapter wrote and this one won't.
+        for module in self._written.pop((bucket, slot), set()) - set(lora.layers):
+            A, B = self.pools[module][bucket]
+            A[slot].zero_()
+            B[slot].zero_()
         for module, layer in lora.layers.items():
             A, B = self._pool(module, bucket)
             r = layer.rank
             A[slot, :, :r].copy_(layer.down.t())
+            A[slot, :, r:].zero_()
             B[slot, :r, :].copy_(layer.up.t() * layer.scale)
+            B[slot, r:, :].zero_()
+        self._written[(bucket, slot)] = set(lora.layers)
         res[name] = slot
         self.adapter_bucket[name] = bucket
         self.loaded_version[name] = lora
