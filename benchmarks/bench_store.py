@@ -172,7 +172,7 @@ def cold_swap(args, tmp):
             ts.append(time.perf_counter() - t)
         reg[fam] = ts
     runtime = LoraRuntime(unet, slots_per_bucket=args.slots, max_adapters_per_row=4, device="cpu", dtype=torch.float32)
-    store.runtime = runtime
+    store.runtimes = (runtime,)
     for fam in ("rank1", "kv", "lora"):
         page_cache([p for _, p in lib[fam]])
     # allocate every bucket's pools (first load of a bucket allocates zeros for all its modules)

@@ -20,7 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from . import tiny
-from .adapters.lora import LoraRuntime, rank_bucket
+from .adapters.lora import LoraRuntime, attention_targets, buckets_up_to, lora_targets, slots_for_budget
 from .adapters.store import LORA_LIKE, AdapterStore
 from .api import (
     GenerationOutput,
@@ -91,7 +91,13 @@ class Engine:
         max_adapters_per_row: int = 4,
         slots_per_bucket: int = 16,
         progress: bool = False,
+        compile=False,
     ):
+        """compile: False, True (torch.compile's default backend) or a backend name such as
+        "aot_eager". The UNet forward is compiled once per batch shape, and the LoRA pools switch
+        to the fixed mode (attention projections, one bucket padded to max_rank), so swapping
+        adapters never recompiles. device_pool_bytes, when given, sets the slots per bucket to
+        what fits the budget (overriding slots_per_bucket)."""
         self.base = base
         self.device = torch.device(device)
         self.dtype = dtype
@@ -109,23 +115,36 @@ class Engine:
             dtype=dtype,
             model_dir=base.path,
         )
+        fixed = attention_targets(base.unet) if compile else None
+        if fixed is not None:
+            self.adapters.targets = fixed
+        if device_pool_bytes is not None:
+            te = lora_targets(base.text_encoder) if base.text_encoder is not None else {}
+            buckets = (max_rank,) if compile else buckets_up_to(max_rank)
+            slots_per_bucket = slots_for_budget(device_pool_bytes, [self.adapters.targets, te], buckets, dtype)
         self.lora = LoraRuntime(
             base.unet,
             slots_per_bucket=slots_per_bucket,
             max_adapters_per_row=max_adapters_per_row,
             device=self.device,
             dtype=dtype,
+            max_rank=max_rank,
+            fixed_targets=fixed,
         )
         self._plan_state = PlanState()
         self._attn2 = install_planned_attention(base.unet, self._plan_state)
-        self.adapters.runtime = self.lora
         self.te_lora = LoraRuntime(
             base.text_encoder,
             slots_per_bucket=slots_per_bucket,
             max_adapters_per_row=max_adapters_per_row,
             device=self.device,
             dtype=dtype,
+            max_rank=max_rank,
         )
+        self.adapters.runtimes = (self.lora, self.te_lora)
+        self._unet = base.unet
+        if compile:
+            self._unet = torch.compile(base.unet, backend="inductor" if compile is True else compile, dynamic=False)
         self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="impasto-prefetch")
         # UNet downsamples by 2 per down block but the last; latents must divide evenly.
         self._size_multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
@@ -146,6 +165,7 @@ class Engine:
         max_adapters_per_row: int = 4,
         slots_per_bucket: int = 16,
         progress: bool = False,
+        compile=False,
     ) -> "Engine":
         """Load a local diffusers SD-layout folder, or "tiny" (the miniature model shipped with
         impasto). No network, ever; a missing or malformed component raises ModelLoadError."""
@@ -169,6 +189,7 @@ class Engine:
             max_adapters_per_row=max_adapters_per_row,
             slots_per_bucket=slots_per_bucket,
             progress=progress,
+            compile=compile,
         )
 
     # ------------------------------------------------------------------ public API
@@ -276,7 +297,7 @@ class Engine:
             for name in job.adapter_names():
                 info = self.adapters.info(name)
                 if info.family in LORA_LIKE:
-                    need.setdefault(rank_bucket(info.rank), set()).add(name)
+                    need.setdefault(self.lora.bucket(info.rank), set()).add(name)
             fits = all(len(used.get(b, set()) | names) <= self.lora.S for b, names in need.items())
             if current and not fits:
                 chunks.append(current)
@@ -383,7 +404,7 @@ class Engine:
             with self.lora.activate(row_adapters, files), torch.inference_mode():
                 for t in tqdm(scheduler.timesteps, disable=not self.progress, desc="denoise", leave=False):
                     model_input = scheduler.scale_model_input(latents[row_latent], t)
-                    noise = base.unet(
+                    noise = self._unet(
                         model_input, t, encoder_hidden_states=encoder_hidden_states, return_dict=False
                     )[0]
                     noise = blend(noise, table)

@@ -11,6 +11,17 @@ module of its bucket (zeros where the adapter has no layer). The file's per-laye
 (alpha / r, rsLoRA, alpha_pattern) is folded into B when the adapter is copied in, so the row
 table carries only the user's weight — as PEFT's `set_adapters(names, adapter_weights)` does.
 
+Two modes:
+  * lazy (default): rank buckets 4, 8, ..., up to max_rank; a (module, bucket) pool is allocated
+    the first time an adapter needs it and never re-allocated; row tables are packed to the
+    widest row (the CPU reference computes every column, used or not).
+  * fixed (`fixed_targets=`, for torch.compile and CUDA graphs): one bucket padded to max_rank,
+    pools and hooks for exactly the given modules allocated at construction, and persistent
+    full-width [rows, M] tables written in place. Swapping adapters of any rank changes tensor
+    contents only, never shapes or objects, so a compiled UNet does not recompile.
+With `pool_bytes`, the slots per bucket are what the budget holds when every bucket of every
+target module is allocated (`slots_for_budget`), so lazy allocation never exceeds it.
+
 Running example: S = 4 slots per bucket, rank-8 adapter "a" and rank-16 adapter "b". "a" lives
 in bucket 8 slot 0, "b" in bucket 16 slot 0; a row that names ("a", 0.5) and "b" has
 slots_8 = [0, -1, ...], scales_8 = [0.5, 0, ...] and slots_16 = [-1, 0, ...], scales_16 = [0, 1, ...].
@@ -38,6 +49,38 @@ def rank_bucket(rank: int) -> int:
     raise AdapterValueError(f"rank {rank} is above the largest bucket {RANK_BUCKETS[-1]}")
 
 
+def buckets_up_to(max_rank: int) -> tuple[int, ...]:
+    """The lazy mode's rank buckets: every bucket up to the one holding max_rank."""
+    top = rank_bucket(max_rank)
+    return tuple(b for b in RANK_BUCKETS if b <= top)
+
+
+def slots_for_budget(pool_bytes: int, targets: list[dict], buckets, dtype) -> int:
+    """Slots per bucket that fit `pool_bytes` when every bucket of every target is allocated.
+
+    Semantics: one slot of bucket R in a module K -> N holds A [K, R] and B [R, N]:
+    (K + N) * R elements. S = pool_bytes // (sum over targets and buckets of those bytes).
+    """
+    per_slot = sum(k + n for t in targets for k, n in t.values()) * sum(buckets) * dtype.itemsize
+    slots = int(pool_bytes) // max(per_slot, 1)
+    if slots < 1:
+        raise ValueError(
+            f"device_pool_bytes={pool_bytes} holds no LoRA slot: one slot in each rank bucket {tuple(buckets)} "
+            f"of the {sum(len(t) for t in targets)} target modules takes {per_slot} bytes"
+        )
+    return slots
+
+
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def attention_targets(unet: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """The attention projections (to_q, to_k, to_v, to_out.0): what diffusers' and PEFT's SD
+    LoRA recipes target, and the fixed mode's default."""
+    ends = tuple("." + p for p in ATTENTION_PROJECTIONS)
+    return {name: kn for name, kn in lora_targets(unet).items() if name.endswith(ends)}
+
+
 def lora_targets(unet: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """Modules a LoRA may target: every Linear and every 1×1 Conv2d, by name -> (in, out)."""
     out = {}
@@ -49,13 +92,22 @@ def lora_targets(unet: torch.nn.Module) -> dict[str, tuple[int, int]]:
     return out
 
 
-def validate_lora_header(header, targets: dict, max_rank: int) -> None:
-    """Check a LoRA file header against the base model; raise naming the file and module."""
+def validate_lora_header(header, targets: dict, max_rank: int, all_targets: dict | None = None) -> None:
+    """Check a LoRA file header against the base model; raise naming the file and module.
+
+    targets: the modules this engine serves; all_targets: every Linear / 1x1 conv of the base
+    (when the engine serves a subset, a module in all_targets but not targets gets its own message).
+    """
     path = header.path
     if not header.layers and not header.text_encoder_keys:
         raise AdapterShapeError(f"{path}: no LoRA layers found")
     for module, info in header.layers.items():
         if module not in targets:
+            if all_targets is not None and module in all_targets:
+                raise AdapterShapeError(
+                    f"{path}: module {module!r} is not served by this engine's fixed LoRA pools "
+                    f"(compile mode serves the attention projections {', '.join(ATTENTION_PROJECTIONS)})"
+                )
             raise AdapterShapeError(f"{path}: module {module!r} is not a Linear or 1x1 conv of this base UNet")
         k, n = targets[module]
         if (info.in_features, info.out_features) != (k, n):
@@ -79,11 +131,16 @@ class _Table:
 class LoraRuntime:
     """Slot pools + hooks applying, per row, the LoRA adapters that row names."""
 
-    def __init__(self, unet, *, slots_per_bucket: int, max_adapters_per_row: int, device, dtype):
+    def __init__(self, unet, *, slots_per_bucket: int, max_adapters_per_row: int, device, dtype,
+                 max_rank: int = RANK_BUCKETS[-1], fixed_targets: dict | None = None):
+        """fixed_targets: None for the lazy mode, else {module: (in, out)} for the fixed mode."""
         self.unet = unet
         self.S = slots_per_bucket
         self.M = max_adapters_per_row
         self.device, self.dtype = torch.device(device), dtype
+        self.max_rank = max_rank
+        self.fixed = fixed_targets is not None
+        self.buckets = (max_rank,) if self.fixed else buckets_up_to(max_rank)
         self.modules = dict(unet.named_modules())
         self.pools: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # module -> bucket -> (A, B)
         self.resident: dict[int, OrderedDict] = {}  # bucket -> name -> slot, LRU order
@@ -93,6 +150,14 @@ class LoraRuntime:
         self._written: dict[tuple[int, int], set[str]] = {}  # (bucket, slot) -> modules holding its adapter
         self._active: dict[int, _Table] | None = None
         self._rows = 0
+        self._fixed_tables: dict[int, dict[int, _Table]] = {}  # rows -> {bucket: table}, fixed mode
+        for module in fixed_targets or ():
+            self._pool(module, max_rank)
+
+    def bucket(self, rank: int) -> int:
+        if rank > self.max_rank:
+            raise AdapterValueError(f"rank {rank} is above max_rank={self.max_rank}")
+        return self.max_rank if self.fixed else rank_bucket(rank)
 
     # ------------------------------------------------------------------ slots
     def _hook_module(self, name: str) -> None:
@@ -144,7 +209,10 @@ class LoraRuntime:
         """Copy adapter `name` (a LoraFile) into a slot of its bucket, in place, unless resident."""
         if not lora.layers:
             raise AdapterError(f"{name!r} has no layers for this model")
-        bucket = rank_bucket(max(layer.rank for layer in lora.layers.values()))
+        bucket = self.bucket(max(layer.rank for layer in lora.layers.values()))
+        if self.fixed and not set(lora.layers) <= set(self.pools):
+            extra = sorted(set(lora.layers) - set(self.pools))
+            raise AdapterShapeError(f"{name!r} targets {extra[0]!r}, which the fixed LoRA pools do not hold")
         res = self.resident.setdefault(bucket, OrderedDict())
         if name in res and self.loaded_version.get(name) is lora:
             res.move_to_end(name)
@@ -179,11 +247,40 @@ class LoraRuntime:
         # adapters with no layers in this model (a text-encoder-only LoRA seen by the UNet) skip
         row_adapters = [[(n, w) for n, w in row if files[n].layers] for row in row_adapters]
         names = {n for row in row_adapters for n, _ in row}
-        if not names:
+        if not names and not self.fixed:
             yield
             return
         for name in sorted(names):
             self.load(name, files[name], pinned=names)
+        rows = len(row_adapters)
+        tables = self._fixed_table(row_adapters) if self.fixed else self._packed_tables(row_adapters, names)
+        self._active, self._rows = tables, rows
+        try:
+            yield
+        finally:
+            self._active, self._rows = None, 0
+
+    def _fixed_table(self, row_adapters) -> dict[int, _Table]:
+        """Fixed mode: the persistent [rows, M] table for this row count, rewritten in place."""
+        rows = len(row_adapters)
+        if rows not in self._fixed_tables:
+            slots = torch.full((rows, self.M), -1, dtype=torch.int32, device=self.device)
+            scales = torch.zeros((rows, self.M), dtype=torch.float32, device=self.device)
+            self._fixed_tables[rows] = {self.max_rank: _Table(slots, scales, lora_meta(slots, self.S))}
+        (table,) = self._fixed_tables[rows].values()
+        slots = torch.full((rows, self.M), -1, dtype=torch.int32)
+        scales = torch.zeros((rows, self.M), dtype=torch.float32)
+        for r, row in enumerate(row_adapters):
+            for m, (n, w) in enumerate(row):
+                slots[r, m] = self.resident[self.max_rank][n]
+                scales[r, m] = w
+        table.slots.copy_(slots)
+        table.scales.copy_(scales)
+        lora_meta(table.slots, self.S, out=table.meta)
+        return self._fixed_tables[rows]
+
+    def _packed_tables(self, row_adapters, names) -> dict[int, _Table]:
+        """Lazy mode: one table per bucket in use, each row's pairs packed to the left."""
         rows = len(row_adapters)
         tables: dict[int, _Table] = {}
         for bucket in {self.adapter_bucket[n] for n in names}:
@@ -200,11 +297,7 @@ class LoraRuntime:
                     scales[r, m] = scale
             slots, scales = slots.to(self.device), scales.to(self.device)
             tables[bucket] = _Table(slots, scales, lora_meta(slots, self.S))
-        self._active, self._rows = tables, rows
-        try:
-            yield
-        finally:
-            self._active, self._rows = None, 0
+        return tables
 
     def _make_hook(self, name: str):
         def hook(module, args, output):

@@ -98,7 +98,8 @@ class AdapterStore:
         self.device_pool_bytes = device_pool_bytes
         self.max_rank = max_rank
         self.dtype = dtype
-        self.targets = lora_targets(unet)
+        self.all_targets = lora_targets(unet)
+        self.targets = self.all_targets  # the modules this engine serves (a subset in compile mode)
         self.te_targets = lora_targets(text_encoder) if text_encoder is not None else {}
         self._module_names = set(dict(unet.named_modules()))
         self._infos: dict[str, AdapterInfo] = {}
@@ -108,7 +109,7 @@ class AdapterStore:
         self._shapes_cache = None
         self._kv_cache = None
         self._pins: dict[str, int] = {}
-        self.runtime = None  # the LoraRuntime holding device slot pools, set by the engine
+        self.runtimes = ()  # the LoraRuntimes holding device slot pools (UNet, text encoder), set by the engine
         self._C_inv = None
         self.model_dir = model_dir
 
@@ -154,7 +155,7 @@ class AdapterStore:
 
     def _register_lora(self, name, path, family, suffix, token) -> AdapterInfo:
         header = read_lora_header(path, self._module_names)
-        validate_lora_header(header, self.targets, self.max_rank)
+        validate_lora_header(header, self.targets, self.max_rank, self.all_targets)
         if header.text_encoder_keys:
             self._text_encoder_entries(header.path, header.text_encoder_keys, header.metadata)
         if family == "style" and suffix is None:
@@ -389,7 +390,7 @@ class AdapterStore:
         return {"host": sum(n for _, n in self._host.values()), "device": self.device_bytes()}
 
     def device_bytes(self) -> int:
-        return 0 if self.runtime is None else self.runtime.nbytes()
+        return sum(r.nbytes() for r in self.runtimes)
 
     def _check_path(self, path) -> str:
         path = os.fspath(path)
