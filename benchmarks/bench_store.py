@@ -404,6 +404,9 @@ def stream(args, tmp):
             print(r.stderr[-4000:])
             raise SystemExit(f"{side} side failed")
         out[side] = json.loads(r.stdout.strip().splitlines()[-1])
+        o = out[side]  # printed as each side ends: a long run keeps what it measured
+        print(f"  {side} side done: {len(o['lat'])} requests in {o['wall']:.1f} s, peak RSS {o['maxrss_kb'] / 1024:.0f} MB",
+              flush=True)
     print("\n(b) stream results (latency = service time of the request: its batch's generate_batch wall time for "
           "impasto, its load + set_adapters + pipeline call for diffusers+PEFT; no queueing)")
     print("| side | requests | wall s | throughput req/s | p50 latency ms | p99 latency ms | peak RSS MB | adapter loads |")
