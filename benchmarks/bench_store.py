@@ -143,7 +143,7 @@ def page_cache(paths):
 def cold_swap(args, tmp):
     from safetensors.torch import load_file
 
-    from impasto.adapters.lora import LoraRuntime, rank_bucket
+    from impasto.adapters.lora import LoraRuntime
     from impasto.adapters.store import AdapterStore
 
     t = time.perf_counter()

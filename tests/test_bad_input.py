@@ -2,7 +2,6 @@
 registration when the header shows it, else at load, where it becomes that request's `.error`
 while the other requests of the batch complete and equal their solo outputs."""
 
-import json
 import os
 import struct
 

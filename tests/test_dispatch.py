@@ -62,7 +62,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     # every backend is listed with its reasons
     assert "reference: supported" in text
     assert "triton:" in text and "TRITON_INTERPRET=1" in text
-    assert f"native: " in text and f"no native implementation of {OP!r}" in text
+    assert "native: " in text and f"no native implementation of {OP!r}" in text
 
 
 def test_dtype_rejection_names_the_dtype(_fake_op):

@@ -24,7 +24,6 @@ from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from impasto.adapters import kv
 from impasto.adapters.kv import (
     KvFile,
     KvLayer,

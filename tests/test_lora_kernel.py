@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from impasto.kernels import LoraMeta, lora_apply, lora_delta, lora_delta_ref, lora_meta, use_backend
+from impasto.kernels import lora_apply, lora_delta, lora_delta_ref, lora_meta, use_backend
 from impasto.kernels import lora as lora_module
 from impasto.kernels.testing import assert_close
 

@@ -5,7 +5,6 @@ pipeline with the same adapters active through PEFT (`set_adapters` / `disable_a
 """
 
 import hashlib
-import json
 import os
 
 import numpy as np
@@ -106,8 +105,6 @@ def write_layout(layout, peft_unet, name, folder):
             kohya = "lora_unet_" + module.replace(".", "_")
             if kind == "A.weight":
                 out[kohya + ".lora_down.weight"] = value.contiguous()
-                r = value.shape[0]
-                suffix = module.rsplit(".", 2)
                 alpha = cfg.lora_alpha
                 for pat, a in cfg.alpha_pattern.items():
                     if module.endswith(pat):

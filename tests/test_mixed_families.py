@@ -2,7 +2,6 @@
 each request equals itself run alone."""
 
 import numpy as np
-import safetensors.torch
 import torch
 from peft import LoraConfig, get_peft_model_state_dict
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel

@@ -1,10 +1,8 @@
 """The adapter store at scale: register_dir, budgets that hold under a request stream, busy adapters."""
 
-import os
 import random
 
 import numpy as np
-import pytest
 import safetensors.torch
 import torch
 

@@ -1,8 +1,6 @@
 """Pair Customization style guidance: every branch of every request in ONE UNet forward per step,
 equal to the official way — one diffusers+PEFT UNet call per branch with `set_adapters`."""
 
-import json
-import os
 
 import numpy as np
 import pytest

@@ -443,7 +443,6 @@ def _parse_diffusers(weights: str, src: _Source, token_files: list[str]) -> _Par
 
 def _parse_nested(weights: str, src: _Source, top: str) -> _Parsed:
     compvis = top == "state_dict"
-    token_top = "embed" if compvis else "modifier_token"
     allowed = {top} if compvis else {top, "modifier_token"}
     entries: dict[str, dict[str, tuple[str, ...]]] = {}
     tokens: dict[str, tuple[_Source, str, int | None]] = {}
