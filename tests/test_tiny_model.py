@@ -61,10 +61,6 @@ def fidelity():
     return scores
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "KNOWN SHORTFALL of the shipped model (issue 8 target): the VAE trained on this CPU blurs "
-    "small shapes, so shape fidelity is well under 80% (docs/tiny.md, benchmarks/RESULTS.md). "
-    "strict: once a retrained model passes, this marker must go."))
 def test_base_prompt_fidelity_colour_and_shape_at_25_steps(fidelity):
     """Seen-vocabulary prompts, 25 DDIM steps, guidance 7.5: the probes find the prompt's colour
     and shape in at least 80% of the images (the issue's target)."""

@@ -1,20 +1,20 @@
 """Train the miniature model on the world, stage by stage, on a CPU.
 
-    python -m impasto.tiny.train data       --run /work/tiny_runs/r1
-    python -m impasto.tiny.train vae        --run /work/tiny_runs/r1 --steps 1500
-    python -m impasto.tiny.train clip       --run /work/tiny_runs/r1 --steps 800
-    python -m impasto.tiny.train probes     --run /work/tiny_runs/r1 --steps 1400
-    python -m impasto.tiny.train latents    --run /work/tiny_runs/r1
-    python -m impasto.tiny.train unet       --run /work/tiny_runs/r1 --steps 2400
-    python -m impasto.tiny.train decoder    --run /work/tiny_runs/r1 --steps 3000  (decoder only; latents unchanged)
-    python -m impasto.tiny.train probes_vae --run /work/tiny_runs/r1 --steps 700   (probes also read VAE output)
-    python -m impasto.tiny.train export     --run /work/tiny_runs/r1 --out engine/tiny/model
+    python -m impasto.tiny.train data       --run /work/tiny_runs/r2
+    python -m impasto.tiny.train vae        --run /work/tiny_runs/r2 --steps 5000 --threads 2
+    python -m impasto.tiny.train clip       --run /work/tiny_runs/r2 --steps 800
+    python -m impasto.tiny.train probes     --run /work/tiny_runs/r2 --steps 1400
+    python -m impasto.tiny.train latents    --run /work/tiny_runs/r2 --threads 2
+    python -m impasto.tiny.train probes_vae --run /work/tiny_runs/r2 --steps 700   (probes also read VAE output)
+    python -m impasto.tiny.train unet       --run /work/tiny_runs/r2 --steps 8000 --threads 2
+    python -m impasto.tiny.train export     --run /work/tiny_runs/r2 --out engine/tiny/model
+    python -m impasto.tiny.train decoder    --run ... --steps 3000  (optional: decoder only; latents unchanged)
 
-(The shipped run's exact sequence, with its restarts, is in docs/tiny.md.)
+(The shipped run's record, with times and losses, is in docs/tiny.md.)
 Every stage is seeded (--seed), writes `<stage>.pt` checkpoints every --ckpt-every steps and
 resumes from them: re-running a stage with a larger --steps continues where it stopped. Each
-stage logs to `<run>/<stage>.log`. Run under `nice -n 19`; each process uses one thread
-(--threads). See docs/tiny.md for the recorded commands, times and losses.
+stage logs to `<run>/<stage>.log`. Run under `nice -n 19`; --threads sets torch's threads
+(default 1). See docs/tiny.md for the recorded commands, times and losses.
 """
 
 from __future__ import annotations
