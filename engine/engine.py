@@ -7,6 +7,7 @@ negative prompt, guidance and adapters. Requests that cannot share a step are gr
 
 from __future__ import annotations
 
+import functools
 import inspect
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from . import tiny
-from .adapters.lora import LoraRuntime, attention_targets, buckets_up_to, lora_targets, slots_for_budget
+from .adapters.lora import LoraRuntime, attention_targets, runtime_buckets, slots_for_budget
 from .adapters.store import LORA_LIKE, AdapterStore
 from .api import (
     GenerationOutput,
@@ -105,6 +106,7 @@ class Engine:
         self.max_adapters_per_row = max_adapters_per_row
         self.progress = progress
         self.image_processor = VaeImageProcessor(vae_scale_factor=base.vae_scale_factor)
+        fixed = attention_targets(base.unet) if compile else None
         self.adapters = AdapterStore(
             base.unet,
             text_encoder=base.text_encoder,
@@ -114,33 +116,18 @@ class Engine:
             max_rank=max_rank,
             dtype=dtype,
             model_dir=base.path,
+            targets=fixed,
         )
-        fixed = attention_targets(base.unet) if compile else None
-        if fixed is not None:
-            self.adapters.targets = fixed
         if device_pool_bytes is not None:
-            te = lora_targets(base.text_encoder) if base.text_encoder is not None else {}
-            buckets = (max_rank,) if compile else buckets_up_to(max_rank)
-            slots_per_bucket = slots_for_budget(device_pool_bytes, [self.adapters.targets, te], buckets, dtype)
-        self.lora = LoraRuntime(
-            base.unet,
-            slots_per_bucket=slots_per_bucket,
-            max_adapters_per_row=max_adapters_per_row,
-            device=self.device,
-            dtype=dtype,
-            max_rank=max_rank,
-            fixed_targets=fixed,
-        )
+            buckets = runtime_buckets(max_rank, fixed is not None)
+            targets = [self.adapters.targets, self.adapters.te_targets]
+            slots_per_bucket = slots_for_budget(device_pool_bytes, targets, buckets, dtype)
+        runtime = functools.partial(LoraRuntime, slots_per_bucket=slots_per_bucket, max_rank=max_rank,
+                                    max_adapters_per_row=max_adapters_per_row, device=self.device, dtype=dtype)
+        self.lora = runtime(base.unet, fixed_targets=fixed)
+        self.te_lora = runtime(base.text_encoder)
         self._plan_state = PlanState()
         self._attn2 = install_planned_attention(base.unet, self._plan_state)
-        self.te_lora = LoraRuntime(
-            base.text_encoder,
-            slots_per_bucket=slots_per_bucket,
-            max_adapters_per_row=max_adapters_per_row,
-            device=self.device,
-            dtype=dtype,
-            max_rank=max_rank,
-        )
         self.adapters.runtimes = (self.lora, self.te_lora)
         self._unet = base.unet
         if compile:

@@ -10,7 +10,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
 
 import impasto
-from impasto.adapters.lora import attention_targets, buckets_up_to, lora_targets, slots_for_budget
+from impasto.adapters.lora import attention_targets, lora_targets, runtime_buckets, slots_for_budget
 from impasto.errors import AdapterShapeError
 
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -114,7 +114,7 @@ def test_device_pool_budget_sets_the_slots_and_is_never_exceeded(tiny_dir, lora_
     probe = impasto.Engine.from_pretrained(tiny_dir, device="cpu")
     unet_t = attention_targets(probe.base.unet) if compile_mode else lora_targets(probe.base.unet)
     te_t = lora_targets(probe.base.text_encoder)
-    buckets = (16,) if compile_mode else buckets_up_to(16)
+    buckets = (16,) if compile_mode else runtime_buckets(16, fixed=False)
     one_slot = sum(k + n for t in (unet_t, te_t) for k, n in t.values()) * sum(buckets) * 4
     budget = 2 * one_slot + one_slot // 2  # room for 2 slots per bucket, not 3
     assert slots_for_budget(budget, [unet_t, te_t], buckets, torch.float32) == 2

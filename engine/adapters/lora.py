@@ -49,8 +49,11 @@ def rank_bucket(rank: int) -> int:
     raise AdapterValueError(f"rank {rank} is above the largest bucket {RANK_BUCKETS[-1]}")
 
 
-def buckets_up_to(max_rank: int) -> tuple[int, ...]:
-    """The lazy mode's rank buckets: every bucket up to the one holding max_rank."""
+def runtime_buckets(max_rank: int, fixed: bool) -> tuple[int, ...]:
+    """A runtime's rank buckets: fixed mode one of max_rank; lazy mode every bucket up to the
+    one holding max_rank."""
+    if fixed:
+        return (max_rank,)
     top = rank_bucket(max_rank)
     return tuple(b for b in RANK_BUCKETS if b <= top)
 
@@ -140,7 +143,7 @@ class LoraRuntime:
         self.device, self.dtype = torch.device(device), dtype
         self.max_rank = max_rank
         self.fixed = fixed_targets is not None
-        self.buckets = (max_rank,) if self.fixed else buckets_up_to(max_rank)
+        self.buckets = runtime_buckets(max_rank, self.fixed)
         self.modules = dict(unet.named_modules())
         self.pools: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # module -> bucket -> (A, B)
         self.resident: dict[int, OrderedDict] = {}  # bucket -> name -> slot, LRU order

@@ -40,6 +40,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 
 from ..errors import AdapterError, AdapterFormatError, AdapterShapeError, AdapterValueError
+from .lora_formats import _SAFETENSORS_DTYPES
 
 FAMILY = "rank1"
 FORMAT_VERSION = "1"
@@ -488,7 +489,7 @@ def read_rank1(
     path = str(path)
     metadata, tensors = _read_safetensors(path)
     shapes = {k: tuple(t.shape) for k, t in tensors.items()}
-    dtypes = {k: _SAFETENSORS_DTYPE.get(t.dtype, str(t.dtype)) for k, t in tensors.items()}
+    dtypes = {k: _DTYPE_NAMES.get(t.dtype, str(t.dtype)) for k, t in tensors.items()}
     header = _check_header(path, metadata, shapes, dtypes)
     if fingerprint is not None and header.fingerprint != fingerprint:
         raise AdapterShapeError(
@@ -540,7 +541,7 @@ def read_rank1(
 # ----------------------------------------------------------------------------------------------
 
 
-_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}  # torch dtype -> header name
 
 
 def _read_safetensors(path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

@@ -91,7 +91,10 @@ class AdapterStore:
         max_rank=64,
         dtype=None,
         model_dir=None,
+        targets=None,
     ):
+        """targets: the LoRA modules this engine serves ({module: (in, out)}); None: every Linear
+        and 1x1 conv of the UNet. Files naming a module outside it are refused at registration."""
         self.unet = unet
         self.root = os.path.realpath(root) if root else None
         self.host_cache_bytes = host_cache_bytes
@@ -99,7 +102,7 @@ class AdapterStore:
         self.max_rank = max_rank
         self.dtype = dtype
         self.all_targets = lora_targets(unet)
-        self.targets = self.all_targets  # the modules this engine serves (a subset in compile mode)
+        self.targets = self.all_targets if targets is None else targets
         self.te_targets = lora_targets(text_encoder) if text_encoder is not None else {}
         self._module_names = set(dict(unet.named_modules()))
         self._infos: dict[str, AdapterInfo] = {}
