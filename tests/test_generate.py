@@ -55,10 +55,14 @@ def test_guidance_rescale_equals_diffusers(engine, pipe):
     assert _max_diff(out.images, ref) <= TOL
 
 
-def _count_unet_calls(engine):
-    calls = []
-    handle = engine.base.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    return calls, handle
+def generate_counting_rows(engine, requests):
+    """engine.generate_batch(requests), and the batch size (rows) of every UNet forward it ran."""
+    rows = []
+    handle = engine.base.unet.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    try:
+        return engine.generate_batch(requests), rows
+    finally:
+        handle.remove()
 
 
 def test_batch_is_one_forward_per_step_and_equals_solo(engine):
@@ -67,11 +71,7 @@ def test_batch_is_one_forward_per_step_and_equals_solo(engine):
         impasto.Request("a blue square", seed=2, steps=5, guidance=3.0, negative_prompt="red", output_type="np"),
         impasto.Request("a green circle", seed=3, steps=5, guidance=1.0, output_type="np", num_images=2),
     ]
-    calls, handle = _count_unet_calls(engine)
-    try:
-        outs = engine.generate_batch(reqs)
-    finally:
-        handle.remove()
+    outs, calls = generate_counting_rows(engine, reqs)
     assert all(o.error is None for o in outs)
     assert calls == [2 + 2 + 2] * 5  # 5 steps, each ONE forward of all branch rows
     for req, out in zip(reqs, outs):
@@ -87,11 +87,7 @@ def test_different_sizes_and_steps_are_grouped(engine):
         impasto.Request("a red star", seed=1, steps=4, height=48, width=32, output_type="np"),
         impasto.Request("a blue star", seed=5, steps=4, output_type="np"),
     ]
-    calls, handle = _count_unet_calls(engine)
-    try:
-        outs = engine.generate_batch(reqs)
-    finally:
-        handle.remove()
+    outs, calls = generate_counting_rows(engine, reqs)
     assert [o.images.shape for o in outs] == [(1, 32, 32, 3), (1, 32, 32, 3), (1, 48, 32, 3), (1, 32, 32, 3)]
     assert sorted(calls) == sorted([4] * 4 + [2] * 3 + [2] * 4)
     for req, out in zip(reqs, outs):

@@ -16,6 +16,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
 import impasto
+from test_generate import generate_counting_rows
 
 TOL = 1e-3
 STEPS = 4
@@ -156,12 +157,7 @@ def test_mixed_batch_one_forward_equals_solo_and_diffusers(lora_engine, ref_pipe
     ]
     reqs = [impasto.Request(f"prompt {i}", adapters=a, seed=10 + i, steps=STEPS, output_type="np")
             for i, (a, _) in enumerate(cases)]
-    calls = []
-    h = eng.base.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    try:
-        outs = eng.generate_batch(reqs)
-    finally:
-        h.remove()
+    outs, calls = generate_counting_rows(eng, reqs)
     assert calls == [2 * len(reqs)] * STEPS
     for req, out, (_, ref_adapters) in zip(reqs, outs, cases):
         assert out.error is None

@@ -13,6 +13,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig, get_peft_model_state_dict
 
 import impasto
+from test_generate import generate_counting_rows
 
 STEPS = 4
 TOL = 1e-3
@@ -95,12 +96,7 @@ def test_mixed_styles_one_forward_equal_official_loop(setup):
     ]
     reqs = [impasto.Request(f"a dog number {i}", seed=20 + i, steps=STEPS, output_type="np", **kw)
             for i, (kw, _) in enumerate(cases)]
-    rows = []
-    h = eng.base.unet.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
-    try:
-        outs = eng.generate_batch(reqs)
-    finally:
-        h.remove()
+    outs, rows = generate_counting_rows(eng, reqs)
     assert rows == [2 + 3 + 5 + 3] * STEPS  # every branch of every request, one forward per step
     for req, out, (_, ref_kw) in zip(reqs, outs, cases):
         assert out.error is None, out.error
