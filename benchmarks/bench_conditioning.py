@@ -74,29 +74,31 @@ def main():
         params = sum(p.numel() for p in unet.parameters()) / 1e6
         branches = [Branch(""), Branch("a red star on a blue background")]
         plan_ms = _median_ms(
-            lambda: build_plan(branches, base, eng._attn2, eng.lora, eng.adapters, {}, "cpu", torch.float32),
+            lambda: build_plan(branches, base, eng.attn2, eng.lora, eng.adapters, {}, "cpu", torch.float32),
             args.repeats,
         )
-        plan = build_plan(branches, base, eng._attn2, eng.lora, eng.adapters, {}, "cpu", torch.float32)
+        plan = build_plan(branches, base, eng.attn2, eng.lora, eng.adapters, {}, "cpu", torch.float32)
         x = torch.randn(2, 4, 32, 32)
         emb = plan.embeds
         kv = plan.kv
 
+        eng.state.write_layout([(emb, kv)])  # the batch state the step reads: these 2 rows
+
         def step(planned):
-            eng._plan_state.kv = kv if planned else None
+            eng.state.planned = planned
             try:
                 with torch.inference_mode():
                     return unet(x, 500, encoder_hidden_states=emb).sample
             finally:
-                eng._plan_state.kv = None
+                eng.state.planned = False
 
         torch.testing.assert_close(step(True), step(False), rtol=1e-4, atol=1e-4)
         planned = _median_ms(lambda: step(True), args.repeats)
         recompute = _median_ms(lambda: step(False), args.repeats)
-        sum_h = sum(a.to_k.out_features for a in eng._attn2.values())
+        sum_h = sum(a.to_k.out_features for a in eng.attn2.values())
         D = unet.config.cross_attention_dim
         kv_mflop = 2 * 2 * 2 * 77 * D * sum_h / 1e6  # 2 rows, K and V
-        print(f"config: medium UNet {params:.1f} M params, {len(eng._attn2)} attn2 layers (sum h = {sum_h}, "
+        print(f"config: medium UNet {params:.1f} M params, {len(eng.attn2)} attn2 layers (sum h = {sum_h}, "
               f"D = {D}), 32x32 latents, batch 2 (one CFG request), float32, {torch.get_num_threads()} threads, "
               f"median of {args.repeats}")
         print("\n| measure | value |\n|---|---|")

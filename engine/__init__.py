@@ -7,7 +7,8 @@
 """
 
 from .api import Adapter, AdapterInfo, GenerationOutput, Guidance, Request
-from .engine import Engine
+from .engine import LIMITS, Engine
+from .worker import Job
 from .errors import (
     AdapterError,
     AdapterFormatError,
@@ -17,9 +18,15 @@ from .errors import (
     AdapterShapeError,
     AdapterUnsupportedError,
     AdapterValueError,
+    EngineBusyError,
+    EngineClosedError,
     ImpastoError,
     ModelLoadError,
+    NumericalError,
+    RequestCancelledError,
     RequestError,
+    RequestFailedError,
+    RequestTimeoutError,
 )
 
 __version__ = "0.1.0"
@@ -36,10 +43,18 @@ __all__ = [
     "AdapterUnsupportedError",
     "AdapterValueError",
     "Engine",
+    "EngineBusyError",
+    "EngineClosedError",
     "GenerationOutput",
     "Guidance",
     "ImpastoError",
+    "Job",
+    "LIMITS",
     "ModelLoadError",
+    "NumericalError",
     "Request",
+    "RequestCancelledError",
     "RequestError",
+    "RequestFailedError",
+    "RequestTimeoutError",
 ]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Union
-
-import torch
 
 from .errors import RequestError
 
@@ -60,6 +59,7 @@ class Request:
     width: int | None = None
     num_images: int = 1
     output_type: str = "pil"
+    timeout: float | None = None  # seconds from submit; past it the request ends with RequestTimeoutError
 
 
 @dataclass
@@ -68,16 +68,18 @@ class GenerationOutput:
 
     `images`: a list of PIL images ("pil"), a float numpy array N×H×W×3 in [0, 1] ("np"), or the
     final latents [N, C, h, w] ("latent"); None when the request failed.
-    `timings`: seconds spent in plan, denoise, decode and total (shared stages of a batch are
-    charged in full to every request of the batch).
+    `timings`: seconds spent queued (submit to admission), in plan, denoise (admission to the
+    last step; forwards are shared with the other requests in flight), decode, and total.
     `error`: None, or the exception that failed this request.
     `seed`: the seed actually used (drawn at random when the request gave none).
+    `warnings`: what the engine changed in the request, e.g. a prompt cut to the token limit.
     """
 
     images: Any = None
     timings: dict = field(default_factory=dict)
     error: BaseException | None = None
     seed: int | None = None
+    warnings: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -97,10 +99,23 @@ class AdapterInfo:
     token_map: tuple = ()  # ((placeholder in prompts, placeholder in the file), ...)
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _finite(x) -> bool:
+    return _is_number(x) and math.isfinite(x)
+
+
 def normalize_adapters(adapters) -> list[Adapter]:
-    """Turn `"name"`, `("name", scale)` and `Adapter(...)` entries into Adapters, or RequestError."""
+    """Turn `"name"`, `("name", scale)`, `Adapter(...)` entries, or a dict name -> scale, into
+    Adapters, or RequestError naming the bad entry."""
     if isinstance(adapters, (str, Adapter)):
         adapters = [adapters]
+    elif isinstance(adapters, dict):
+        adapters = list(adapters.items())  # name -> scale, never silently scale 1
+    elif adapters is not None and not isinstance(adapters, (list, tuple)):
+        raise RequestError(f"adapters: expected a list, a dict name -> scale or one name, got {type(adapters).__name__}")
     out = []
     for i, spec in enumerate(adapters or ()):
         if isinstance(spec, Adapter):
@@ -108,14 +123,14 @@ def normalize_adapters(adapters) -> list[Adapter]:
         elif isinstance(spec, str):
             a = Adapter(spec)
         elif isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str):
-            if not isinstance(spec[1], (int, float)) or isinstance(spec[1], bool):
+            if not _is_number(spec[1]):
                 raise RequestError(f"adapters[{i}] ({spec[0]}): scale must be a number, got {spec[1]!r}")
             a = Adapter(spec[0], float(spec[1]))
         else:
             raise RequestError(f"adapters[{i}]: expected 'name', ('name', scale) or Adapter, got {spec!r}")
-        if not ADAPTER_NAME.match(a.name):
-            raise RequestError(f"adapters[{i}]: adapter name {a.name!r} must match [A-Za-z0-9._-]+")
-        if not isinstance(a.scale, (int, float)) or not torch.isfinite(torch.tensor(float(a.scale))):
+        if not isinstance(a.name, str) or not ADAPTER_NAME.match(a.name):
+            raise RequestError(f"adapters[{i}]: adapter name {a.name!r} must be a string matching [A-Za-z0-9._-]+")
+        if not _finite(a.scale):
             raise RequestError(f"adapters[{i}] ({a.name}): scale must be a finite number, got {a.scale!r}")
         out.append(a)
     return out
@@ -124,16 +139,27 @@ def normalize_adapters(adapters) -> list[Adapter]:
 def normalize_guidance(guidance) -> Guidance:
     if isinstance(guidance, Guidance):
         g = guidance
-    elif isinstance(guidance, (int, float)) and not isinstance(guidance, bool):
+    elif _is_number(guidance):
         g = Guidance(cfg=float(guidance))
     else:
         raise RequestError(f"guidance: expected a float or impasto.Guidance, got {guidance!r}")
     for field_name, value in (("guidance.cfg", g.cfg), ("guidance.rescale", g.rescale)):
-        if not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        if not _finite(value):
             raise RequestError(f"{field_name}: must be a finite number, got {value!r}")
     if not 0.0 <= g.rescale <= 1.0:
         raise RequestError(f"guidance.rescale: must be in [0, 1], got {g.rescale}")
+    if not isinstance(g.styles, dict):
+        raise RequestError(f"guidance.styles: expected a dict style name -> weight, got {g.styles!r}")
+    for name, weight in g.styles.items():
+        if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+            raise RequestError(f"guidance.styles: style name {name!r} must be a string matching [A-Za-z0-9._-]+")
+        if not _finite(weight):
+            raise RequestError(f"guidance.styles[{name!r}]: weight must be a finite number, got {weight!r}")
     return g
+
+
+def _positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
 def validate_request(req: Request) -> None:
@@ -142,15 +168,18 @@ def validate_request(req: Request) -> None:
         raise RequestError(f"prompt: expected a string, got {type(req.prompt).__name__}")
     if req.negative_prompt is not None and not isinstance(req.negative_prompt, str):
         raise RequestError(f"negative_prompt: expected a string or None, got {type(req.negative_prompt).__name__}")
-    if not isinstance(req.steps, int) or req.steps < 1:
+    if not _positive_int(req.steps):
         raise RequestError(f"steps: expected a positive integer, got {req.steps!r}")
-    if not isinstance(req.num_images, int) or req.num_images < 1:
+    if not _positive_int(req.num_images):
         raise RequestError(f"num_images: expected a positive integer, got {req.num_images!r}")
-    if req.seed is not None and (not isinstance(req.seed, int) or req.seed < 0):
-        raise RequestError(f"seed: expected a non-negative integer or None, got {req.seed!r}")
+    if req.seed is not None and (not isinstance(req.seed, int) or isinstance(req.seed, bool)
+                                 or not 0 <= req.seed < 2**64):
+        raise RequestError(f"seed: expected an integer in [0, 2**64) or None, got {req.seed!r}")
     if req.output_type not in OUTPUT_TYPES:
         raise RequestError(f"output_type: expected one of {OUTPUT_TYPES}, got {req.output_type!r}")
     for name in ("height", "width"):
         v = getattr(req, name)
-        if v is not None and (not isinstance(v, int) or v <= 0):
+        if v is not None and not _positive_int(v):
             raise RequestError(f"{name}: expected a positive integer or None, got {v!r}")
+    if req.timeout is not None and not (_finite(req.timeout) and req.timeout > 0):
+        raise RequestError(f"timeout: expected a positive number of seconds or None, got {req.timeout!r}")

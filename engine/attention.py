@@ -2,8 +2,10 @@
 
 Text encodings do not change across denoising steps, so each attn2 layer's K and V — with the
 request's K/V-affecting adapters folded in — are computed once per (request, branch) by the plan
-and reused by every step; diffusers recomputes `to_k`/`to_v` every step. When no plan is active
-the processor defers to diffusers' own (SDPA) processor, so the base model behaves as before.
+and reused by every step; diffusers recomputes `to_k`/`to_v` every step. The K/V come from the
+engine's one BatchState (engine/batch.py); rows padded to the longest row are masked. When no
+step is running the processor defers to diffusers' own (SDPA) processor, so the base model
+behaves as before.
 """
 
 from __future__ import annotations
@@ -13,26 +15,20 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 
-class PlanState:
-    """What the step reads from the plan: per attn2 layer, K and V for every UNet row."""
-
-    def __init__(self):
-        self.kv: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-
-
 class PlannedCrossAttnProcessor:
-    """AttnProcessor2_0 for attn2, with K, V [rows, L, inner] taken from `state.kv[name]`."""
+    """AttnProcessor2_0 for attn2, with K, V [rows, L, inner] and the key mask taken from
+    `state.planned_kv(name)` (a BatchState)."""
 
-    def __init__(self, name: str, state: PlanState, fallback=None):
+    def __init__(self, name: str, state, fallback=None):
         self.name = name
         self.state = state
         self.fallback = fallback or AttnProcessor2_0()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        kv = self.state.kv.get(self.name) if self.state.kv is not None else None
+        kv = self.state.planned_kv(self.name)
         if kv is None:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        key, value = kv
+        key, value, key_mask = kv
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -46,6 +42,9 @@ class PlannedCrossAttnProcessor:
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[1], batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if key_mask is not None:  # padded keys of shorter rows: never attended
+            attention_mask = key_mask if attention_mask is None else attention_mask.masked_fill(
+                ~key_mask, float("-inf"))
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
@@ -79,9 +78,16 @@ def cross_attention_layers(unet) -> dict[str, torch.nn.Module]:
     }
 
 
-def install_planned_attention(unet, state: PlanState) -> dict[str, torch.nn.Module]:
+def install_planned_attention(unet, state) -> dict[str, torch.nn.Module]:
     """Give every attn2 a PlannedCrossAttnProcessor (its current processor as the fallback)."""
     layers = cross_attention_layers(unet)
     for name, m in layers.items():
         m.set_processor(PlannedCrossAttnProcessor(name, state, m.processor))
     return layers
+
+
+def uninstall_planned_attention(layers: dict) -> None:
+    """Give every attn2 back the processor it had before `install_planned_attention`."""
+    for m in layers.values():
+        if isinstance(m.processor, PlannedCrossAttnProcessor):
+            m.set_processor(m.processor.fallback)

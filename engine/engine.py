@@ -1,24 +1,28 @@
-"""The engine: request -> plan -> step -> blend -> decode.
+"""The engine: construction, the public API and request validation.
 
-One group of requests that share resolution and step count runs each denoising step as ONE UNet
-forward over every branch row of every request; each request keeps its own seed, prompt,
-negative prompt, guidance and adapters. Requests that cannot share a step are grouped.
+`submit` validates a request on the caller's thread (raising at once for one that can never
+run) and queues it; one worker thread (engine/worker.py) owns the model and serves every
+request in flight, step by step: requests with different prompts, adapters, guidance and step
+counts share each UNet forward, and join or leave it between steps. `generate` and
+`generate_batch` are thin wrappers over `submit`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
-import inspect
+import math
 import random
-from concurrent.futures import ThreadPoolExecutor
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils.torch_utils import randn_tensor
-from tqdm.auto import tqdm
+
+from impasto.kernels import dispatch
 
 from . import tiny
 from .adapters.lora import LoraRuntime, attention_targets, runtime_buckets, slots_for_budget
@@ -31,16 +35,28 @@ from .api import (
     normalize_guidance,
     validate_request,
 )
+from .attention import cross_attention_layers, install_planned_attention, uninstall_planned_attention
+from .batch import BatchState
 from .errors import AdapterNameError, ImpastoError, RequestError
-from .guidance import BranchLayout, blend, branch_table
 from .loading import BaseModel, load_base_model
-from .attention import PlanState, install_planned_attention
-from .plan import PLACEHOLDER, Branch, build_plan
+from .plan import PLACEHOLDER
+from .worker import Job, Worker, _Queued
+
+# Operator limits (Engine keywords), checked at submit before anything is allocated.
+LIMITS = dict(
+    max_pixels=2048 * 2048,  # height * width of one image
+    max_steps=200,  # also never more than the scheduler's training timesteps
+    max_num_images=8,
+    max_batch_rows=64,  # rows of one UNet forward (a request's rows: images x branches)
+    max_styles=4,
+    max_queue=1024,  # requests waiting for admission; beyond it submit raises EngineBusyError
+    max_prompt_chunks=1,  # 77-token chunks of a prompt (long-prompt chunking raises the cap later)
+)
 
 
 @dataclass
-class _Job:
-    """One validated request inside a batch."""
+class Prepared:
+    """One validated request, as the worker serves it."""
 
     index: int
     request: Request
@@ -49,35 +65,45 @@ class _Job:
     height: int
     width: int
     seed: int
-    out: GenerationOutput = field(default_factory=GenerationOutput)
     styles: tuple = ()  # ((style adapter name, suffix or None), ...) in Guidance.styles order
+    prompt: str = ""  # the texts actually encoded (cut to the character bound)
+    negative_prompt: str = ""
+    warnings: list = field(default_factory=list)
 
     @property
     def has_uncond(self) -> bool:
         return self.guidance.cfg > 1.0
+
+    @property
+    def rows(self) -> int:
+        """UNet rows of this request: one per (branch, image)."""
+        return self.request.num_images * (1 + int(self.has_uncond) + len(self.styles))
 
     def adapter_names(self) -> set[str]:
         """Every adapter the request uses: its own and its styles'."""
         return {a.name for a in self.adapters} | {name for name, _ in self.styles}
 
     def adapter_key(self) -> tuple:
-        """The request's adapters as a hashable ((name, scale), ...), applied to every branch."""
+        """The request's adapters as a hashable ((name, scale, options), ...), applied to every branch."""
         return tuple((a.name, float(a.scale), tuple(sorted(a.options.items()))) for a in self.adapters)
 
     def branches(self) -> list[tuple[str, tuple]]:
         """(text, adapters) per branch: [uncond], cond, then one per style, whose text gets the
         style's suffix and whose adapters add the style LoRA at scale 1."""
-        neg = self.request.negative_prompt or ""
         base = self.adapter_key()
-        out = ([(neg, base)] if self.has_uncond else []) + [(self.request.prompt, base)]
+        out = ([(self.negative_prompt, base)] if self.has_uncond else []) + [(self.prompt, base)]
         for name, suffix in self.styles:
-            text = self.request.prompt + (" " + suffix if suffix else "")
+            text = self.prompt + (" " + suffix if suffix else "")
             out.append((text, base + ((name, 1.0, ()),)))
         return out
 
 
 class Engine:
-    """A frozen base model serving batches of requests, each with its own adapters and guidance."""
+    """A frozen base model serving requests, each with its own adapters and guidance.
+
+    Thread-safe: any thread may call `submit`, `generate`, `generate_batch`, `agenerate` and
+    register or unregister adapters; one worker thread runs the model. `close()` stops it.
+    """
 
     def __init__(
         self,
@@ -93,12 +119,22 @@ class Engine:
         slots_per_bucket: int = 16,
         progress: bool = False,
         compile=False,
+        **limits,
     ):
         """compile: False, True (torch.compile's default backend) or a backend name such as
         "aot_eager". The UNet forward is compiled once per batch shape, and the LoRA pools switch
         to the fixed mode (attention projections, one bucket padded to max_rank), so swapping
         adapters never recompiles. device_pool_bytes, when given, sets the slots per bucket to
-        what fits the budget (overriding slots_per_bucket)."""
+        what fits the budget (overriding slots_per_bucket). limits: the operator limits of
+        `LIMITS` (max_pixels, max_steps, max_num_images, max_batch_rows, max_styles, max_queue,
+        max_prompt_chunks), each a positive integer."""
+        unknown = set(limits) - set(LIMITS)
+        if unknown:
+            raise TypeError(f"Engine: unknown keyword(s) {sorted(unknown)}; limits are {sorted(LIMITS)}")
+        self.limits = {**LIMITS, **limits}
+        for name, v in self.limits.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
         self.base = base
         self.device = torch.device(device)
         self.dtype = dtype
@@ -122,19 +158,30 @@ class Engine:
             buckets = runtime_buckets(max_rank, fixed is not None)
             targets = [self.adapters.targets, self.adapters.te_targets]
             slots_per_bucket = slots_for_budget(device_pool_bytes, targets, buckets, dtype)
+        tokens = base.tokenizer.model_max_length
+        self.state = BatchState(cross_attention_layers(base.unet), max_rows=self.limits["max_batch_rows"],
+                                max_len=tokens * self.limits["max_prompt_chunks"],
+                                embed_dim=base.text_encoder.config.hidden_size, device=self.device, dtype=dtype)
+        self.attn2 = install_planned_attention(base.unet, self.state)
         runtime = functools.partial(LoraRuntime, slots_per_bucket=slots_per_bucket, max_rank=max_rank,
-                                    max_adapters_per_row=max_adapters_per_row, device=self.device, dtype=dtype)
-        self.lora = runtime(base.unet, fixed_targets=fixed)
-        self.te_lora = runtime(base.text_encoder)
-        self._plan_state = PlanState()
-        self._attn2 = install_planned_attention(base.unet, self._plan_state)
+                                    max_adapters_per_row=max_adapters_per_row, device=self.device, dtype=dtype,
+                                    state=self.state)
+        self.lora = runtime(base.unet, fixed_targets=fixed, key="unet")
+        self.te_lora = runtime(base.text_encoder, key="text_encoder")
         self.adapters.runtimes = (self.lora, self.te_lora)
-        self._unet = base.unet
+        self.lora_families = LORA_LIKE
+        self.unet = base.unet
         if compile:
-            self._unet = torch.compile(base.unet, backend="inductor" if compile is True else compile, dynamic=False)
+            self.unet = torch.compile(base.unet, backend="inductor" if compile is True else compile, dynamic=False)
         self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="impasto-prefetch")
+        self._worker = Worker(self, max_batch_rows=self.limits["max_batch_rows"], max_queue=self.limits["max_queue"])
+        self.adapters.boundary = self._worker.boundary  # (un)registering waits for a step boundary
         # UNet downsamples by 2 per down block but the last; latents must divide evenly.
         self._size_multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
+        # A prompt within the token budget is never cut: no token is longer than the longest
+        # vocabulary entry (plus its separating space).
+        longest = max((len(t.replace("</w>", "")) for t in base.tokenizer.get_vocab()), default=16)
+        self._max_prompt_chars = (tokens - 2) * self.limits["max_prompt_chunks"] * (longest + 1)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -145,17 +192,12 @@ class Engine:
         device=None,
         dtype=None,
         scheduler=None,
-        adapter_root=None,
-        host_cache_bytes=None,
-        device_pool_bytes=None,
-        max_rank: int = 64,
-        max_adapters_per_row: int = 4,
-        slots_per_bucket: int = 16,
-        progress: bool = False,
-        compile=False,
+        **kwargs,
     ) -> "Engine":
         """Load a local diffusers SD-layout folder, or "tiny" (the miniature model shipped with
-        impasto). No network, ever; a missing or malformed component raises ModelLoadError."""
+        impasto). No network, ever; a missing or malformed component raises ModelLoadError.
+        Other keywords are the constructor's (adapter_root, host_cache_bytes, device_pool_bytes,
+        max_rank, max_adapters_per_row, slots_per_bucket, progress, compile, and the limits)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.float32 if device.type == "cpu" else torch.float16
@@ -165,21 +207,16 @@ class Engine:
             if not trained:
                 tiny.warn_random()
         base = load_base_model(path, device=device, dtype=dtype, scheduler=scheduler)
-        return cls(
-            base,
-            device=device,
-            dtype=dtype,
-            adapter_root=adapter_root,
-            host_cache_bytes=host_cache_bytes,
-            device_pool_bytes=device_pool_bytes,
-            max_rank=max_rank,
-            max_adapters_per_row=max_adapters_per_row,
-            slots_per_bucket=slots_per_bucket,
-            progress=progress,
-            compile=compile,
-        )
+        return cls(base, device=device, dtype=dtype, **kwargs)
 
     # ------------------------------------------------------------------ public API
+    def submit(self, request: Request) -> Job:
+        """Queue one request; returns its Job at once. Callable from any thread.
+
+        Raises at once (RequestError, AdapterError, EngineBusyError, EngineClosedError) for a
+        request that can never run; every later failure resolves the Job with its error."""
+        return self._submit([request], raise_errors=True)[0]
+
     def generate(
         self,
         prompt: str,
@@ -193,54 +230,90 @@ class Engine:
         width=None,
         num_images=1,
         output_type="pil",
+        timeout=None,
     ) -> GenerationOutput:
         """Generate images for one prompt; raises the request's error instead of returning it."""
-        req = Request(
-            prompt,
-            adapters=adapters,
-            guidance=guidance,
-            negative_prompt=negative_prompt,
-            steps=steps,
-            seed=seed,
-            height=height,
-            width=width,
-            num_images=num_images,
-            output_type=output_type,
-        )
-        out = self.generate_batch([req])[0]
+        req = Request(prompt, adapters=adapters, guidance=guidance, negative_prompt=negative_prompt, steps=steps,
+                      seed=seed, height=height, width=width, num_images=num_images, output_type=output_type,
+                      timeout=timeout)
+        self._not_on_worker("generate")
+        return self.submit(req).result()
+
+    async def agenerate(self, prompt: str, **kwargs) -> GenerationOutput:
+        """`generate` for asyncio code: awaits the Job without blocking the event loop; a
+        cancelled task cancels its request."""
+        job = self.submit(Request(prompt, **kwargs))
+        try:
+            out = await asyncio.wrap_future(job._future)
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
         if out.error is not None:
             raise out.error
         return out
 
     def generate_batch(self, requests) -> list[GenerationOutput]:
         """Serve many requests; outputs in request order. A failed request gets `.error` and the
-        others are still served. Requests sharing (height, width, steps) share every UNet forward."""
-        t0 = time.perf_counter()
-        jobs, outputs = [], []
-        for i, req in enumerate(requests):
-            try:
-                job = self._prepare(i, req)
-                jobs.append(job)
-                outputs.append(job.out)
-            except ImpastoError as e:
-                outputs.append(GenerationOutput(error=e, seed=getattr(req, "seed", None)))
-        groups: dict[tuple, list[_Job]] = {}
-        for job in jobs:
-            groups.setdefault((job.height, job.width, job.request.steps), []).append(job)
-        chunks = [chunk for group in groups.values() for chunk in self._fit_slots(group)]
-        for i, chunk in enumerate(chunks):
-            if i + 1 < len(chunks):  # the next chunk's adapters load while this one computes
-                self._prefetch.submit(self._prefetch_adapters, chunks[i + 1])
-            self._run_group(chunk)
-        for out in outputs:
-            out.timings.setdefault("total", time.perf_counter() - t0)
-        return outputs
+        others are still served. All are queued at once, so those that fit start together and
+        share every UNet forward."""
+        self._not_on_worker("generate_batch")
+        return [job.output() for job in self._submit(list(requests), raise_errors=False)]
+
+    def close(self) -> None:
+        """Stop the worker (requests still in flight end with EngineClosedError) and remove every
+        hook and processor: afterwards the UNet computes exactly what plain diffusers does."""
+        self._worker.close()
+        self._prefetch.shutdown(wait=True)
+        with self._worker.boundary:
+            self.lora.close()
+            self.te_lora.close()
+            uninstall_planned_attention(self.attn2)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     # ------------------------------------------------------------------ internals
-    def _prepare(self, index: int, req: Request) -> _Job:
+    def _not_on_worker(self, what: str) -> None:
+        if self._worker.is_worker_thread():
+            raise RuntimeError(f"{what} called on the engine's worker thread (from a done callback?): it would "
+                               f"wait for itself; use engine.submit there")
+
+    def _submit(self, requests: list, *, raise_errors: bool) -> list[Job]:
+        """Validate every request on the caller's thread, then queue the valid ones at once."""
+        now = time.perf_counter()
+        jobs, items = [], []
+        backend = dispatch.context_backend()
+        for i, req in enumerate(requests):
+            job = Job(req, i)
+            jobs.append(job)
+            try:
+                prep = self._prepare(i, req)
+            except ImpastoError as e:
+                if raise_errors:
+                    raise
+                job._resolve(GenerationOutput(error=e, seed=getattr(req, "seed", None)))
+                continue
+            except Exception as e:  # noqa: BLE001 - a malformed field that slipped past the checks
+                err = RequestError(f"requests[{i}]: invalid request: {type(e).__name__}: {e}")
+                if raise_errors:
+                    raise err from e
+                job._resolve(GenerationOutput(error=err, seed=getattr(req, "seed", None)))
+                continue
+            # copy_context: the caller's use_backend() override reaches the worker
+            items.append(_Queued(job, prep, contextvars.copy_context(), (prep.height, prep.width, backend), now))
+        if items:
+            self._worker.submit(items)
+            self._prefetch.submit(self._prefetch_adapters, set().union(*(q.prep.adapter_names() for q in items)))
+        return jobs
+
+    def _prepare(self, index: int, req: Request) -> Prepared:
         if not isinstance(req, Request):
             raise RequestError(f"requests[{index}]: expected impasto.Request, got {type(req).__name__}")
         validate_request(req)
+        lim = self.limits
         guidance = normalize_guidance(req.guidance)
         adapters = normalize_adapters(req.adapters)
         per_row = len(adapters) + (1 if guidance.styles else 0)  # a style row adds its style LoRA
@@ -249,63 +322,75 @@ class Engine:
                 f"adapters: {len(adapters)} adapters named{' plus a style' if guidance.styles else ''}, "
                 f"max_adapters_per_row is {self.max_adapters_per_row}"
             )
-        styles = []
-        for name, weight in guidance.styles.items():
-            info = self.adapters.info(name)
-            if info.family != "style":
-                raise AdapterNameError(f"guidance.styles: {name!r} is a {info.family} adapter, not a style adapter")
-            if not isinstance(weight, (int, float)) or weight != weight:
-                raise RequestError(f"guidance.styles[{name!r}]: weight must be a number, got {weight!r}")
-            styles.append((name, info.suffix))
-        adapters = self.adapters.resolve(adapters)
-        self._check_adapters(adapters, req)
+        if len(guidance.styles) > lim["max_styles"]:
+            raise RequestError(f"guidance.styles: {len(guidance.styles)} styles, max_styles is {lim['max_styles']}")
+        train_steps = self.base.scheduler.config.get("num_train_timesteps", 1000)
+        if req.steps > min(lim["max_steps"], train_steps):
+            which = "max_steps" if lim["max_steps"] < train_steps else "the scheduler's training timesteps"
+            raise RequestError(f"steps: {req.steps} is above {which} ({min(lim['max_steps'], train_steps)})")
+        if req.num_images > lim["max_num_images"]:
+            raise RequestError(f"num_images: {req.num_images} is above max_num_images ({lim['max_num_images']})")
         default = self.base.unet.config.sample_size * self.base.vae_scale_factor
         height, width = req.height or default, req.width or default
+        if height * width > lim["max_pixels"]:
+            raise RequestError(f"height x width: {height}x{width} = {height * width} pixels, max_pixels is "
+                               f"{lim['max_pixels']}")
         for name, v in (("height", height), ("width", width)):
             if v % self._size_multiple:
                 raise RequestError(f"{name}: {v} is not a multiple of {self._size_multiple} for this model")
+        styles = []
+        for name in guidance.styles:
+            info = self.adapters.info(name)
+            if info.family != "style":
+                raise AdapterNameError(f"guidance.styles: {name!r} is a {info.family} adapter, not a style adapter")
+            styles.append((name, info.suffix))
+        adapters = self.adapters.resolve(adapters)
+        self._check_adapters(adapters, req)
+        warnings = []
+        prompt = self._bound_text("prompt", req.prompt, warnings)
+        negative = self._bound_text("negative_prompt", req.negative_prompt or "", warnings)
         seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**63)
-        return _Job(index, req, guidance, adapters, height, width, seed, GenerationOutput(seed=seed), tuple(styles))
+        prep = Prepared(index, req, guidance, adapters, height, width, seed, tuple(styles), prompt, negative, warnings)
+        if prep.rows > lim["max_batch_rows"]:
+            raise RequestError(f"num_images x branches: {prep.rows} UNet rows, max_batch_rows is {lim['max_batch_rows']}")
+        for bucket, n in self.lora_slot_need([prep]).items():
+            if n > self.lora.S:
+                raise RequestError(f"adapters: {n} LoRAs of rank bucket {bucket} in one request, the engine has "
+                                   f"{self.lora.S} slots per bucket (slots_per_bucket / device_pool_bytes)")
+        return prep
 
-    def _prefetch_adapters(self, jobs: list[_Job]) -> None:
-        """Read a later chunk's adapters into the host cache; a failure is left for that
-        request's own load to report."""
-        for name in set().union(*(job.adapter_names() for job in jobs)):
+    def _bound_text(self, field_name: str, text: str, warnings: list) -> str:
+        """Cut `text` to the character bound before tokenizing, and report any truncation."""
+        limit = self._max_prompt_chars
+        if len(text) > limit:
+            warnings.append(f"{field_name}: cut from {len(text)} to {limit} characters before tokenizing")
+            text = text[:limit]
+        budget = (self.base.tokenizer.model_max_length - 2) * self.limits["max_prompt_chunks"]
+        # a learned-token placeholder is one position (engine/plan.py)
+        n = len(self.base.tokenizer(re.sub(PLACEHOLDER, " x ", text), add_special_tokens=False).input_ids)
+        if n > budget:
+            warnings.append(f"{field_name}: {n} tokens, truncated to the first {budget} "
+                            f"(max_prompt_chunks={self.limits['max_prompt_chunks']})")
+        return text
+
+    def lora_slot_need(self, preps) -> dict[int, int]:
+        """Distinct LoRA adapters per rank bucket that `preps` need in the slot pools together."""
+        need: dict[int, set] = {}
+        for prep in preps:
+            for name in prep.adapter_names():
+                info = self.adapters.info(name)
+                if info.family in self.lora_families and info.targets:
+                    need.setdefault(self.lora.bucket(info.rank), set()).add(name)
+        return {b: len(names) for b, names in need.items()}
+
+    def _prefetch_adapters(self, names) -> None:
+        """Read a queued request's adapters into the host cache before it is admitted; a failure
+        is left for that request's own load to report."""
+        for name in names:
             try:
                 self.adapters.load(name)
             except Exception:  # noqa: BLE001 - reported by the request's own load
                 pass
-
-    def _fit_slots(self, jobs: list[_Job]) -> list[list[_Job]]:
-        """Split a group so no rank bucket needs more distinct adapters than it has slots."""
-        chunks, current, used = [], [], {}
-        for job in jobs:
-            need = {}
-            for name in job.adapter_names():
-                info = self.adapters.info(name)
-                if info.family in LORA_LIKE:
-                    need.setdefault(self.lora.bucket(info.rank), set()).add(name)
-            fits = all(len(used.get(b, set()) | names) <= self.lora.S for b, names in need.items())
-            if current and not fits:
-                chunks.append(current)
-                current, used = [], {}
-            current.append(job)
-            for b, names in need.items():
-                used.setdefault(b, set()).update(names)
-        return chunks + [current] if current else chunks
-
-    def _load_adapters(self, jobs: list[_Job]) -> tuple[list[_Job], dict]:
-        """Read every adapter the group names; a request whose adapter fails gets that error."""
-        files, ok = {}, []
-        for job in jobs:
-            try:
-                for name in job.adapter_names():
-                    if name not in files:
-                        files[name] = self.adapters.load(name)
-                ok.append(job)
-            except ImpastoError as e:
-                job.out.error = e
-        return ok, files
 
     def _check_adapters(self, adapters, req: Request) -> None:
         """Family rules of a request's adapters, and that every placeholder in its prompts is
@@ -322,8 +407,15 @@ class Engine:
                 unknown = set(a.options) - {"beta", "tau", "global_lock"}
                 if unknown:
                     raise RequestError(f"adapters: {a.name!r}: unknown rank1 options {sorted(unknown)}")
-                if "tau" in a.options and not float(a.options["tau"]) > 0:
+                for option in ("beta", "tau"):
+                    v = a.options.get(option, 1.0)
+                    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                        raise RequestError(f"adapters: {a.name!r}: {option} must be a finite number, got {v!r}")
+                if "tau" in a.options and not a.options["tau"] > 0:
                     raise RequestError(f"adapters: {a.name!r}: tau must be > 0, got {a.options['tau']}")
+                if not isinstance(a.options.get("global_lock", False), bool):
+                    raise RequestError(f"adapters: {a.name!r}: global_lock must be True or False, "
+                                       f"got {a.options['global_lock']!r}")
             elif a.options:
                 raise RequestError(f"adapters: {a.name!r} ({info.family}) takes no options, got {sorted(a.options)}")
             for placeholder, _ in info.token_map:
@@ -336,98 +428,3 @@ class Engine:
             for placeholder in re.findall(PLACEHOLDER, text):
                 if placeholder not in defined:
                     raise AdapterNameError(f"{where}: placeholder {placeholder!r} is defined by none of this request's adapters")
-
-    def _run_group(self, jobs: list[_Job]) -> None:
-        """Plan, denoise and decode one group of requests sharing size and step count."""
-        with self.adapters.pinned(set().union(*(job.adapter_names() for job in jobs))):
-            self._run_pinned_group(jobs)
-
-    def _run_pinned_group(self, jobs: list[_Job]) -> None:
-        base, dev, dtype = self.base, self.device, self.dtype
-        jobs, files = self._load_adapters(jobs)
-        if not jobs:
-            return
-        height, width, steps = jobs[0].height, jobs[0].width, jobs[0].request.steps
-        t_plan = time.perf_counter()
-
-        # -- plan: once per distinct (request, branch): text encoding, then every attn2 K/V
-        branches = [Branch(text, adapters) for job in jobs for text, adapters in job.branches()]
-        plan = build_plan(branches, base, self._attn2, self.lora, self.adapters, files, dev, dtype, self.te_lora)
-
-        scheduler = type(base.scheduler).from_config(base.scheduler.config)
-        scheduler.set_timesteps(steps, device=dev)
-        latent_shape = (base.unet.config.in_channels, height // base.vae_scale_factor, width // base.vae_scale_factor)
-
-        row_branch, row_latent, row_adapters, layouts, latents, generators = [], [], [], [], [], []
-        row, latent, branch = 0, 0, 0
-        for job in jobs:
-            n = job.request.num_images
-            gen = torch.Generator("cpu").manual_seed(job.seed)
-            latents.append(randn_tensor((n, *latent_shape), generator=gen, device=dev, dtype=dtype))
-            generators += [gen] * n
-            style_weights = tuple(float(w) for w in job.guidance.styles.values())
-            layout = BranchLayout(row, n, job.guidance.cfg, job.has_uncond, style_weights, job.guidance.rescale)
-            for _, adapters in job.branches():
-                row_branch += [plan.index[branch]] * n
-                row_latent += range(latent, latent + n)
-                lora = [(name, scale) for name, scale, _ in adapters if self.adapters.info(name).family in LORA_LIKE]
-                row_adapters += [lora] * n
-                branch += 1
-            layouts.append(layout)
-            row += layout.num_rows
-            latent += n
-        row_branch = torch.tensor(row_branch, device=dev)
-        row_latent = torch.tensor(row_latent, device=dev)
-        encoder_hidden_states = plan.embeds[row_branch]
-        kv_rows = {name: (k[row_branch], v[row_branch]) for name, (k, v) in plan.kv.items()}
-        latents = torch.cat(latents) * scheduler.init_noise_sigma
-        table = branch_table(layouts, dev)
-        step_kwargs = self._step_kwargs(scheduler, generators)
-        t_denoise = time.perf_counter()
-
-        # -- step: one UNet forward for every row of every request; attn2 reads the plan's K/V
-        self._plan_state.kv = kv_rows
-        try:
-            with self.lora.activate(row_adapters, files), torch.inference_mode():
-                for t in tqdm(scheduler.timesteps, disable=not self.progress, desc="denoise", leave=False):
-                    model_input = scheduler.scale_model_input(latents[row_latent], t)
-                    noise = self._unet(
-                        model_input, t, encoder_hidden_states=encoder_hidden_states, return_dict=False
-                    )[0]
-                    noise = blend(noise, table)
-                    latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-        finally:
-            self._plan_state.kv = None
-        t_decode = time.perf_counter()
-
-        # -- decode
-        need_pixels = any(job.request.output_type != "latent" for job in jobs)
-        if need_pixels:
-            with torch.inference_mode():
-                pixels = base.vae.decode(latents / base.vae.config.scaling_factor, return_dict=False)[0]
-        t_end = time.perf_counter()
-
-        start = 0
-        for job in jobs:
-            n = job.request.num_images
-            if job.request.output_type == "latent":
-                job.out.images = latents[start : start + n].clone()
-            else:
-                image = pixels[start : start + n]
-                job.out.images = self.image_processor.postprocess(
-                    image, output_type=job.request.output_type, do_denormalize=[True] * n
-                )
-            start += n
-            job.out.timings.update(plan=t_denoise - t_plan, denoise=t_decode - t_denoise, decode=t_end - t_decode)
-
-    @staticmethod
-    def _step_kwargs(scheduler, generators) -> dict:
-        """diffusers' prepare_extra_step_kwargs: eta=0 where accepted; one generator per latent
-        (the request's own) for schedulers that draw noise."""
-        params = set(inspect.signature(scheduler.step).parameters)
-        kw = {}
-        if "eta" in params:
-            kw["eta"] = 0.0
-        if "generator" in params:
-            kw["generator"] = generators
-        return kw

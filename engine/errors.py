@@ -43,3 +43,28 @@ class AdapterValueError(AdapterError):
 
 class AdapterNameError(AdapterError):
     """Unknown or duplicate adapter name, or a placeholder token no adapter defines."""
+
+
+class RequestFailedError(ImpastoError):
+    """A request failed for a reason that is not one of the errors above (a library error, an
+    allocation failure); the message names the request and the stage, `__cause__` is the cause."""
+
+
+class RequestTimeoutError(ImpastoError):
+    """The request ran past its `Request.timeout` (queued or running)."""
+
+
+class RequestCancelledError(ImpastoError):
+    """The request was cancelled through `Job.cancel()` (or its asyncio task was)."""
+
+
+class NumericalError(ImpastoError):
+    """The request's final latents hold NaN or Inf (instead of returning a black image)."""
+
+
+class EngineBusyError(ImpastoError):
+    """The engine's queue is full (`max_queue`); retry later."""
+
+
+class EngineClosedError(ImpastoError):
+    """The engine was closed; it takes no more requests."""

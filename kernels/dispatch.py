@@ -8,7 +8,8 @@ Backends:
 
 Choice, first match wins:
     1. the op's `backend=` argument,
-    2. the innermost `use_backend(...)` context manager,
+    2. the innermost `use_backend(...)` context manager of the current context (a contextvar:
+       per thread and per asyncio task),
     3. the environment variable IMPASTO_BACKEND (read at every call, so tests can set it),
     4. the device default, chosen once per device type: `triton` on CUDA when it can run there,
        otherwise `reference`.
@@ -21,6 +22,7 @@ implementation on a backend is rejected with that as its reason.
 """
 
 import contextlib
+import contextvars
 import enum
 import functools
 import importlib.util
@@ -46,8 +48,9 @@ class BackendNotSupportedError(RuntimeError):
 _REGISTRY: dict[str, dict[Backend, Callable]] = {}
 # op name -> backend -> dtypes the implementation accepts (None: any)
 _DTYPES: dict[str, dict[Backend, frozenset | None]] = {}
-# innermost last; set by use_backend
-_OVERRIDES: list[Backend] = []
+# innermost last; set by use_backend. Context-local, so one thread's (or asyncio task's) override
+# never reaches another's ops; the engine captures it with copy_context() at submit.
+_OVERRIDES: contextvars.ContextVar[tuple[Backend, ...]] = contextvars.ContextVar("impasto_backend", default=())
 
 
 def register(op: str, backend: str, dtypes=None) -> Callable:
@@ -132,8 +135,9 @@ def requested_backend(backend=None) -> Backend | None:
     """The override in force: the argument, else the innermost context manager, else the env var."""
     if backend is not None:
         return _parse(backend)
-    if _OVERRIDES:
-        return _OVERRIDES[-1]
+    overrides = _OVERRIDES.get()
+    if overrides:
+        return overrides[-1]
     env = os.environ.get(ENV_VAR, "")
     if env:
         return _parse(env)
@@ -164,8 +168,14 @@ def implementation(op: str, backend) -> Callable:
 def use_backend(backend) -> Iterator[Backend]:
     """Run the ops inside the block on `backend` unless a call passes its own `backend=`."""
     name = _parse(backend)
-    _OVERRIDES.append(name)
+    token = _OVERRIDES.set(_OVERRIDES.get() + (name,))
     try:
         yield name
     finally:
-        _OVERRIDES.pop()
+        _OVERRIDES.reset(token)
+
+
+def context_backend() -> Backend | None:
+    """The innermost `use_backend` override of the current context (not the env var), or None."""
+    overrides = _OVERRIDES.get()
+    return overrides[-1] if overrides else None

@@ -89,8 +89,10 @@ def test_unregister_of_a_busy_adapter_fails_clearly(tiny_dir, tmp_path):
     assert "busy" not in eng.adapters.names()
 
 
-def test_next_chunk_adapters_prefetch_during_this_chunk(tiny_dir, tmp_path):
-    eng = impasto.Engine.from_pretrained(tiny_dir)
+def test_waiting_request_adapters_prefetch_while_others_run(tiny_dir, tmp_path):
+    """One slot: "later" waits for "first" to finish, and its file is read into the host cache
+    while first's steps run (the prefetch thread starts at submit)."""
+    eng = impasto.Engine.from_pretrained(tiny_dir, slots_per_bucket=1)
     eng.adapters.register("first", lora(tmp_path / "first.safetensors", 1))
     eng.adapters.register("later", lora(tmp_path / "later.safetensors", 2))
     seen = []
@@ -98,7 +100,7 @@ def test_next_chunk_adapters_prefetch_during_this_chunk(tiny_dir, tmp_path):
     try:
         outs = eng.generate_batch([
             impasto.Request("a", adapters=["first"], steps=12, seed=0, output_type="latent"),
-            impasto.Request("b", adapters=["later"], steps=2, seed=0, output_type="latent"),  # another group
+            impasto.Request("b", adapters=["later"], steps=2, seed=0, output_type="latent"),  # waits for the slot
         ])
     finally:
         h.remove()

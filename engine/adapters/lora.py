@@ -131,12 +131,22 @@ class _Table:
     meta: object  # LoraMeta, shared by every module
 
 
+class _TableHolder:
+    """Where the hooks of a runtime built outside an engine find their tables."""
+
+    def __init__(self):
+        self.lora: dict = {}
+
+
 class LoraRuntime:
     """Slot pools + hooks applying, per row, the LoRA adapters that row names."""
 
     def __init__(self, unet, *, slots_per_bucket: int, max_adapters_per_row: int, device, dtype,
-                 max_rank: int = RANK_BUCKETS[-1], fixed_targets: dict | None = None):
-        """fixed_targets: None for the lazy mode, else {module: (in, out)} for the fixed mode."""
+                 max_rank: int = RANK_BUCKETS[-1], fixed_targets: dict | None = None,
+                 state=None, key: str = "unet"):
+        """fixed_targets: None for the lazy mode, else {module: (in, out)} for the fixed mode.
+        state, key: the hooks read their tables from `state.lora[key]` (the engine's BatchState;
+        a private holder when None), written by `activate`/`set_tables`."""
         self.unet = unet
         self.S = slots_per_bucket
         self.M = max_adapters_per_row
@@ -149,10 +159,12 @@ class LoraRuntime:
         self.resident: dict[int, OrderedDict] = {}  # bucket -> name -> slot, LRU order
         self.adapter_bucket: dict[str, int] = {}
         self.loaded_version: dict[str, object] = {}  # name -> identity of the LoraFile in its slot
-        self._hooked: set[str] = set()
+        self._hooked: dict[str, object] = {}  # module -> hook handle
         self._written: dict[tuple[int, int], set[str]] = {}  # (bucket, slot) -> modules holding its adapter
-        self._active: dict[int, _Table] | None = None
-        self._rows = 0
+        self.state = state if state is not None else _TableHolder()
+        self.key = key
+        self.state.lora[key] = None
+        self.pins: dict[str, int] = {}  # adapters the requests in flight keep in their slots
         self._fixed_tables: dict[int, dict[int, _Table]] = {}  # rows -> {bucket: table}, fixed mode
         for module in fixed_targets or ():
             self._pool(module, max_rank)
@@ -167,8 +179,7 @@ class LoraRuntime:
         if name in self._hooked:
             return
         module = self.modules[name]
-        module.register_forward_hook(self._make_hook(name))
-        self._hooked.add(name)
+        self._hooked[name] = module.register_forward_hook(self._make_hook(name))
 
     def _pool(self, module: str, bucket: int):
         pools = self.pools.setdefault(module, {})
@@ -189,7 +200,7 @@ class LoraRuntime:
             if s not in used:
                 return s
         for name, s in res.items():  # least recently used first
-            if name not in pinned:
+            if name not in pinned and not self.pins.get(name):
                 del res[name]
                 self.adapter_bucket.pop(name, None)
                 self.loaded_version.pop(name, None)
@@ -240,28 +251,59 @@ class LoraRuntime:
         self.loaded_version[name] = lora
 
     # ------------------------------------------------------------------ activation
-    @contextlib.contextmanager
-    def activate(self, row_adapters: list[list[tuple[str, float]]], files: dict):
-        """Make row r apply the (name, scale) pairs row_adapters[r] during the block.
+    def pin(self, names) -> None:
+        """Keep `names` in their slots until `unpin` (a request in flight uses them)."""
+        for n in names:
+            self.pins[n] = self.pins.get(n, 0) + 1
 
-        files: name -> LoraFile for every adapter named. Builds one slot table and one kernel
-        metadata per rank bucket, reused by every module and every step of the block.
+    def unpin(self, names) -> None:
+        for n in names:
+            self.pins[n] -= 1
+            if not self.pins[n]:
+                del self.pins[n]
+
+    def free_slots(self, bucket: int) -> int:
+        """Slots of `bucket` not held by a pinned adapter."""
+        res = self.resident.get(bucket, {})
+        return self.S - sum(1 for n in res if self.pins.get(n))
+
+    def tables(self, row_adapters: list[list[tuple[str, float]]], files: dict):
+        """Load every adapter named into a slot and build the row tables for `row_adapters`.
+
+        files: name -> LoraFile for every adapter named. Returns one slot table and one kernel
+        metadata per rank bucket (reused by every module and every step), or None when no row
+        names an adapter (lazy mode).
         """
         # adapters with no layers in this model (a text-encoder-only LoRA seen by the UNet) skip
         row_adapters = [[(n, w) for n, w in row if files[n].layers] for row in row_adapters]
         names = {n for row in row_adapters for n, _ in row}
         if not names and not self.fixed:
-            yield
-            return
+            return None
         for name in sorted(names):
             self.load(name, files[name], pinned=names)
-        rows = len(row_adapters)
-        tables = self._fixed_table(row_adapters) if self.fixed else self._packed_tables(row_adapters, names)
-        self._active, self._rows = tables, rows
+        return self._fixed_table(row_adapters) if self.fixed else self._packed_tables(row_adapters, names)
+
+    def set_tables(self, tables, rows: int) -> None:
+        """What the hooks apply from now on: `tables` for a batch of `rows` rows (None: nothing)."""
+        self.state.lora[self.key] = None if tables is None else (tables, rows)
+
+    @contextlib.contextmanager
+    def activate(self, row_adapters: list[list[tuple[str, float]]], files: dict):
+        """Make row r apply the (name, scale) pairs row_adapters[r] during the block (then
+        restore what was active before)."""
+        before = self.state.lora.get(self.key)
+        self.set_tables(self.tables(row_adapters, files), len(row_adapters))
         try:
             yield
         finally:
-            self._active, self._rows = None, 0
+            self.state.lora[self.key] = before
+
+    def close(self) -> None:
+        """Remove every hook; the module then computes exactly its base output."""
+        for handle in self._hooked.values():
+            handle.remove()
+        self._hooked.clear()
+        self.state.lora[self.key] = None
 
     def _fixed_table(self, row_adapters) -> dict[int, _Table]:
         """Fixed mode: the persistent [rows, M] table for this row count, rewritten in place."""
@@ -304,19 +346,19 @@ class LoraRuntime:
 
     def _make_hook(self, name: str):
         def hook(module, args, output):
-            tables = self._active
-            if tables is None:
+            active = self.state.lora.get(self.key)
+            if active is None:
                 return None
+            tables, rows = active
             pools = self.pools.get(name, {})
             for bucket, table in tables.items():
                 if bucket in pools:
-                    output = self._apply(module, args[0], output, *pools[bucket], table)
+                    output = self._apply(module, args[0], output, *pools[bucket], table, rows)
             return output
 
         return hook
 
-    def _apply(self, module, x, y, A, B, table: _Table):
-        rows = self._rows
+    def _apply(self, module, x, y, A, B, table: _Table, rows: int):
         if x.shape[0] != rows:
             raise RuntimeError(f"LoRA hook: module input has batch {x.shape[0]}, the row table has {rows} rows")
         grad = torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad)

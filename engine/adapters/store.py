@@ -112,6 +112,7 @@ class AdapterStore:
         self._shapes_cache = None
         self._kv_cache = None
         self._pins: dict[str, int] = {}
+        self.boundary = contextlib.nullcontext()  # the engine's step-boundary lock: (un)register between steps
         self.runtimes = ()  # the LoraRuntimes holding device slot pools (UNet, text encoder), set by the engine
         self._C_inv = None
         self.model_dir = model_dir
@@ -150,7 +151,7 @@ class AdapterStore:
             info = self._register_rank1(name, path, suffix, token)
         elif family == "kv":
             info = self._register_kv(name, path, suffix, token)
-        with self._lock:
+        with self.boundary, self._lock:
             if name in self._infos:
                 raise AdapterNameError(f"adapter name {name!r} is already registered (to {self._infos[name].path})")
             self._infos[name] = info
@@ -364,7 +365,7 @@ class AdapterStore:
 
     def unregister(self, name: str) -> None:
         """Forget `name`. An adapter a running request uses cannot be unregistered."""
-        with self._lock:
+        with self.boundary, self._lock:
             self.info(name)
             if self._pins.get(name):
                 raise AdapterError(f"adapter {name!r} is in use by a running request; unregister it after the batch")
