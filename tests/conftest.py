@@ -36,3 +36,9 @@ def pipe(tiny_dir):
     p = StableDiffusionPipeline.from_pretrained(tiny_dir, local_files_only=True)
     p.set_progress_bar_config(disable=True)
     return p
+
+
+def pytest_configure(config):
+    """CI prints the 20 slowest tests (the README's test command stays plain `pytest -q tests`)."""
+    if config.option.durations is None:
+        config.option.durations = 20
