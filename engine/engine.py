@@ -259,6 +259,11 @@ class Engine:
         self._not_on_worker("generate_batch")
         return [job.output() for job in self._submit(list(requests), raise_errors=False)]
 
+    def stats(self) -> dict:
+        """The worker's counters: queued and running requests, UNet forwards so far, rows of the
+        last forward, whether the worker is alive (for /ready and /metrics)."""
+        return self._worker.stats()
+
     def close(self) -> None:
         """Stop the worker (requests still in flight end with EngineClosedError) and remove every
         hook and processor: afterwards the UNet computes exactly what plain diffusers does."""

@@ -137,6 +137,7 @@ class Worker:
         self._running: list[_Running] = []
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.forwards, self.rows_last_forward = 0, 0
         self._turn = 0  # iterations run; with _last_step, latent-size groups take turns
         self._last_step: dict[tuple, int] = {}
 
@@ -153,6 +154,13 @@ class Worker:
                 self._thread = threading.Thread(target=self._loop, name="impasto-worker", daemon=True)
                 self._thread.start()
             self._cv.notify()
+
+    def stats(self) -> dict:
+        """queued / running requests now, UNet forwards so far and the rows of the last one."""
+        with self._cv:
+            queued = len(self._queue)
+        return {"queued": queued, "running": len(self._running), "forwards": self.forwards,
+                "rows_last_forward": self.rows_last_forward, "alive": self._thread is None or self._thread.is_alive()}
 
     def is_worker_thread(self) -> bool:
         return threading.current_thread() is self._thread
@@ -381,6 +389,8 @@ class Worker:
                                return_dict=False)[0]
             finally:
                 e.state.planned = False
+            self.forwards += 1
+            self.rows_last_forward = e.state.rows
             return blend(noise, self._table)
 
     def _advance(self, r: _Running, noise: torch.Tensor) -> None:

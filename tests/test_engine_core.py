@@ -122,6 +122,8 @@ def test_four_and_six_steps_share_forwards_and_equal_solo(eng):
     finally:
         count.remove()
     assert count.rows == [4] * 4 + [2] * 2
+    stats = eng.stats()
+    assert stats["rows_last_forward"] == 2 and stats["queued"] == stats["running"] == 0 and stats["alive"]
     for req, out in zip(reqs, outs):
         assert _diff(out.images, _solo(eng, req)) <= IMAGE_TOL
     assert _diff(outs[0].images, outs[1].images[:1]) > 100 * IMAGE_TOL
