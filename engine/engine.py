@@ -310,7 +310,14 @@ class Engine:
             # copy_context: the caller's use_backend() override reaches the worker
             items.append(_Queued(job, prep, contextvars.copy_context(), (prep.height, prep.width, backend), now))
         if items:
-            self._worker.submit(items)
+            try:
+                self._worker.submit(items)
+            except ImpastoError as e:  # busy or closed: every request of the call gets it
+                if raise_errors:
+                    raise
+                for q in items:
+                    q.job._resolve(GenerationOutput(error=e, seed=q.prep.seed))
+                return jobs
             self._prefetch.submit(self._prefetch_adapters, set().union(*(q.prep.adapter_names() for q in items)))
         return jobs
 

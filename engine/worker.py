@@ -187,8 +187,9 @@ class Worker:
             try:
                 with self.boundary:
                     self._iteration()
-            except BaseException as e:  # noqa: BLE001 - a bug here fails what is in flight, not the worker
-                self._drain(e)
+            except BaseException as e:  # noqa: BLE001 - a bug here fails what is running, not the worker
+                for r in list(self._running):
+                    self._fail(r, e, "serving")
 
     def _drain(self, error: BaseException) -> None:
         with self._cv:

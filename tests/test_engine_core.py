@@ -336,6 +336,8 @@ def test_full_queue_is_engine_busy(tiny_dir):
         second = e.submit(_req("b", steps=2, seed=2))  # the one queue place
         with pytest.raises(impasto.EngineBusyError, match="max_queue=1"):
             e.submit(_req("c", steps=2, seed=3))
+        outs = e.generate_batch([_req("d", steps=2, seed=4)])  # the batch form reports it per request
+        assert isinstance(outs[0].error, impasto.EngineBusyError)
         count.release()
         assert first.result(60).error is None and second.result(60).error is None
     finally:
