@@ -305,9 +305,9 @@ def test_kv_file_round_trip(tmp_path, unet, base):
 
 def test_header_reads_no_tensor_data(tmp_path, unet, base, monkeypatch):
     write_diffusers(tmp_path, unet)
-    from impasto.adapters import lora_formats  # the shared file access kv's reader builds on
+    from impasto.adapters import files  # the one file layer every reader opens through
 
-    real = lora_formats.safe_open
+    real = files.safe_open
 
     class NoData:
         def __init__(self, *a, **k):
@@ -325,7 +325,7 @@ def test_header_reads_no_tensor_data(tmp_path, unet, base, monkeypatch):
                 raise AssertionError("header read tensor data")
             return getattr(self.f, name)
 
-    monkeypatch.setattr(lora_formats, "safe_open", NoData)
+    monkeypatch.setattr(files, "safe_open", NoData)
     h = read_kv_header(tmp_path, base)
     assert len(h.layers) == 7 and h.placeholders == ["<new1>"]
     with pytest.raises(AssertionError, match="header read tensor data"):  # the guard can fire

@@ -82,9 +82,7 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import re
-import struct
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -93,7 +91,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import AdapterFormatError, AdapterShapeError, AdapterUnsupportedError, AdapterValueError
-from . import lora_formats
+from .files import PICKLE_SUFFIXES, WeightsFile
 
 __all__ = [
     "FORMATS",
@@ -118,7 +116,6 @@ FORMAT_VERSION = "1"
 FAMILY = "kv"
 
 DIFFUSERS_WEIGHT_NAMES = ("pytorch_custom_diffusion_weights.safetensors", "pytorch_custom_diffusion_weights.bin")
-_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 _LDM_PREFIX = "model.diffusion_model."
 _PROJ = ("to_k", "to_v")
 
@@ -259,66 +256,6 @@ def compvis_name_map(names: Iterable[str]) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# File access.
-# ---------------------------------------------------------------------------------------------
-
-
-def _looks_like_safetensors(path: str) -> bool:
-    """Content sniff: 8-byte little-endian header length, then a JSON object."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-            size = os.fstat(f.fileno()).st_size
-    except OSError:
-        return False
-    if len(head) < 9:
-        return False
-    (n,) = struct.unpack("<Q", head[:8])
-    return head[8:9] == b"{" and 8 + n <= size
-
-
-class _Source(lora_formats._Source):
-    """Keys, shapes, dtypes and tensors of one file. Nested pickle dicts are flattened with "/"."""
-
-    def __init__(self, path: str):
-        self.empty: list[str] = []  # pickle keys whose value is an empty dict
-        self.others: dict[str, object] = {}  # pickle leaves that are not tensors
-        super().__init__(path)
-
-    def _is_safetensors(self, path: str) -> bool:
-        return not path.endswith(_PICKLE_SUFFIXES) or _looks_like_safetensors(path)
-
-    def _load_pickle(self, path: str) -> dict[str, torch.Tensor]:
-        self._tensors = {}
-        self._flatten(_torch_load_weights_only(path), "")
-        return self._tensors
-
-    def _flatten(self, obj, prefix: str) -> None:
-        if isinstance(obj, torch.Tensor):
-            self._tensors[prefix] = obj
-        elif isinstance(obj, dict):
-            if not obj and prefix:
-                self.empty.append(prefix)
-            for k, v in obj.items():
-                if not isinstance(k, str):
-                    raise AdapterFormatError(f"{self.path}: key {k!r} under {prefix or 'the top level'!r} is not a string")
-                self._flatten(v, f"{prefix}/{k}" if prefix else k)
-        else:
-            self.others[prefix] = obj
-
-
-def _torch_load_weights_only(path: str):
-    """Load a pickle without ever running code from it (torch's weights-only unpickler)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise AdapterFormatError(f"{path}: no such file") from e
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError, OSError,
-            KeyError, IndexError, ImportError) as e:
-        raise AdapterFormatError(f"{path}: not a weights-only torch file (refused, nothing executed): {e}") from e
-
-
-# ---------------------------------------------------------------------------------------------
 # Detection and key parsing.
 # ---------------------------------------------------------------------------------------------
 
@@ -326,11 +263,11 @@ def _torch_load_weights_only(path: str):
 @dataclass
 class _Parsed:
     format: str
-    src: _Source
+    src: WeightsFile
     # module -> {"to_k": (key,) for a full weight | (u_key, v_key) for factors, "to_v": ...}
     entries: dict[str, dict[str, tuple[str, ...]]]
     full: bool  # entries hold full fine-tuned weights (subtract the base)
-    tokens: dict[str, tuple[_Source, str, int | None]]  # placeholder -> (source, key, row of a 2-D key)
+    tokens: dict[str, tuple[WeightsFile, str, int | None]]  # placeholder -> (source, key, row of a 2-D key)
     notes: list[str]
 
 
@@ -361,7 +298,7 @@ def _resolve(path) -> tuple[str, list[str]]:
 
 
 def _is_original_name(name: str) -> bool:
-    return (name.startswith(("delta", "compressed_delta")) and name.endswith(_PICKLE_SUFFIXES)) or (
+    return (name.startswith(("delta", "compressed_delta")) and name.endswith(PICKLE_SUFFIXES)) or (
         name.startswith("compressed_delta") and name.endswith(".safetensors")
     )
 
@@ -378,7 +315,7 @@ def _with_token_files(weights: str) -> tuple[str, list[str]]:
 
 def _parse(path) -> _Parsed:
     weights, token_files = _resolve(path)
-    src = _Source(weights)
+    src = WeightsFile(weights, nested=True)
     keys = src.keys()
     if src.others:
         k, v = next(iter(src.others.items()))
@@ -411,7 +348,7 @@ def _parse(path) -> _Parsed:
     )
 
 
-def _parse_diffusers(weights: str, src: _Source, token_files: list[str]) -> _Parsed:
+def _parse_diffusers(weights: str, src: WeightsFile, token_files: list[str]) -> _Parsed:
     entries: dict[str, dict[str, tuple[str, ...]]] = {}
     for k in src.keys():
         if _DIFFUSERS_UNSUPPORTED.search(k):
@@ -426,9 +363,9 @@ def _parse_diffusers(weights: str, src: _Source, token_files: list[str]) -> _Par
     for k in src.empty:  # save_attn_procs(.bin) writes "<attn1>.processor": {} for weightless processors
         if not k.endswith(".processor"):
             raise AdapterFormatError(f"{weights}: unknown empty entry {k!r}")
-    tokens: dict[str, tuple[_Source, str, int | None]] = {}
+    tokens: dict[str, tuple[WeightsFile, str, int | None]] = {}
     for tf in token_files:
-        tsrc = _Source(tf)
+        tsrc = WeightsFile(tf, nested=True)
         if tsrc.others or len(tsrc.keys()) != 1:
             raise AdapterFormatError(
                 f"{tf}: a token file beside {os.path.basename(weights)} must hold exactly one tensor "
@@ -441,11 +378,11 @@ def _parse_diffusers(weights: str, src: _Source, token_files: list[str]) -> _Par
     return _Parsed("diffusers", src, entries, True, tokens, [])
 
 
-def _parse_nested(weights: str, src: _Source, top: str) -> _Parsed:
+def _parse_nested(weights: str, src: WeightsFile, top: str) -> _Parsed:
     compvis = top == "state_dict"
     allowed = {top} if compvis else {top, "modifier_token"}
     entries: dict[str, dict[str, tuple[str, ...]]] = {}
-    tokens: dict[str, tuple[_Source, str, int | None]] = {}
+    tokens: dict[str, tuple[WeightsFile, str, int | None]] = {}
     factored = None
     for k in src.keys() + src.empty:
         head, _, rest = k.partition("/")
@@ -503,12 +440,12 @@ def _parse_nested(weights: str, src: _Source, top: str) -> _Parsed:
     return _Parsed(fmt, src, entries, not factored, tokens, [])
 
 
-def _parse_kv(weights: str, src: _Source) -> _Parsed:
+def _parse_kv(weights: str, src: WeightsFile) -> _Parsed:
     version = src.metadata.get("impasto.format_version")
     if version != FORMAT_VERSION:
         raise AdapterFormatError(f"{weights}: impasto kv format_version {version!r}; this reader knows {FORMAT_VERSION!r}")
     entries: dict[str, dict[str, tuple[str, ...]]] = {}
-    tokens: dict[str, tuple[_Source, str, int | None]] = {}
+    tokens: dict[str, tuple[WeightsFile, str, int | None]] = {}
     for k in src.keys():
         if k.startswith("token."):
             tokens[k[len("token."):]] = (src, k, None)

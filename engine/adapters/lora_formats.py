@@ -59,8 +59,10 @@ Tucker, 3x3-conv LoRA, LoRA with bias and other PEFT variants raise AdapterUnsup
 the kind; unknown keys, truncated or corrupt files, missing files and PEFT files without their
 config raise AdapterFormatError; a module the base UNet does not have raises AdapterShapeError;
 a down/up rank mismatch raises AdapterShapeError; NaN/Inf or non-float weights raise
-AdapterValueError (checked by ``read_lora``, not by ``read_lora_header``). ``.bin`` files are
-only read with ``torch.load(..., weights_only=True)``: a pickle that would run code is refused.
+AdapterValueError (checked by ``read_lora``, not by ``read_lora_header``). Files are opened
+through ``files.py``: a ``.bin`` holding a pickle is only read with
+``torch.load(..., weights_only=True)`` (a pickle that would run code is refused), one holding
+safetensors bytes is read as safetensors.
 
 API:
     read_lora_header(path, unet_module_names) -> LoraFileHeader   # no weight data read*
@@ -80,15 +82,13 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
-from safetensors import SafetensorError, safe_open
-
 from ..errors import AdapterFormatError, AdapterShapeError, AdapterUnsupportedError, AdapterValueError
+from .files import WeightsFile, checked
 
 logger = logging.getLogger(__name__)
 
@@ -229,98 +229,6 @@ class LoraFile:
     notes: list[str] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------------------------------------
-# File access: safetensors (header only or full) and weights-only .bin.
-# ---------------------------------------------------------------------------------------------
-
-
-class _Source:
-    """Uniform access to a weights file's keys, shapes, dtypes and tensors."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.is_safetensors = self._is_safetensors(path)
-        self._tensors: dict[str, torch.Tensor] | None = None
-        self.metadata: dict[str, str] = {}
-        if self.is_safetensors:
-            try:
-                with safe_open(path, framework="pt", device="cpu") as f:
-                    self.metadata = dict(f.metadata() or {})
-                    self._shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-                    self._dtypes = {k: _safetensors_dtype(f.get_slice(k).get_dtype(), path, k) for k in f.keys()}
-            except (SafetensorError, OSError, ValueError) as e:
-                raise AdapterFormatError(f"{path}: not a readable safetensors file: {e}") from e
-        else:
-            self._tensors = self._load_pickle(path)
-            self._shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
-            self._dtypes = {k: v.dtype for k, v in self._tensors.items()}
-
-    def _is_safetensors(self, path: str) -> bool:
-        return not path.endswith((".bin", ".pt", ".pth", ".ckpt"))
-
-    def _load_pickle(self, path: str) -> dict[str, torch.Tensor]:
-        """Flat name -> tensor dict of a pickle, loaded weights-only (subclasses read nested ones)."""
-        return _torch_load_weights_only(path)
-
-    def keys(self) -> list[str]:
-        return list(self._shapes)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key]
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._dtypes[key]
-
-    def nbytes(self, key: str) -> int:
-        return math.prod(self._shapes[key]) * self._dtypes[key].itemsize
-
-    def tensors(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-        keys = list(keys)
-        if self._tensors is not None:
-            return {k: self._tensors[k] for k in keys}
-        try:
-            with safe_open(self.path, framework="pt", device="cpu") as f:
-                return {k: f.get_tensor(k) for k in keys}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise AdapterFormatError(f"{self.path}: cannot read tensor data (truncated or corrupt file?): {e}") from e
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-
-
-def _safetensors_dtype(name: str, path: str, key: str) -> torch.dtype:
-    dtype = _SAFETENSORS_DTYPES.get(str(name).upper())
-    if dtype is None:
-        raise AdapterValueError(f"{path}: tensor {key!r} has dtype {name}, which impasto cannot read")
-    return dtype
-
-
-def _torch_load_weights_only(path: str) -> dict[str, torch.Tensor]:
-    """Load a pickled state dict without ever running code from the file."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise AdapterFormatError(f"{path}: no such file") from e
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError, OSError) as e:
-        raise AdapterFormatError(f"{path}: not a weights-only torch file (refused, nothing executed): {e}") from e
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise AdapterFormatError(f"{path}: a .bin LoRA must hold a flat dict of name -> tensor, got {type(obj).__name__}")
-    return obj
-
-
 def _resolve_path(path) -> tuple[str, str | None]:
     """Return (weights file, path of the adapter_config.json beside it or None) for a file or folder."""
     path = os.fspath(path)
@@ -346,7 +254,7 @@ def _resolve_path(path) -> tuple[str, str | None]:
 
 def _read_peft_config(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(checked(path), encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError) as e:
         raise AdapterFormatError(f"{path}: unreadable PEFT config: {e}") from e
@@ -557,7 +465,7 @@ def _diffusers_metadata_config(path: str, metadata: dict, fmt: str) -> dict | No
     return config or None
 
 
-def _layer_scales(path, parsed: _Parsed, src: _Source, peft_config: dict | None, notes: list[str]) -> dict[str, float]:
+def _layer_scales(path, parsed: _Parsed, src: WeightsFile, peft_config: dict | None, notes: list[str]) -> dict[str, float]:
     ranks = {m: src.shape(slot["down"])[0] for m, slot in parsed.entries.items()}
     if parsed.format == "kohya":
         alpha_keys = [slot["alpha"] for slot in parsed.entries.values() if "alpha" in slot]
@@ -601,7 +509,7 @@ def _layer_scales(path, parsed: _Parsed, src: _Source, peft_config: dict | None,
 # ---------------------------------------------------------------------------------------------
 
 
-def _layer_info(path, module, slot, src: _Source, scale: float) -> LoraLayerInfo:
+def _layer_info(path, module, slot, src: WeightsFile, scale: float) -> LoraLayerInfo:
     dk, uk = slot["down"], slot["up"]
     ds, us = src.shape(dk), src.shape(uk)
     conv = len(ds) == 4
@@ -627,10 +535,10 @@ def _layer_info(path, module, slot, src: _Source, scale: float) -> LoraLayerInfo
     )
 
 
-def _read_header(path, unet_module_names) -> tuple[LoraFileHeader, _Source]:
+def _read_header(path, unet_module_names) -> tuple[LoraFileHeader, WeightsFile]:
     names = set(unet_module_names)
     weights_path, config_path = _resolve_path(path)
-    src = _Source(weights_path)
+    src = WeightsFile(weights_path)
     parsed = _parse_keys(weights_path, src.keys(), names)
     # Only PEFT's loader reads adapter_config.json; diffusers' loaders ignore one beside their files.
     peft_config = _read_peft_config(config_path) if parsed.format == "peft" and config_path else None

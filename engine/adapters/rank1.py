@@ -27,7 +27,6 @@ docs/formats.md (`write_rank1` / `read_rank1`).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,11 +35,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load, save_file
+from safetensors.torch import save_file
 
 from ..errors import AdapterError, AdapterFormatError, AdapterShapeError, AdapterValueError
-from .lora_formats import _SAFETENSORS_DTYPES
+from .files import DTYPE_NAMES, read_header, read_safetensors
 
 FAMILY = "rank1"
 FORMAT_VERSION = "1"
@@ -295,7 +293,7 @@ def load_covariance(adapter_root, fp: str, *, dim: int | None = None) -> torch.T
     path = covariance_path(adapter_root, fp)
     if not path.is_file():
         raise AdapterError(f"{path}: no C⁻¹ for base model {fp}; compute it with compute_covariance + save_covariance")
-    metadata, tensors = _read_safetensors(path)
+    metadata, tensors = read_safetensors(path)
     for key in (META_FAMILY, META_FINGERPRINT):
         if key not in metadata:
             raise AdapterFormatError(f"{path}: metadata key {key!r} is missing")
@@ -396,19 +394,8 @@ def write_rank1(
 def read_rank1_header(path) -> Rank1Header:
     """The metadata and tensor shapes of a rank1 file, checked; no tensor data is read."""
     path = str(path)
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            shapes, dtypes = {}, {}
-            for key in f.keys():
-                sl = f.get_slice(key)
-                shapes[key] = tuple(sl.get_shape())
-                dtypes[key] = sl.get_dtype()
-    except FileNotFoundError as e:
-        raise AdapterFormatError(f"{path}: no such file") from e
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterFormatError(f"{path}: not a readable safetensors file: {e}") from e
-    return _check_header(path, metadata, shapes, dtypes)
+    header = read_header(path)
+    return _check_header(path, header.metadata, header.shapes, header.dtypes)
 
 
 def _check_header(path: str, metadata: dict, shapes: dict, dtypes: dict) -> Rank1Header:
@@ -487,9 +474,9 @@ def read_rank1(
     embedding_dim: the text encoder's token-embedding width, checked against token_embedding.
     """
     path = str(path)
-    metadata, tensors = _read_safetensors(path)
+    metadata, tensors = read_safetensors(path)
     shapes = {k: tuple(t.shape) for k, t in tensors.items()}
-    dtypes = {k: _DTYPE_NAMES.get(t.dtype, str(t.dtype)) for k, t in tensors.items()}
+    dtypes = {k: DTYPE_NAMES.get(t.dtype, str(t.dtype)) for k, t in tensors.items()}
     header = _check_header(path, metadata, shapes, dtypes)
     if fingerprint is not None and header.fingerprint != fingerprint:
         raise AdapterShapeError(
@@ -539,26 +526,6 @@ def read_rank1(
 # ----------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------
-
-
-_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}  # torch dtype -> header name
-
-
-def _read_safetensors(path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Metadata and tensors from one read of the file. A rank1 file is ~100 KB of 2 + 2L small
-    vectors: `safetensors.torch.load` on the bytes costs a third of `safe_open` + `get_tensor`
-    per key (the per-key call overhead dominates)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        tensors = load(data)  # validates the header, offsets and sizes
-        n = int.from_bytes(data[:8], "little")  # the header is valid JSON now; only its metadata is needed
-        metadata = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
-    except FileNotFoundError as e:
-        raise AdapterFormatError(f"{path}: no such file") from e
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterFormatError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
-    return metadata, tensors
 
 
 def _check_values(path, key: str, t: torch.Tensor) -> None:

@@ -13,8 +13,6 @@ import threading
 import torch
 from collections import OrderedDict
 
-import json
-
 from ..api import ADAPTER_NAME, Adapter, AdapterInfo
 from ..errors import (
     AdapterValueError,
@@ -22,10 +20,10 @@ from ..errors import (
     AdapterFormatError,
     AdapterNameError,
     AdapterNotFoundError,
-    AdapterPathError,
     AdapterShapeError,
     RequestError,
 )
+from . import files
 from . import kv as kv_format
 from . import rank1 as rank1_format
 from .lora import lora_targets, validate_lora_header
@@ -51,7 +49,7 @@ def detect_family(path: str) -> str:
             return "kv"
         return "lora"
     if path.endswith(".safetensors"):
-        meta = _safetensors_metadata(path)
+        meta = files.header_metadata(path)
         family = meta.get("impasto.family")
         if family:
             return family
@@ -62,18 +60,6 @@ def detect_family(path: str) -> str:
     if base.startswith(("delta", "compressed_delta", "pytorch_custom_diffusion_weights")):
         return "kv"
     return "lora"
-
-
-def _safetensors_metadata(path: str) -> dict:
-    """The header's __metadata__ without reading tensors; {} when unreadable (the reader reports)."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or n > 100_000_000 or n > os.path.getsize(path) - 8:
-                return {}
-            return json.loads(f.read(n)).get("__metadata__") or {}
-    except (OSError, ValueError):
-        return {}
 
 
 class AdapterStore:
@@ -139,6 +125,15 @@ class AdapterStore:
         if not isinstance(name, str) or not ADAPTER_NAME.match(name):
             raise AdapterNameError(f"adapter name {name!r} must match [A-Za-z0-9._-]+")
         path = self._check_path(path)
+        with files.confined(self.root):  # every file the family reader opens stays inside the root
+            info = self._register(name, path, family, suffix, token)
+        with self.boundary, self._lock:
+            if name in self._infos:
+                raise AdapterNameError(f"adapter name {name!r} is already registered (to {self._infos[name].path})")
+            self._infos[name] = info
+        return info
+
+    def _register(self, name, path, family, suffix, token) -> AdapterInfo:
         detected = detect_family(path)
         family = family or detected
         if family not in FAMILIES:
@@ -151,10 +146,6 @@ class AdapterStore:
             info = self._register_rank1(name, path, suffix, token)
         elif family == "kv":
             info = self._register_kv(name, path, suffix, token)
-        with self.boundary, self._lock:
-            if name in self._infos:
-                raise AdapterNameError(f"adapter name {name!r} is already registered (to {self._infos[name].path})")
-            self._infos[name] = info
         return info
 
     def _register_lora(self, name, path, family, suffix, token) -> AdapterInfo:
@@ -178,7 +169,7 @@ class AdapterStore:
 
     def _text_encoder_entries(self, path, keys, metadata) -> dict:
         """{text-encoder module: (down key, up key, scale)}, checked against the text encoder."""
-        src = lora_formats._Source(path)
+        src = files.WeightsFile(path)
         alpha_keys = [k for k in keys if k.endswith(".alpha")]
         alphas = {k: float(v) for k, v in src.tensors(alpha_keys).items()} if alpha_keys else {}
         entries = lora_formats.text_encoder_lora_layers(
@@ -289,9 +280,7 @@ class AdapterStore:
             path = rank1_format.covariance_path(self.covariance_root(), self.fingerprint)
             shipped = os.path.join(self.model_dir or "", "perfusion_covariance.safetensors")
             if not path.is_file() and self.model_dir and os.path.isfile(shipped):
-                from safetensors.torch import load_file
-
-                self._C_inv = load_file(shipped)["C_inv"].float()
+                self._C_inv = files.read_safetensors(shipped)[1]["C_inv"].float()
             else:
                 self._C_inv = rank1_format.load_covariance(self.covariance_root(), self.fingerprint)
         return self._C_inv
@@ -400,10 +389,7 @@ class AdapterStore:
         path = os.fspath(path)
         if not os.path.exists(path):
             raise AdapterNotFoundError(f"{path}: no such file or folder")
-        if self.root is not None:
-            real = os.path.realpath(path)
-            if os.path.commonpath([real, self.root]) != self.root:
-                raise AdapterPathError(f"{path}: resolves to {real}, outside adapter_root {self.root}")
+        files.check_root(path, self.root)
         return path
 
     # ------------------------------------------------------------------ requests
@@ -426,6 +412,14 @@ class AdapterStore:
                 self._host.move_to_end(name)
                 return self._host[name][0]
             info = self.info(name)
+        with files.confined(self.root):
+            obj = self._load(info)
+        with self._lock:
+            self._host[name] = (obj, info.nbytes)
+            self._shrink_host()
+        return obj
+
+    def _load(self, info: AdapterInfo):
         if info.family in LORA_LIKE:
             obj = read_lora(info.path, self._module_names, dtype=self.dtype or torch.float32)
             if set(obj.layers) != set(info.targets):
@@ -440,9 +434,6 @@ class AdapterStore:
             obj.layers = {k: _to(v, self.dtype) for k, v in obj.layers.items()}
         else:
             raise AdapterFormatError(f"{info.path}: no loader for family {info.family!r}")
-        with self._lock:
-            self._host[name] = (obj, info.nbytes)
-            self._shrink_host()
         return obj
 
     def _shrink_host(self) -> None:

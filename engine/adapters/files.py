@@ -1,0 +1,276 @@
+"""The one file layer: every adapter file impasto reads is opened here.
+
+Every family needs the same four things, and they must behave the same for all of them:
+
+* a safetensors header (metadata, key -> shape and dtype) without reading tensor data
+  (`read_header`, `WeightsFile`), tensors on demand, or a small file whole in one read
+  (`read_safetensors`);
+* pickles (``.bin``/``.ckpt``/``.pt``/``.pth``) only ever through
+  ``torch.load(weights_only=True)`` (`load_weights_only`): a pickle that would run code is
+  refused with AdapterFormatError and nothing in it executes;
+* one table between safetensors' dtype names and torch dtypes (`SAFETENSORS_DTYPES`);
+* checks at every open (`checked`): the path is a regular file (not a folder, FIFO or device,
+  which would hang or mislead a reader), and, inside `confined(root)`, its real path lies under
+  the adapter root. The store confines registration and loading, so a symlink inside a folder
+  (a token file, a PEFT config) or a file swapped for a link after registration cannot reach
+  outside the root.
+
+Errors name the file: AdapterFormatError (missing, unreadable, not weights-only),
+AdapterPathError (outside the root), AdapterValueError (a dtype impasto cannot read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import math
+import os
+import pickle
+import stat
+import struct
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as _load_safetensors_bytes
+
+from ..errors import AdapterFormatError, AdapterPathError, AdapterValueError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch dtype -> header name
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+
+def safetensors_dtype(name: str, path: str, key: str) -> torch.dtype:
+    """The torch dtype of safetensors dtype `name` ("F16", ...); AdapterValueError naming `key`."""
+    dtype = SAFETENSORS_DTYPES.get(str(name).upper())
+    if dtype is None:
+        raise AdapterValueError(f"{path}: tensor {key!r} has dtype {name}, which impasto cannot read")
+    return dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks at every open.
+# ---------------------------------------------------------------------------------------------
+
+_ROOT: contextvars.ContextVar[str | None] = contextvars.ContextVar("impasto_adapter_root", default=None)
+
+
+@contextlib.contextmanager
+def confined(root):
+    """Within the block (this thread / context only), every open must resolve under `root`
+    (None: no confinement)."""
+    token = _ROOT.set(os.path.realpath(root) if root else None)
+    try:
+        yield
+    finally:
+        _ROOT.reset(token)
+
+
+def check_root(path, root: str | None) -> None:
+    """AdapterPathError unless `path`'s real path (symlinks and ../ resolved) is under `root`."""
+    if root is None:
+        return
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, root]) != root:
+        raise AdapterPathError(f"{path}: resolves to {real}, outside adapter_root {root}")
+
+
+def checked(path) -> str:
+    """`path` as a str once it is known to be a regular file inside the confining root."""
+    path = os.fspath(path)
+    check_root(path, _ROOT.get())
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise AdapterFormatError(f"{path}: no such file") from None
+    except OSError as e:
+        raise AdapterFormatError(f"{path}: cannot open: {e}") from e
+    if not stat.S_ISREG(mode):
+        raise AdapterFormatError(f"{path}: not a regular file")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Header:
+    """A safetensors header: metadata (str -> str), and per key its shape and dtype name ("F32")."""
+
+    metadata: dict
+    shapes: dict  # key -> tuple[int, ...]
+    dtypes: dict  # key -> safetensors dtype name
+
+
+def read_header(path) -> Header:
+    """The header of a safetensors file, validated by the safetensors library; no tensor data.
+
+    Raises AdapterFormatError ("not a readable safetensors file") for a truncated or corrupt file.
+    """
+    path = checked(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            shapes, dtypes = {}, {}
+            for key in f.keys():
+                sl = f.get_slice(key)
+                shapes[key] = tuple(sl.get_shape())
+                dtypes[key] = sl.get_dtype()
+            return Header(dict(f.metadata() or {}), shapes, dtypes)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterFormatError(f"{path}: not a readable safetensors file: {e}") from e
+
+
+def header_metadata(path) -> dict:
+    """The header's __metadata__, or {} when `path` is no readable safetensors file: for
+    detection, which must not fail where the family's reader reports the problem better."""
+    try:
+        return read_header(path).metadata
+    except (AdapterFormatError, AdapterPathError):
+        return {}
+
+
+def read_safetensors(path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and every tensor from one read of a small file (a rank1 adapter, C⁻¹).
+
+    For ~100 KB of small vectors, `safetensors.torch.load` on the bytes costs a third of
+    `safe_open` + `get_tensor` per key (the per-key call overhead dominates).
+    """
+    path = checked(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        tensors = _load_safetensors_bytes(data)  # validates the header, offsets and sizes
+        n = int.from_bytes(data[:8], "little")  # the header is valid JSON now; only its metadata is needed
+        metadata = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterFormatError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+    return metadata, tensors
+
+
+def looks_like_safetensors(path) -> bool:
+    """Content sniff: an 8-byte little-endian header length, then a JSON object that fits.
+    Tools name safetensors files .bin (diffusers' Custom Diffusion script does): content decides."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 8 + n <= size
+
+
+# ---------------------------------------------------------------------------------------------
+# Pickles.
+# ---------------------------------------------------------------------------------------------
+
+_UNPICKLE_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError, OSError,
+                    KeyError, IndexError, ImportError)
+
+
+def load_weights_only(path):
+    """The object pickled at `path`, loaded with torch's weights-only unpickler: tensors, dicts,
+    lists and numbers only; anything that would run code is refused and never executed."""
+    path = checked(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise AdapterFormatError(f"{path}: no such file") from e
+    except _UNPICKLE_ERRORS as e:
+        raise AdapterFormatError(f"{path}: not a weights-only torch file (refused, nothing executed): {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# One weights file, either kind.
+# ---------------------------------------------------------------------------------------------
+
+
+class WeightsFile:
+    """Keys, shapes, dtypes and tensors of one weights file, safetensors or pickle.
+
+    safetensors: only the header is read here; `tensors` reads data on demand. A pickle has no
+    header, so it is loaded whole. nested=False: the pickle must be a flat {name: tensor} dict
+    (LoRA). nested=True: nested dicts are flattened with "/" ("unet/<key>"), empty dicts are
+    listed in `empty` and non-tensor leaves in `others` for the family to judge (Custom Diffusion).
+    """
+
+    def __init__(self, path, *, nested: bool = False):
+        self.path = checked(path)
+        self.is_safetensors = not self.path.endswith(PICKLE_SUFFIXES) or looks_like_safetensors(self.path)
+        self.metadata: dict[str, str] = {}
+        self.empty: list[str] = []
+        self.others: dict[str, object] = {}
+        self._tensors: dict[str, torch.Tensor] | None = None
+        if self.is_safetensors:
+            header = read_header(self.path)
+            self.metadata = header.metadata
+            self._shapes = header.shapes
+            self._dtypes = {k: safetensors_dtype(d, self.path, k) for k, d in header.dtypes.items()}
+            return
+        obj = load_weights_only(self.path)
+        if nested:
+            self._tensors = {}
+            self._flatten(obj, "")
+        elif isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            self._tensors = obj
+        else:
+            raise AdapterFormatError(f"{self.path}: a pickled weights file must hold a flat dict of name -> tensor, "
+                                     f"got {type(obj).__name__}")
+        self._shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
+        self._dtypes = {k: v.dtype for k, v in self._tensors.items()}
+
+    def _flatten(self, obj, prefix: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            self._tensors[prefix] = obj
+        elif isinstance(obj, dict):
+            if not obj and prefix:
+                self.empty.append(prefix)
+            for k, v in obj.items():
+                if not isinstance(k, str):
+                    raise AdapterFormatError(f"{self.path}: key {k!r} under {prefix or 'the top level'!r} is not a string")
+                self._flatten(v, f"{prefix}/{k}" if prefix else k)
+        else:
+            self.others[prefix] = obj
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._dtypes[key]
+
+    def nbytes(self, key: str) -> int:
+        return math.prod(self._shapes[key]) * self._dtypes[key].itemsize
+
+    def tensors(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """{key: tensor} as stored (CPU); safetensors data is read now."""
+        keys = list(keys)
+        if self._tensors is not None:
+            return {k: self._tensors[k] for k in keys}
+        try:
+            with safe_open(checked(self.path), framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k) for k in keys}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise AdapterFormatError(f"{self.path}: cannot read tensor data (truncated or corrupt file?): {e}") from e
