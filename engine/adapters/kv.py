@@ -67,6 +67,7 @@ refused with AdapterFormatError and nothing in it is executed.
 
 API:
     base_kv_weights(unet) -> {attn2 name: (W_k [h,D], W_v [h,D])}
+    is_kv_layout(path) -> bool                         # named as a Custom Diffusion tool names its output
     read_kv_header(path, base) -> KvFileHeader        # safetensors: header only, no tensor data
     read_kv(path, base) -> KvFile                      # full-weight layouts become deltas W' - W0
     energy_rank(s, energy=0.6) -> int                  # the paper's rank rule on singular values
@@ -104,6 +105,7 @@ __all__ = [
     "compress_kv_delta",
     "compvis_name_map",
     "energy_rank",
+    "is_kv_layout",
     "kv_file_nbytes",
     "merge_kv",
     "read_kv",
@@ -279,11 +281,7 @@ def _resolve(path) -> tuple[str, list[str]]:
         for w in DIFFUSERS_WEIGHT_NAMES:
             if w in names:
                 return _with_token_files(os.path.join(path, w))
-        found = []
-        for folder in (path, os.path.join(path, "checkpoints")):
-            if os.path.isdir(folder):
-                found += [os.path.join(folder, n) for n in sorted(os.listdir(folder))
-                          if os.path.isfile(os.path.join(folder, n)) and _is_original_name(n)]
+        found = _original_files(path)
         if len(found) == 1:
             return found[0], []
         raise AdapterFormatError(
@@ -295,6 +293,29 @@ def _resolve(path) -> tuple[str, list[str]]:
     if os.path.basename(path) in DIFFUSERS_WEIGHT_NAMES:
         return _with_token_files(path)
     return path, []
+
+
+def is_kv_layout(path) -> bool:
+    """Whether `path` is named as the Custom Diffusion tools name their output (names only; the
+    reader judges the content): a folder `read_kv` would take (``pytorch_custom_diffusion_weights*``,
+    or one original-repo weights file in it or its ``checkpoints/``), or such a file itself."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return any(n.startswith("pytorch_custom_diffusion_weights") for n in os.listdir(path)) or (
+            len(_original_files(path)) == 1
+        )
+    name = os.path.basename(path)
+    return name in DIFFUSERS_WEIGHT_NAMES or _is_original_name(name)
+
+
+def _original_files(folder: str) -> list[str]:
+    """The original repo's weights files (``delta*``, ``compressed_delta*``) in `folder` and its ``checkpoints/``."""
+    found = []
+    for sub in (folder, os.path.join(folder, "checkpoints")):
+        if os.path.isdir(sub):
+            found += [os.path.join(sub, n) for n in sorted(os.listdir(sub))
+                      if os.path.isfile(os.path.join(sub, n)) and _is_original_name(n)]
+    return found
 
 
 def _is_original_name(name: str) -> bool:

@@ -1,7 +1,10 @@
 """The adapter store: registered adapters by name (headers only), loaded on demand.
 
-Tiers: disk (the file as registered) -> host cache (fully read, validated LoraFile objects,
-LRU, `host_cache_bytes`) -> device slot pools (`LoraRuntime`, fixed slots per rank bucket).
+Tiers: disk (the file as registered) -> host cache (fully read, validated files, LRU,
+`host_cache_bytes`) -> device slot pools (`LoraRuntime`, fixed slots per rank bucket).
+Everything family-specific (detection, reading, request rules, per-row LoRA entries) is the
+family's (adapters/families/); the store looks families up in the registry and never names one,
+except in the kv and rank1 tools it offers (compress_kv, merge_kv, covariance).
 """
 
 from __future__ import annotations
@@ -9,57 +12,24 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-
-import torch
 from collections import OrderedDict
 
+import torch
+
 from ..api import ADAPTER_NAME, Adapter, AdapterInfo
-from ..errors import (
-    AdapterValueError,
-    AdapterError,
-    AdapterFormatError,
-    AdapterNameError,
-    AdapterNotFoundError,
-    AdapterShapeError,
-    RequestError,
-)
+from ..errors import AdapterError, AdapterFormatError, AdapterNameError, AdapterNotFoundError, RequestError
 from . import files
 from . import kv as kv_format
 from . import rank1 as rank1_format
-from .lora import lora_targets, validate_lora_header
-from . import lora_formats
-from .lora_formats import read_lora, read_lora_header
+from .families import FAMILIES, Family, detect_family, get_family
+from .families.kv import kv_base
+from .lora import lora_targets
 
-FAMILIES = ("lora", "style", "rank1", "kv")
-LORA_LIKE = ("lora", "style")
+# The lora-like family names, computed at import: families registered later are not in it, so
+# new code asks `store.family(name).lora_like`. Kept for the engine until it does.
+LORA_LIKE = tuple(name for name, family in FAMILIES.items() if family.lora_like)
 
-
-class TextEncoderLora:
-    """A LoRA file's text-encoder layers ({module: LoraLayer}), applied by the plan."""
-
-    def __init__(self, layers: dict):
-        self.layers = layers
-
-
-def detect_family(path: str) -> str:
-    """The family a file or tool-written folder holds, from names and the safetensors header."""
-    if os.path.isdir(path):
-        names = set(os.listdir(path))
-        if any(n.startswith("pytorch_custom_diffusion_weights") for n in names):
-            return "kv"
-        return "lora"
-    if path.endswith(".safetensors"):
-        meta = files.header_metadata(path)
-        family = meta.get("impasto.family")
-        if family:
-            return family
-        if meta.get("impasto.style_suffix"):
-            return "style"
-        return "lora"
-    base = os.path.basename(path)
-    if base.startswith(("delta", "compressed_delta", "pytorch_custom_diffusion_weights")):
-        return "kv"
-    return "lora"
+__all__ = ["AdapterStore", "FAMILIES", "LORA_LIKE", "detect_family"]
 
 
 class AdapterStore:
@@ -90,13 +60,10 @@ class AdapterStore:
         self.all_targets = lora_targets(unet)
         self.targets = self.all_targets if targets is None else targets
         self.te_targets = lora_targets(text_encoder) if text_encoder is not None else {}
-        self._module_names = set(dict(unet.named_modules()))
         self._infos: dict[str, AdapterInfo] = {}
-        self._host: OrderedDict = OrderedDict()  # name -> (LoraFile, nbytes), LRU order
+        self._host: OrderedDict = OrderedDict()  # name -> (loaded file, nbytes), LRU order
         self._lock = threading.RLock()
-        self._fingerprint = None
-        self._shapes_cache = None
-        self._kv_cache = None
+        self._base_values: dict = {}  # base_value's cache
         self._pins: dict[str, int] = {}
         self.boundary = contextlib.nullcontext()  # the engine's step-boundary lock: (un)register between steps
         self.runtimes = ()  # the LoraRuntimes holding device slot pools (UNet, text encoder), set by the engine
@@ -126,115 +93,25 @@ class AdapterStore:
             raise AdapterNameError(f"adapter name {name!r} must match [A-Za-z0-9._-]+")
         path = self._check_path(path)
         with files.confined(self.root):  # every file the family reader opens stays inside the root
-            info = self._register(name, path, family, suffix, token)
+            info = get_family(family or detect_family(path), path).register(self, name, path, suffix=suffix, token=token)
         with self.boundary, self._lock:
             if name in self._infos:
                 raise AdapterNameError(f"adapter name {name!r} is already registered (to {self._infos[name].path})")
             self._infos[name] = info
         return info
 
-    def _register(self, name, path, family, suffix, token) -> AdapterInfo:
-        detected = detect_family(path)
-        family = family or detected
-        if family not in FAMILIES:
-            raise AdapterFormatError(f"{path}: unknown adapter family {family!r} (known: {', '.join(FAMILIES)})")
-        if family == "style" and detected not in LORA_LIKE:
-            raise AdapterFormatError(f"{path}: a style adapter must be a LoRA file, this one holds {detected!r}")
-        if family in LORA_LIKE:
-            info = self._register_lora(name, path, family, suffix, token)
-        elif family == "rank1":
-            info = self._register_rank1(name, path, suffix, token)
-        elif family == "kv":
-            info = self._register_kv(name, path, suffix, token)
-        return info
+    def family(self, name: str) -> Family:
+        """The family of the registered adapter `name` (AdapterNameError when unknown)."""
+        info = self.info(name)
+        return get_family(info.family, info.path)
 
-    def _register_lora(self, name, path, family, suffix, token) -> AdapterInfo:
-        header = read_lora_header(path, self._module_names)
-        validate_lora_header(header, self.targets, self.max_rank, self.all_targets)
-        if header.text_encoder_keys:
-            self._text_encoder_entries(header.path, header.text_encoder_keys, header.metadata)
-        if family == "style" and suffix is None:
-            suffix = header.metadata.get("impasto.style_suffix")
-        return AdapterInfo(
-            name=name,
-            path=path,
-            family=family,
-            format=header.format,
-            rank=max((layer.rank for layer in header.layers.values()), default=0),
-            targets=tuple(sorted(header.layers)),
-            nbytes=header.nbytes,
-            token=token,
-            suffix=suffix,
-        )
-
-    def _text_encoder_entries(self, path, keys, metadata) -> dict:
-        """{text-encoder module: (down key, up key, scale)}, checked against the text encoder."""
-        src = files.WeightsFile(path)
-        alpha_keys = [k for k in keys if k.endswith(".alpha")]
-        alphas = {k: float(v) for k, v in src.tensors(alpha_keys).items()} if alpha_keys else {}
-        entries = lora_formats.text_encoder_lora_layers(
-            path, {k: src.shape(k) for k in keys}, metadata, self.te_targets, alphas
-        )
-        for module, (down, up, _) in entries.items():
-            k, n = self.te_targets[module]
-            if (src.shape(down)[1], src.shape(up)[0]) != (k, n):
-                raise AdapterShapeError(f"{path}: text-encoder module {module!r} is {k}->{n}, the adapter has "
-                                        f"{src.shape(down)[1]}->{src.shape(up)[0]}")
-            if src.shape(down)[0] > self.max_rank:
-                raise AdapterValueError(f"{path}: text-encoder module {module!r} has rank {src.shape(down)[0]}, "
-                                        f"above max_rank={self.max_rank}")
-        return entries
-
-    def _register_rank1(self, name, path, suffix, token) -> AdapterInfo:
-        header = rank1_format.read_rank1_header(path)
-        if header.fingerprint != self.fingerprint:
-            raise AdapterShapeError(
-                f"{path}: made for another base model (fingerprint {header.fingerprint}, this base is {self.fingerprint})"
-            )
-        shapes = self._rank1_shapes()
-        layers = {k[: -len(rank1_format.SUFFIX_K)] for k in header.shapes if k.endswith(rank1_format.SUFFIX_K)}
-        if layers != set(shapes):
-            missing = sorted(set(shapes) - layers) or sorted(layers - set(shapes))
-            raise AdapterShapeError(f"{path}: attn2 layers differ from this base model's (e.g. {missing[0]!r})")
-        for layer, (k_shape, v_shape) in shapes.items():
-            got = (header.shapes[layer + rank1_format.SUFFIX_K], header.shapes[layer + rank1_format.SUFFIX_V])
-            if got != ((k_shape[0],), (v_shape[0],)):
-                raise AdapterShapeError(f"{path}: layer {layer!r} has o* lengths {got}, this base needs {k_shape[0]}, {v_shape[0]}")
-        width = {k[1] for k, _ in shapes.values()}  # the text width every attn2 K/V reads
-        if (header.shapes[rank1_format.KEY_I_STAR][0],) != tuple(width) or len(width) != 1:
-            raise AdapterShapeError(f"{path}: i_star has shape {header.shapes[rank1_format.KEY_I_STAR]}, this base needs {tuple(width)}")
-        return AdapterInfo(
-            name=name,
-            path=path,
-            family="rank1",
-            format="impasto-rank1",
-            rank=1,
-            targets=tuple(shapes),
-            nbytes=sum(4 * s[0] for s in header.shapes.values()),
-            token=token or header.placeholder,
-            suffix=suffix,
-            fingerprint=header.fingerprint,
-            token_map=((token or header.placeholder, header.placeholder),),
-        )
-
-    def _register_kv(self, name, path, suffix, token) -> AdapterInfo:
-        header = kv_format.read_kv_header(path, self._kv_base())
-        placeholders = list(header.placeholders)
-        if token is not None and len(placeholders) != 1:
-            raise AdapterNameError(f"{path}: token= renames one placeholder, the file defines {placeholders}")
-        token_map = ((token, placeholders[0]),) if token is not None else tuple((p, p) for p in placeholders)
-        return AdapterInfo(
-            name=name,
-            path=path,
-            family="kv",
-            format=header.format,
-            rank=header.rank or 0,
-            targets=tuple(header.layers),
-            nbytes=header.nbytes,
-            token=token_map[0][0] if token_map else None,
-            suffix=suffix,
-            token_map=token_map,
-        )
+    def base_value(self, key: str, make):
+        """A value derived from the frozen base model, made once per store by `make()`: families
+        keep what every header check or read needs here (attn2 shapes, K/V weights, module names)."""
+        with self._lock:
+            if key not in self._base_values:
+                self._base_values[key] = make()
+            return self._base_values[key]
 
     def compress_kv(self, name: str, out_path, *, rank=None, energy=0.6) -> dict:
         """SVD-compress the Custom Diffusion adapter `name` into impasto's `kv` file at `out_path`.
@@ -254,13 +131,13 @@ class AdapterStore:
         """Merge Custom Diffusion adapters in closed form (Custom Diffusion §3.2) into one `kv`
         file at `out_path` (full rank, so nothing is lost) and register it as `name`; the
         tokens become <new1>, <new2>, ... in the order of `names`."""
-        files = [self.load(n) for n in names]
+        kvfiles = [self.load(n) for n in names]
         for n in names:
             if self.info(n).family != "kv":
                 raise AdapterFormatError(f"merge_kv: {n!r} is a {self.info(n).family} adapter, not kv")
         merged = kv_format.merge_kv(
-            files, list(captions), categories=list(categories), tokenizer=tokenizer, text_encoder=text_encoder,
-            base=self._kv_base(),
+            kvfiles, list(captions), categories=list(categories), tokenizer=tokenizer, text_encoder=text_encoder,
+            base=kv_base(self),
         )
         full = max(min(layer.delta_k().shape) for layer in merged.layers.values())
         compressed, _ = kv_format.compress_kv_delta(merged, rank=full)
@@ -295,41 +172,10 @@ class AdapterStore:
         self._C_inv = None
         return str(path)
 
-    def _text_encoder_lora(self, lora):
-        """The file's text-encoder LoRA as {module: LoraLayer} (None without one), values checked."""
-        if not lora.text_encoder_layers:
-            return None
-        tensors = lora.text_encoder_layers
-        alphas = {k: float(v) for k, v in tensors.items() if k.endswith(".alpha")}
-        entries = lora_formats.text_encoder_lora_layers(
-            lora.path, {k: tuple(v.shape) for k, v in tensors.items()}, lora.metadata, self.te_targets, alphas
-        )
-        layers = {}
-        for module, (down, up, scale) in entries.items():
-            d, u = tensors[down].to(self.dtype or torch.float32), tensors[up].to(self.dtype or torch.float32)
-            for key, t in ((down, d), (up, u)):
-                if not bool(torch.isfinite(t).all()):
-                    raise AdapterValueError(f"{lora.path}: tensor {key!r} holds NaN or Inf")
-            layers[module] = lora_formats.LoraLayer(down=d, up=u, scale=scale)
-        return TextEncoderLora(layers)
-
-    def _rank1_shapes(self) -> dict:
-        """attn2 K/V weight shapes of the (frozen) base, walked once: every rank1 load needs them."""
-        if self._shapes_cache is None:
-            self._shapes_cache = rank1_format.base_shapes(self.unet)
-        return self._shapes_cache
-
-    def _kv_base(self) -> dict:
-        """attn2 K/V weights of the (frozen) base, walked once: every kv load needs them."""
-        if self._kv_cache is None:
-            self._kv_cache = kv_format.base_kv_weights(self.unet)
-        return self._kv_cache
-
     @property
     def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = rank1_format.fingerprint(self.unet)
-        return self._fingerprint
+        """The base model's identity (rank1 files and C⁻¹ are keyed by it)."""
+        return self.base_value("fingerprint", lambda: rank1_format.fingerprint(self.unet))
 
     def register_dir(self, folder) -> dict:
         """Register every adapter in `folder`: one per file (.safetensors, .bin, .ckpt) or per
@@ -394,7 +240,8 @@ class AdapterStore:
 
     # ------------------------------------------------------------------ requests
     def resolve(self, adapters: list[Adapter]) -> list[Adapter]:
-        """Check that every adapter a request names is registered, once."""
+        """Check that every adapter a request names is registered, once, and named as its
+        family allows (`check_use`)."""
         seen = set()
         for a in adapters:
             if not ADAPTER_NAME.match(a.name):
@@ -402,8 +249,21 @@ class AdapterStore:
             if a.name in seen:
                 raise RequestError(f"adapters: {a.name!r} is named twice")
             seen.add(a.name)
-            self.info(a.name)
+            self.check_use(a)
         return adapters
+
+    def check_use(self, adapter: Adapter) -> None:
+        """Raise RequestError / AdapterNameError when a request may not name `adapter` as it
+        does: its family's rules (scale, options), and that it is registered."""
+        self.family(adapter.name).check_use(adapter, self.info(adapter.name))
+
+    def lora_rows(self, adapters: tuple, files: dict) -> list[tuple[str, float]]:
+        """Semantics: one branch row's entries in the per-row UNet LoRA tables,
+        [e for (name, scale, options) in adapters for e in family(name).lora_rows(name, scale, files[name])].
+
+        adapters: the branch's ((name, scale, options), ...); files: name -> loaded file.
+        """
+        return [e for name, scale, _ in adapters for e in self.family(name).lora_rows(name, scale, files[name])]
 
     def load(self, name: str):
         """The fully read, validated weights of `name`, through the host cache."""
@@ -413,27 +273,10 @@ class AdapterStore:
                 return self._host[name][0]
             info = self.info(name)
         with files.confined(self.root):
-            obj = self._load(info)
+            obj = self.family(name).load(self, info)
         with self._lock:
             self._host[name] = (obj, info.nbytes)
             self._shrink_host()
-        return obj
-
-    def _load(self, info: AdapterInfo):
-        if info.family in LORA_LIKE:
-            obj = read_lora(info.path, self._module_names, dtype=self.dtype or torch.float32)
-            if set(obj.layers) != set(info.targets):
-                raise AdapterError(f"{info.path}: file changed since registration (targets differ)")
-            obj.text_encoder = self._text_encoder_lora(obj)
-        elif info.family == "rank1":
-            obj = rank1_format.read_rank1(
-                info.path, base_shapes=self._rank1_shapes(), fingerprint=self.fingerprint
-            )
-        elif info.family == "kv":
-            obj = kv_format.read_kv(info.path, self._kv_base())
-            obj.layers = {k: _to(v, self.dtype) for k, v in obj.layers.items()}
-        else:
-            raise AdapterFormatError(f"{info.path}: no loader for family {info.family!r}")
         return obj
 
     def _shrink_host(self) -> None:
@@ -448,15 +291,3 @@ class AdapterStore:
                 continue
             total -= self._host.pop(name)[1]
 
-
-def _to(layer, dtype):
-    """A KvLayer's tensors in the engine's dtype (dense deltas stay dense, factors stay factors)."""
-    if dtype is None:
-        return layer
-    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    return type(layer)(
-        dk=cast(layer.dk),
-        dv=cast(layer.dv),
-        k_factors=None if layer.k_factors is None else tuple(map(cast, layer.k_factors)),
-        v_factors=None if layer.v_factors is None else tuple(map(cast, layer.v_factors)),
-    )

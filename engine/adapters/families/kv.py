@@ -1,0 +1,101 @@
+"""The `kv` family (Custom Diffusion): deltas of every attn2 layer's W_K and W_V plus learned
+tokens, folded into the planned K/V once per branch (kv.py reads every layout):
+
+    K = W_K e_key + Σ_a s_a·ΔW_K,a e_key,   V = W_V e + Σ_a s_a·ΔW_V,a e
+
+for the branch's kv adapters a at scales s_a; ΔW dense [h, D] or factored u [h, r] @ v [r, D].
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ...api import AdapterInfo
+from ...errors import AdapterNameError
+from .. import kv as kv_format
+from . import FAMILY_KEY, Family
+
+
+def kv_base(store) -> dict:
+    """attn2 K/V weights of the (frozen) base, walked once per store: every kv read needs them."""
+    return store.base_value("kv.base", lambda: kv_format.base_kv_weights(store.unet))
+
+
+class KvFamily(Family):
+    name = "kv"
+
+    def detect(self, path, metadata) -> bool:
+        return metadata.get(FAMILY_KEY) == kv_format.FAMILY or kv_format.is_kv_layout(path)
+
+    def register(self, store, name, path, *, suffix, token) -> AdapterInfo:
+        header = kv_format.read_kv_header(path, kv_base(store))
+        placeholders = list(header.placeholders)
+        if token is not None and len(placeholders) != 1:
+            raise AdapterNameError(f"{path}: token= renames one placeholder, the file defines {placeholders}")
+        token_map = ((token, placeholders[0]),) if token is not None else tuple((p, p) for p in placeholders)
+        return AdapterInfo(
+            name=name,
+            path=path,
+            family=self.name,
+            format=header.format,
+            rank=header.rank or 0,
+            targets=tuple(header.layers),
+            nbytes=header.nbytes,
+            token=token_map[0][0] if token_map else None,
+            suffix=suffix,
+            token_map=token_map,
+        )
+
+    def load(self, store, info) -> kv_format.KvFile:
+        kvfile = kv_format.read_kv(info.path, kv_base(store))
+        kvfile.layers = {k: _to(v, store.dtype) for k, v in kvfile.layers.items()}
+        return kvfile
+
+    def tokens(self, info, file) -> dict:
+        return {prompt_ph: file.tokens[file_ph] for prompt_ph, file_ph in info.token_map}
+
+    def kv_edit(self, store, rows):
+        # adapter -> (its file, [(branch row, scale), ...]): one batched update per adapter and layer
+        users: dict[str, tuple] = {}
+        for r, row in enumerate(rows):
+            for use in row:
+                users.setdefault(use.name, (use.file, []))[1].append((r, use.scale))
+        return functools.partial(_add_deltas, users=users)
+
+
+def _add_deltas(layer: str, attn, k, v, key_embeds, embeds, *, users: dict):
+    """Semantics: for every adapter a and every branch row r naming it at scale s:
+    k[r] += s·(key_embeds[r] @ ΔW_K,aᵀ), v[r] += s·(embeds[r] @ ΔW_V,aᵀ) (layers the file lacks: 0).
+    k, v: Shape [U, L, h]; key_embeds, embeds: Shape [U, L, D]. Returns new (k, v)."""
+    for kvfile, rows_scales in users.values():
+        delta = kvfile.layers.get(layer)
+        if delta is None:
+            continue
+        rows = torch.tensor([r for r, _ in rows_scales], device=k.device)
+        s = torch.tensor([w for _, w in rows_scales], device=k.device, dtype=k.dtype)[:, None, None]
+        k = k.index_add(0, rows, s * _project(key_embeds[rows], delta.dk, delta.k_factors))
+        v = v.index_add(0, rows, s * _project(embeds[rows], delta.dv, delta.v_factors))
+    return k, v
+
+
+def _project(e, dense, factors):
+    """e @ ΔWᵀ with ΔW dense [h, D] or factored u [h, r] @ v [r, D] (never materialized)."""
+    if dense is not None:
+        return e @ dense.t()
+    u, v = factors
+    return (e @ v.t()) @ u.t()
+
+
+def _to(layer, dtype):
+    """A KvLayer's tensors in the engine's dtype (dense deltas stay dense, factors stay factors)."""
+    if dtype is None:
+        return layer
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return type(layer)(
+        dk=cast(layer.dk),
+        dv=cast(layer.dv),
+        k_factors=None if layer.k_factors is None else tuple(map(cast, layer.k_factors)),
+        v_factors=None if layer.v_factors is None else tuple(map(cast, layer.v_factors)),
+    )
