@@ -72,10 +72,10 @@ _ROOT: contextvars.ContextVar[str | None] = contextvars.ContextVar("impasto_adap
 
 
 @contextlib.contextmanager
-def confined(root):
-    """Within the block (this thread / context only), every open must resolve under `root`
-    (None: no confinement)."""
-    token = _ROOT.set(os.path.realpath(root) if root else None)
+def confined(root: str | None):
+    """Within the block (this thread / context only), every open must resolve under `root`, a
+    real path (os.path.realpath: resolved once by the caller, not at every load); None: no confinement."""
+    token = _ROOT.set(root)
     try:
         yield
     finally:
