@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import math
 import random
 import re
 import time
@@ -26,7 +25,7 @@ from impasto.kernels import dispatch
 
 from . import tiny
 from .adapters.lora import LoraRuntime, attention_targets, runtime_buckets, slots_for_budget
-from .adapters.store import LORA_LIKE, AdapterStore
+from .adapters.store import AdapterStore
 from .api import (
     GenerationOutput,
     Guidance,
@@ -169,7 +168,6 @@ class Engine:
         self.lora = runtime(base.unet, fixed_targets=fixed, key="unet")
         self.te_lora = runtime(base.text_encoder, key="text_encoder")
         self.adapters.runtimes = (self.lora, self.te_lora)
-        self.lora_families = LORA_LIKE
         self.unet = base.unet
         if compile:
             self.unet = torch.compile(base.unet, backend="inductor" if compile is True else compile, dynamic=False)
@@ -391,7 +389,7 @@ class Engine:
         for prep in preps:
             for name in prep.adapter_names():
                 info = self.adapters.info(name)
-                if info.family in self.lora_families and info.targets:
+                if self.adapters.family(name).lora_like and info.targets:
                     need.setdefault(self.lora.bucket(info.rank), set()).add(name)
         return {b: len(names) for b, names in need.items()}
 
@@ -405,31 +403,11 @@ class Engine:
                 pass
 
     def _check_adapters(self, adapters, req: Request) -> None:
-        """Family rules of a request's adapters, and that every placeholder in its prompts is
-        defined by exactly one of its adapters."""
+        """Every placeholder in a request's prompts is defined by exactly one of its adapters
+        (the family rules were checked by `adapters.resolve`)."""
         defined = {}
         for a in adapters:
             info = self.adapters.info(a.name)
-            if info.family == "style":
-                raise AdapterNameError(f"adapters: {a.name!r} is a style adapter; name it in guidance.styles")
-            if info.family == "rank1":
-                if a.scale != 1.0:
-                    raise RequestError(f"adapters: {a.name!r} is a rank1 (Perfusion) adapter: tune it with beta and "
-                                       f"tau, not a scale (got {a.scale})")
-                unknown = set(a.options) - {"beta", "tau", "global_lock"}
-                if unknown:
-                    raise RequestError(f"adapters: {a.name!r}: unknown rank1 options {sorted(unknown)}")
-                for option in ("beta", "tau"):
-                    v = a.options.get(option, 1.0)
-                    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                        raise RequestError(f"adapters: {a.name!r}: {option} must be a finite number, got {v!r}")
-                if "tau" in a.options and not a.options["tau"] > 0:
-                    raise RequestError(f"adapters: {a.name!r}: tau must be > 0, got {a.options['tau']}")
-                if not isinstance(a.options.get("global_lock", False), bool):
-                    raise RequestError(f"adapters: {a.name!r}: global_lock must be True or False, "
-                                       f"got {a.options['global_lock']!r}")
-            elif a.options:
-                raise RequestError(f"adapters: {a.name!r} ({info.family}) takes no options, got {sorted(a.options)}")
             for placeholder, _ in info.token_map:
                 if placeholder in defined:
                     raise AdapterNameError(

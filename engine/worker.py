@@ -278,7 +278,8 @@ class Worker:
         names = r.prep.adapter_names()
         r.pins.enter_context(e.adapters.pinned(names))
         r.all_files = {n: e.adapters.load(n) for n in sorted(names)}
-        lora_names = {n for n, f in r.all_files.items() if e.adapters.info(n).family in e.lora_families and f.layers}
+        r.branch_rows = [e.adapters.lora_rows(adapters, r.all_files) for _, adapters in r.prep.branches()]
+        lora_names = {n for row in r.branch_rows for n, _ in row}
         e.lora.pin(lora_names)
         r.pins.callback(e.lora.unpin, lora_names)
         for n in sorted(lora_names):
@@ -304,7 +305,7 @@ class Worker:
             row_branch = torch.tensor([plan.index[b0 + b] for b in range(len(own)) for _ in range(n)], device=e.device)
             r.embeds = plan.embeds[row_branch]
             r.kv = {name: (k[row_branch], v[row_branch]) for name, (k, v) in plan.kv.items()}
-            r.row_adapters = [[(a, s) for a, s, _ in adapters if a in r.files] for _, adapters in own for _ in range(n)]
+            r.row_adapters = [row for row in r.branch_rows for _ in range(n)]
             r.rows, r.n, r.branches = len(r.row_adapters), n, len(own)
             self._setup(r)
             r.out.timings["plan"] = t_plan

@@ -506,6 +506,8 @@ def read_rank1(
     if not bool(torch.isfinite(torch.cat(list(tensors.values()))).all()):  # one check; find the key if it fails
         for key, t in tensors.items():
             _check_values(path, key, t)
+    if not bool(tensors[KEY_I_STAR].abs().max() > 0):  # Perfusion's basis normalizes i*: it cannot be 0
+        raise AdapterValueError(f"{path}: key {KEY_I_STAR!r} is all zeros (a concept's i* must be a non-zero encoding)")
     if base_shapes is not None:
         modules = list(base_shapes)  # the base's module order (safetensors sorts its keys)
     layers = {m: (tensors[m + SUFFIX_K], tensors[m + SUFFIX_V]) for m in modules}
