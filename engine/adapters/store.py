@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 
 import torch
 from collections import OrderedDict
@@ -116,6 +117,7 @@ class AdapterStore:
         self.runtimes = ()  # the LoraRuntimes holding device slot pools (UNet, text encoder), set by the engine
         self._C_inv = None
         self.model_dir = model_dir
+        self._cache_counts = {"hits": 0, "misses": 0, "loads": 0, "load_seconds": 0.0}  # see stats()
 
     # ------------------------------------------------------------------ registry
     def __contains__(self, name: str) -> bool:
@@ -419,13 +421,22 @@ class AdapterStore:
             self.info(a.name)
         return adapters
 
+    def stats(self) -> dict:
+        """Host-cache counters since construction: hits, misses, loads (files read and validated)
+        and load_seconds (time spent reading them), for a server's /metrics."""
+        with self._lock:
+            return dict(self._cache_counts)
+
     def load(self, name: str):
         """The fully read, validated weights of `name`, through the host cache."""
         with self._lock:
             if name in self._host:
                 self._host.move_to_end(name)
+                self._cache_counts["hits"] += 1
                 return self._host[name][0]
             info = self.info(name)
+            self._cache_counts["misses"] += 1
+        t_load = time.perf_counter()
         if info.family in LORA_LIKE:
             obj = read_lora(info.path, self._module_names, dtype=self.dtype or torch.float32)
             if set(obj.layers) != set(info.targets):
@@ -441,6 +452,8 @@ class AdapterStore:
         else:
             raise AdapterFormatError(f"{info.path}: no loader for family {info.family!r}")
         with self._lock:
+            self._cache_counts["loads"] += 1
+            self._cache_counts["load_seconds"] += time.perf_counter() - t_load
             self._host[name] = (obj, info.nbytes)
             self._shrink_host()
         return obj
