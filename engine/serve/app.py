@@ -72,8 +72,15 @@ class _Limits:
         status = [500]
         upload = scope["path"] == "/v1/adapters" and scope["method"] == "POST"
         limit = self.settings.max_upload_bytes if upload else self.settings.max_body_bytes
+        too_large = errors.error_response(413, "request_too_large", str(errors.BodyTooLarge(limit)))
+        over = [False]
 
         async def send_status(message):
+            if over[0]:  # the app answered a body it could not read (FastAPI says 400): it is a 413
+                if message["type"] == "http.response.start":
+                    status[0] = 413
+                    await too_large(scope, receive, send)
+                return
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
@@ -81,8 +88,8 @@ class _Limits:
         try:
             length = dict(scope["headers"]).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > limit:
-                await errors.error_response(413, "request_too_large", str(errors.BodyTooLarge(limit)))(
-                    scope, receive, send_status)
+                status[0] = 413
+                await too_large(scope, receive, send)
                 return
             seen = [0]
 
@@ -91,6 +98,7 @@ class _Limits:
                 if message["type"] == "http.request":
                     seen[0] += len(message.get("body", b""))
                     if seen[0] > limit:
+                        over[0] = True
                         raise errors.BodyTooLarge(limit)
                 return message
 

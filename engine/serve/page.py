@@ -15,6 +15,7 @@ HTML = """<!doctype html>
   label { display: inline-block; margin: .2em .8em .2em 0; }
   textarea { width: 100%; }
   #bar { width: 100%; height: 1em; }
+  input[type=number] { width: 5em; }
   #gallery img { width: 128px; height: 128px; image-rendering: pixelated; margin: 4px; border: 1px solid #999; }
   .error { color: #b00; }
 </style>
