@@ -46,8 +46,14 @@ class Server:
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines, self.ready = [], threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
-        assert self.ready.wait(120), "server did not start:\n" + "".join(self.lines)
-        self.url = re.search(r"listening on (http://\S+)", self.log).group(1)
+        self.url = None
+
+    def wait(self) -> "Server":
+        assert self.ready.wait(180), "server did not start:\n" + self.log
+        m = re.search(r"listening on (http://\S+)", self.log)
+        assert m, "server did not start:\n" + self.log
+        self.url = m.group(1)
+        return self
 
     def _read(self):
         for line in self.proc.stdout:
@@ -95,15 +101,26 @@ def ref(tiny_dir, adapter_dir):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir, adapter_dir, tmp_path_factory):
+def servers(tiny_dir, adapter_dir, tmp_path_factory):
+    """Both servers of this module, started together (their imports and loading overlap):
+    the main one with API and admin keys; a keyless one (so loopback only) with a queue of one
+    and room for one request of two rows."""
     keys = tmp_path_factory.mktemp("keys")
     (keys / "api").write_text(f"# users\n{USER}\n{OTHER}\n")
     (keys / "admin").write_text(f"{ADMIN}\n")
-    s = Server("--model", tiny_dir, "--adapters", str(adapter_dir), "--api-key-file", str(keys / "api"),
-               "--admin-key-file", str(keys / "admin"), "--max-body-bytes", "100000",
-               "--max-upload-bytes", "50000")
-    yield s
-    s.stop()
+    main = Server("--model", tiny_dir, "--adapters", str(adapter_dir), "--api-key-file", str(keys / "api"),
+                  "--admin-key-file", str(keys / "admin"), "--max-body-bytes", "100000",
+                  "--max-upload-bytes", "50000")
+    small = Server("--model", tiny_dir, "--adapters", str(tmp_path_factory.mktemp("none")), "--limit", "max_queue=1",
+                   "--limit", "max_batch_rows=2", "--grace-seconds", "60")
+    yield main, small
+    main.stop()
+    small.stop()
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers[0].wait()
 
 
 @pytest.fixture
@@ -422,12 +439,8 @@ def test_metrics(user):
 
 # ---------------------------------------------------------------------------------- a keyless, small server
 @pytest.fixture(scope="module")
-def small(tiny_dir, tmp_path_factory):
-    """No key file (so loopback only), a queue of one and room for one request of two rows."""
-    s = Server("--model", tiny_dir, "--adapters", str(tmp_path_factory.mktemp("none")), "--limit", "max_queue=1",
-               "--limit", "max_batch_rows=2", "--grace-seconds", "60")
-    yield s
-    s.stop()
+def small(servers):
+    return servers[1].wait()
 
 
 def test_keyless_server_says_it_serves_loopback_only(small):

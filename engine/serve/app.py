@@ -29,6 +29,9 @@ from . import build, errors, page
 from .auth import Keys
 from .metrics import CONTENT_TYPE, Metrics
 from .schemas import (
+    AdapterList,
+    AdapterOut,
+    ErrorResponse,
     ImageGenerationRequest,
     ImageGenerationResponse,
     JobCreated,
@@ -45,7 +48,8 @@ SSE_POLL_SECONDS = 0.005  # the engine has no per-step callback: progress is pol
 class Settings:
     """Server settings (the CLI's flags). Body limits are bytes; `max_body_bytes` bounds JSON
     bodies, `max_upload_bytes` an adapter upload. `grace_seconds`: how long a stopping server
-    lets in-flight requests and jobs finish."""
+    lets in-flight requests and jobs finish. Finished jobs stay readable `job_ttl_seconds`, at
+    most `max_kept_jobs` of them."""
 
     api_keys: tuple = ()
     admin_keys: tuple = ()
@@ -54,7 +58,7 @@ class Settings:
     max_upload_bytes: int = 512 * 2**20
     grace_seconds: float = 30.0
     job_ttl_seconds: float = 3600.0
-    max_kept_jobs: int = 1000
+    max_kept_jobs: int = 256  # finished jobs hold their images until fetched or evicted
     drain: dict = field(default_factory=dict)  # {"deadline": monotonic time}, set when stopping
 
 
@@ -127,7 +131,8 @@ def create_app(backend, settings: Settings | None = None) -> FastAPI:
             task.cancel()
         await anyio.to_thread.run_sync(backend.close)
 
-    app = FastAPI(title="impasto", version="0.1.0", lifespan=lifespan,
+    errors_doc = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 422, 429, 500, 503, 504)}
+    app = FastAPI(title="impasto", version="0.1.0", lifespan=lifespan, responses=errors_doc,
                   description="Personalized text-to-image diffusion: many adapters, one batched forward per step.")
     app.state.backend, app.state.tasks, app.state.settings = backend, tasks, settings
     errors.install(app)
@@ -152,12 +157,14 @@ def create_app(backend, settings: Settings | None = None) -> FastAPI:
             await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-        if not waiter.done():
-            waiter.cancel()
-            task.cancel()
-            tasks.discard(task)
-            return []
-        return await anyio.to_thread.run_sync(build.encode, task, backend)
+        try:
+            if not waiter.done():
+                waiter.cancel()
+                task.cancel()
+                return []
+            return await anyio.to_thread.run_sync(build.encode, task, backend)
+        finally:
+            tasks.discard(task)  # answered (or nobody to answer): only jobs are kept for GET
 
     # ------------------------------------------------------------------ OpenAI
     @app.post("/v1/images/generations", response_model=ImageGenerationResponse)
@@ -271,11 +278,11 @@ def create_app(backend, settings: Settings | None = None) -> FastAPI:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ------------------------------------------------------------------ adapters
-    @app.get("/v1/adapters")
+    @app.get("/v1/adapters", response_model=AdapterList)
     async def list_adapters(who: str = Depends(caller)):
         return {"data": [_adapter_out(a) for a in backend.adapters()]}
 
-    @app.post("/v1/adapters", status_code=201)
+    @app.post("/v1/adapters", status_code=201, response_model=AdapterOut)
     async def upload_adapter(file: UploadFile = File(...), name: str | None = Form(None),
                              family: str | None = Form(None), suffix: str | None = Form(None),
                              token: str | None = Form(None), who: str = Depends(admin)):

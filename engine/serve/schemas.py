@@ -92,6 +92,15 @@ class Txt2ImgResponse(BaseModel):
     info: str
 
 
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
 class JobCreated(BaseModel):
     id: str
 
@@ -107,10 +116,12 @@ class JobStatus(BaseModel):
     progress: Progress
     created: int
     result: Optional[ImageGenerationResponse] = None
-    error: Optional[dict] = None
+    error: Optional[ErrorBody] = None
 
 
 class AdapterOut(BaseModel):
+    """What the store knows of a registered adapter (from its file header)."""
+
     name: str
     family: str
     format: str
@@ -120,10 +131,6 @@ class AdapterOut(BaseModel):
     suffix: Optional[str] = None
 
 
-class ErrorBody(BaseModel):
-    type: str
-    message: str
 
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
+class AdapterList(BaseModel):
+    data: list[AdapterOut]
