@@ -187,8 +187,11 @@ def test_401_without_a_key_and_with_a_wrong_one(server, method, path):
 def test_adapter_management_needs_the_admin_key(server, user):
     _error(user.delete("/v1/adapters/l0"), 403, "permission_error")
     _error(user.post("/v1/adapters", files={"file": ("x.safetensors", b"x")}), 403)
+    # refused before the body is read: the size limit is not what answers
+    _error(user.post("/v1/adapters", files={"file": ("x.safetensors", b"\0" * 60_000)}), 403)
     with server.client() as anonymous:
         _error(anonymous.delete("/v1/adapters/l0"), 401)
+        _error(anonymous.post("/v1/adapters", files={"file": ("x.safetensors", b"x")}), 401, "authentication_error")
 
 
 # ---------------------------------------------------------------------------------- images
@@ -264,6 +267,8 @@ def test_a1111_reads(user, ref):
     ("/sdapi/v1/txt2img", {"sampler_name": "Euler a"}, "not_supported", "samplers"),
     ("/sdapi/v1/txt2img", {"prompt": "x <lora:l0:1:start=0.5>"}, "not_supported", "step-scheduled"),
     ("/sdapi/v1/txt2img", {"enable_hr": True}, "not_supported", "enable_hr"),
+    ("/sdapi/v1/img2img", {"init_images": ["aGVsbG8="]}, "not_supported", "img2img"),
+    ("/v1/images/edits", {}, "not_supported", "img2img"),
     ("/sdapi/v1/txt2img", {"prompt": ["a", "b"], "batch_size": 3}, "invalid_request_error", "one prompt per image"),
 ])
 def test_422_names_what_is_wrong(user, path, body, type_, match):

@@ -26,7 +26,8 @@ from starlette.exceptions import HTTPException
 from ..api import ADAPTER_NAME
 from ..errors import AdapterError, AdapterNameError, RequestError
 from . import build, errors, page
-from .auth import Keys
+from .a1111 import NotSupportedError
+from .auth import AuthError, Keys
 from .metrics import CONTENT_TYPE, Metrics
 from .schemas import (
     AdapterList,
@@ -64,10 +65,12 @@ class Settings:
 
 class _Limits:
     """ASGI middleware: refuses bodies over the limit with 413 (Content-Length at once, a
-    chunked body when it crosses the limit), and records every response in the metrics."""
+    chunked body when it crosses the limit), checks the admin key of an upload before its body
+    is read (FastAPI parses a form before running the route's dependencies), and records every
+    response in the metrics."""
 
-    def __init__(self, app, settings: Settings, metrics: Metrics):
-        self.app, self.settings, self.metrics = app, settings, metrics
+    def __init__(self, app, settings: Settings, metrics: Metrics, keys: Keys):
+        self.app, self.settings, self.metrics, self.keys = app, settings, metrics, keys
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -90,7 +93,15 @@ class _Limits:
             await send(message)
 
         try:
-            length = dict(scope["headers"]).get(b"content-length")
+            headers = dict(scope["headers"])
+            if upload:
+                try:
+                    self.keys.admin(headers.get(b"authorization", b"").decode("latin-1"))
+                except AuthError as e:
+                    status[0] = e.status
+                    await errors.auth_error(e)(scope, receive, send)
+                    return
+            length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > limit:
                 status[0] = 413
                 await too_large(scope, receive, send)
@@ -136,7 +147,7 @@ def create_app(backend, settings: Settings | None = None) -> FastAPI:
                   description="Personalized text-to-image diffusion: many adapters, one batched forward per step.")
     app.state.backend, app.state.tasks, app.state.settings = backend, tasks, settings
     errors.install(app)
-    app.add_middleware(_Limits, settings=settings, metrics=metrics)
+    app.add_middleware(_Limits, settings=settings, metrics=metrics, keys=keys)
 
     def caller(request: Request) -> str:
         return keys.caller(request.headers.get("authorization"))
@@ -179,6 +190,11 @@ def create_app(backend, settings: Settings | None = None) -> FastAPI:
         task = start(build.a1111_images(body, backend), who, "sync")
         pngs = await finish_sync(request, task)
         return build.a1111_response(body, task, pngs, backend)
+
+    @app.post("/sdapi/v1/img2img")
+    @app.post("/v1/images/edits")
+    async def img2img(who: str = Depends(caller)):
+        raise NotSupportedError("img2img is not supported yet (txt2img and /v1/images/generations are)")
 
     @app.get("/sdapi/v1/loras")
     async def sd_loras(who: str = Depends(caller)):

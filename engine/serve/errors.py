@@ -49,6 +49,13 @@ def impasto_error(error: BaseException) -> JSONResponse:
     raise TypeError(error)
 
 
+def auth_error(exc: AuthError) -> JSONResponse:
+    """401 (with the Bearer challenge) or 403."""
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return error_response(exc.status, "authentication_error" if exc.status == 401 else "permission_error",
+                          str(exc), headers)
+
+
 def install(app) -> None:
     """Register the handlers that turn each kind of failure into the error body."""
 
@@ -58,9 +65,7 @@ def install(app) -> None:
 
     @app.exception_handler(AuthError)
     async def _auth(request, exc):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return error_response(exc.status, "authentication_error" if exc.status == 401 else "permission_error",
-                              str(exc), headers)
+        return auth_error(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, exc):
