@@ -59,8 +59,11 @@ setup(
         "Pillow>=10",
     ],
     extras_require={
-        "test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "peft==0.21.2", "accelerate==1.15.0"],
+        "test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "peft==0.21.2", "accelerate==1.15.0",
+                 "httpx==0.28.1", "selenium==4.51.0"],
         "xformers": ["xformers==0.0.35"],
+        "serve": ["fastapi==0.163.2", "starlette==1.10.0", "uvicorn==0.54.0", "pydantic==2.14.4",
+                  "prometheus-client==0.26.0", "python-multipart==0.0.34"],
     },
     entry_points={"console_scripts": ["impasto=impasto.cli:main"]},
     ext_modules=ext_modules,

@@ -1,4 +1,5 @@
-"""The `impasto` command line: `impasto generate "a red star on a blue background" -o star.png`."""
+"""The `impasto` command line: `impasto generate "a red star on a blue background" -o star.png`,
+`impasto serve --model tiny --adapters loras/`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ def _parse_adapter(text: str):
 def _generate(args) -> int:
     import impasto
     from impasto import tiny
+    from impasto.serve.a1111 import infotext, parse_prompt, sampler_name, save_png
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -26,9 +28,11 @@ def _generate(args) -> int:
     for spec in args.register or ():
         name, _, path = spec.partition("=")
         engine.adapters.register(name, path)
+    parsed = parse_prompt(args.prompt)  # <lora:NAME:W> in the prompt, as A1111 and `impasto serve` read it
+    adapters = [_parse_adapter(a) for a in args.adapter or ()] + list(parsed.adapters)
     out = engine.generate(
-        args.prompt,
-        adapters=[_parse_adapter(a) for a in args.adapter or ()],
+        parsed.prompt,
+        adapters=adapters,
         guidance=args.guidance,
         negative_prompt=args.negative_prompt,
         steps=args.steps,
@@ -41,14 +45,34 @@ def _generate(args) -> int:
     if args.grid:
         images = [_contact_sheet(images)]
     paths = [args.output] if len(images) == 1 else [_numbered(args.output, i) for i in range(len(images))]
+    size = out.images[0].size
+    parameters = infotext(prompt=parsed.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                          sampler=sampler_name(type(engine.base.scheduler).__name__), cfg_scale=args.guidance,
+                          seed=out.seed, width=size[0], height=size[1], model=_model_name(args.model),
+                          adapters=[(a, 1.0) if isinstance(a, str) else a for a in adapters])
     for image, path in zip(images, paths):
-        image.save(path)
+        if path.lower().endswith(".png"):
+            save_png(image, path, parameters)  # the A1111 `parameters` chunk: PNG Info reads it
+        else:
+            image.save(path)
     t = out.timings
     print(
         f"wrote {', '.join(paths)} (seed {out.seed}; plan {t['plan']:.2f}s, denoise {t['denoise']:.2f}s, "
         f"decode {t['decode']:.2f}s, total {t['total']:.2f}s)"
     )
     return 0
+
+
+def _model_name(model: str) -> str:
+    import os
+
+    return os.path.basename(os.path.normpath(model))
+
+
+def _serve(args) -> int:
+    from impasto.serve.server import run
+
+    return run(args)
 
 
 def _covariance(args) -> int:
@@ -105,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", action="append", metavar="NAME[=SCALE]", help="apply a registered adapter")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
+    s = sub.add_parser("serve", help="serve the OpenAI- and A1111-compatible HTTP API over one engine")
+    s.add_argument("--model", default="tiny", help='"tiny" or a local diffusers SD-layout folder')
+    s.add_argument("--adapters", required=True, metavar="DIR",
+                   help="the adapter root: every adapter in it is registered; uploads are written there")
+    s.add_argument("--host", default="127.0.0.1", help="beyond loopback only with --api-key-file")
+    s.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    s.add_argument("--api-key-file", default=None, help="bearer API keys, one per line")
+    s.add_argument("--admin-key-file", default=None, help="keys that may upload and delete adapters")
+    s.add_argument("--grace-seconds", type=float, default=30.0, help="on SIGTERM, time for in-flight work")
+    s.add_argument("--max-body-bytes", type=int, default=16 * 2**20, help="JSON body limit (413 above)")
+    s.add_argument("--max-upload-bytes", type=int, default=512 * 2**20, help="adapter upload limit (413 above)")
+    s.add_argument("--limit", action="append", metavar="NAME=N",
+                   help="an engine operator limit, e.g. max_queue=64 (impasto.LIMITS)")
+    s.set_defaults(func=_serve)
     c = sub.add_parser("covariance", help="compute a base model's text-encoding C⁻¹ for Perfusion (rank1)")
     c.add_argument("--model", default="tiny", help='"tiny" or a local diffusers SD-layout folder')
     c.add_argument("--captions", required=True, help="a text file, one caption per line")
@@ -120,7 +158,9 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - the CLI reports impasto errors in one line
         import impasto
 
-        if isinstance(e, impasto.ImpastoError):
+        from impasto.serve.auth import ConfigError
+
+        if isinstance(e, (impasto.ImpastoError, ConfigError)):
             print(f"impasto: error: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
         raise

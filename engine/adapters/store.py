@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections import OrderedDict
 
 import torch
@@ -69,6 +70,7 @@ class AdapterStore:
         self.runtimes = ()  # the LoraRuntimes holding device slot pools (UNet, text encoder), set by the engine
         self._C_inv = None
         self.model_dir = model_dir
+        self._cache_counts = {"hits": 0, "misses": 0, "loads": 0, "load_seconds": 0.0}  # see stats()
 
     # ------------------------------------------------------------------ registry
     def __contains__(self, name: str) -> bool:
@@ -265,16 +267,27 @@ class AdapterStore:
         """
         return [e for name, scale, _ in adapters for e in self.family(name).lora_rows(name, scale, files[name])]
 
+    def stats(self) -> dict:
+        """Host-cache counters since construction: hits, misses, loads (files read and validated)
+        and load_seconds (time spent reading them), for a server's /metrics."""
+        with self._lock:
+            return dict(self._cache_counts)
+
     def load(self, name: str):
         """The fully read, validated weights of `name`, through the host cache."""
         with self._lock:
             if name in self._host:
                 self._host.move_to_end(name)
+                self._cache_counts["hits"] += 1
                 return self._host[name][0]
             info = self.info(name)
+            self._cache_counts["misses"] += 1
+        t_load = time.perf_counter()
         with files.confined(self.root):
             obj = self.family(name).load(self, info)
         with self._lock:
+            self._cache_counts["loads"] += 1
+            self._cache_counts["load_seconds"] += time.perf_counter() - t_load
             self._host[name] = (obj, info.nbytes)
             self._shrink_host()
         return obj

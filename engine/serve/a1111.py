@@ -1,0 +1,162 @@
+"""AUTOMATIC1111 conventions shared by the server and the CLI: the `<lora:NAME:W>` prompt syntax
+and the `parameters` text chunk ("infotext") that A1111 writes into its PNGs.
+
+Pure Python (re, json, Pillow): the CLI imports it without the server's dependencies.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass
+
+from ..errors import RequestError
+
+# A1111's extra-network syntax: <kind:arg1:arg2...>. `lyco` is an alias of `lora` since A1111 1.5.
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+LORA_KINDS = ("lora", "lyco")
+
+
+class NotSupportedError(RequestError):
+    """A request names a feature that impasto has not landed yet (answered 422)."""
+
+
+@dataclass(frozen=True)
+class PromptAdapters:
+    """A prompt with its `<lora:...>` tags taken out: the text the model sees and the adapters."""
+
+    prompt: str
+    adapters: tuple  # ((name, scale), ...) in prompt order
+
+
+def parse_prompt(prompt: str) -> PromptAdapters:
+    """Take A1111 `<lora:NAME>` / `<lora:NAME:W>` tags out of `prompt`.
+
+    Semantics:
+      "a corgi <lora:corgi:0.8> on grass" -> PromptAdapters("a corgi on grass", (("corgi", 0.8),))
+      the default multiplier is 1.0 (A1111's extra_networks_default_multiplier); whitespace
+      runs left by a removed tag collapse to one space (CLIP's tokenizer does the same).
+
+    Raises NotSupportedError for what A1111 accepts but impasto cannot do yet: separate text
+    encoder / UNet multipliers (`<lora:n:0.5:0.8>`), step ranges (`start=`, `end=`) and other
+    network kinds (`<hypernet:...>`); RequestError for a multiplier that is not a number.
+    """
+    adapters = []
+
+    def take(m: re.Match) -> str:
+        kind, args = m.group(1).lower(), m.group(2).split(":")
+        if kind not in LORA_KINDS:
+            raise NotSupportedError(f"prompt: <{m.group(1)}:...> networks are not supported (only <lora:NAME:W>)")
+        name, rest = args[0].strip(), [a.strip() for a in args[1:]]
+        named = [a for a in rest if "=" in a]
+        if named:
+            raise NotSupportedError(f"prompt: <lora:{name}:...> options {named} (step-scheduled adapters) are not "
+                                    f"supported yet")
+        if len(rest) > 1:
+            raise NotSupportedError(f"prompt: <lora:{name}:{':'.join(rest)}>: separate text-encoder and UNet "
+                                    f"multipliers are not supported yet; give one multiplier")
+        try:
+            scale = float(rest[0]) if rest and rest[0] else 1.0
+        except ValueError:
+            raise RequestError(f"prompt: <lora:{name}:{rest[0]}>: the multiplier is not a number") from None
+        adapters.append((name, scale))
+        return " "
+
+    text = EXTRA_NETWORK.sub(take, prompt)
+    return PromptAdapters(" ".join(text.split()), tuple(adapters))
+
+
+def lora_tags(adapters) -> str:
+    """The `<lora:NAME:W>` tags that put `adapters` ((name, scale) pairs) back into a prompt."""
+    return " ".join(f"<lora:{name}:{_number(scale)}>" for name, scale in adapters)
+
+
+def _number(x: float) -> str:
+    """1.0 -> "1", 0.75 -> "0.75": short, and exact enough to reproduce the request."""
+    return f"{float(x):g}" if abs(float(x)) >= 1e-4 or x == 0 else repr(float(x))
+
+
+def _quote(value) -> str:
+    """A1111's infotext quoting: a value holding `,`, `:` or a newline is written as JSON."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def infotext(
+    *,
+    prompt: str,
+    negative_prompt: str | None,
+    steps: int,
+    sampler: str,
+    cfg_scale: float,
+    seed: int,
+    width: int,
+    height: int,
+    model: str,
+    adapters=(),
+    styles=None,
+) -> str:
+    """The A1111 `parameters` text of one image.
+
+    Semantics (A1111's `create_infotext`):
+      line 1: the prompt, with the image's adapters as `<lora:NAME:W>` tags (pasting it into
+              A1111 or back into this server reproduces the adapters);
+      line 2: "Negative prompt: ..." when there is one;
+      last:   "Steps: 30, Sampler: DDIM, CFG scale: 7.5, Seed: 1, Size: 512x512, Model: tiny"
+              plus "Style guidance: NAME: W, ..." for Pair Customization styles.
+    """
+    tags = lora_tags(adapters)
+    lines = [f"{prompt} {tags}".strip() if tags else prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    params = {
+        "Steps": steps,
+        "Sampler": sampler,
+        "CFG scale": _number(cfg_scale),
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model": model,
+    }
+    if styles:
+        params["Style guidance"] = ", ".join(f"{n}: {_number(w)}" for n, w in styles.items())
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in params.items()))
+    return "\n".join(lines)
+
+
+def png_bytes(image, parameters: str) -> bytes:
+    """`image` (PIL) as PNG bytes carrying `parameters` in a `parameters` tEXt chunk, as A1111
+    writes it (readers: A1111's "PNG Info", `PIL.Image.open(f).info["parameters"]`)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def save_png(image, path, parameters: str) -> None:
+    """Write `image` to `path` as PNG with its `parameters` chunk (the CLI's writer)."""
+    with open(path, "wb") as f:
+        f.write(png_bytes(image, parameters))
+
+
+# diffusers scheduler class -> the A1111 sampler of the same algorithm (A1111's own names).
+SAMPLERS = {
+    "DDIMScheduler": "DDIM",
+    "PNDMScheduler": "PLMS",
+    "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+    "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "LMSDiscreteScheduler": "LMS",
+    "HeunDiscreteScheduler": "Heun",
+    "UniPCMultistepScheduler": "UniPC",
+    "DDPMScheduler": "DDPM",
+}
+
+
+def sampler_name(scheduler_class: str) -> str:
+    """The A1111 name of the diffusers scheduler class `scheduler_class` (its class name if A1111
+    has none)."""
+    return SAMPLERS.get(scheduler_class, scheduler_class)
