@@ -20,6 +20,7 @@ from impasto.adapters.kv import KvFile, KvLayer, write_kv
 
 Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 Q2 = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
+QV = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v"
 
 
 def lora_file(path, *, rank=4, width=32, dtype=torch.float32, keys=(Q,), metadata=None, seed=0, prefix="unet."):
@@ -438,8 +439,9 @@ def test_changed_file_that_still_fits_is_served_with_its_new_weights(tiny_dir, e
 
 def test_failed_slot_copy_leaves_no_weights_behind(tiny_dir, root, monkeypatch):
     eng = impasto.Engine.from_pretrained(tiny_dir, adapter_root=str(root), max_rank=8, slots_per_bucket=1)
-    eng.adapters.register("bad", lora_file(root / "bad.safetensors", keys=(Q, Q2), seed=1))
-    eng.adapters.register("good", lora_file(root / "good.safetensors", keys=(Q2,), seed=2))
+    # modules are copied in name order: to_q is written, then the copy of to_v fails
+    eng.adapters.register("bad", lora_file(root / "bad.safetensors", keys=(Q, QV), seed=1))
+    eng.adapters.register("good", lora_file(root / "good.safetensors", keys=(QV,), seed=2))
     runtime = eng.lora
     real_pool, calls = runtime._pool, []
 
