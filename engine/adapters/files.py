@@ -260,7 +260,7 @@ def header_metadata(path) -> dict:
     detection, which must not fail where the family's reader reports the problem better."""
     try:
         return read_header(path).metadata
-    except (AdapterFormatError, AdapterPathError):
+    except (AdapterFormatError, AdapterPathError, AdapterValueError):
         return {}
 
 
