@@ -92,7 +92,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import AdapterFormatError, AdapterShapeError, AdapterUnsupportedError, AdapterValueError
-from .files import PICKLE_SUFFIXES, WeightsFile
+from .files import MAX_EMBEDDING_VECTORS, MAX_TOKENS, PICKLE_SUFFIXES, WeightsFile, checked
 
 __all__ = [
     "FORMATS",
@@ -288,8 +288,7 @@ def _resolve(path) -> tuple[str, list[str]]:
             f"{path}: folder holds {'several' if found else 'no'} Custom Diffusion weights files "
             f"({[os.path.basename(f) for f in found] or 'expected ' + ' or '.join(DIFFUSERS_WEIGHT_NAMES) + ', delta.bin, delta_epoch=*.ckpt, compressed_delta*'}); pass the file"
         )
-    if not os.path.isfile(path):
-        raise AdapterFormatError(f"{path}: no such file")
+    checked(path)  # a regular file (a FIFO or device is refused by name, never opened to block)
     if os.path.basename(path) in DIFFUSERS_WEIGHT_NAMES:
         return _with_token_files(path)
     return path, []
@@ -447,6 +446,7 @@ def _parse_nested(weights: str, src: WeightsFile, top: str) -> _Parsed:
             if len(shape) == 1:
                 tokens["<new1>"] = (src, embed_key, None)
             elif len(shape) == 2:
+                _check_token_count(weights, shape[0], shape[0])
                 for row in range(shape[0]):
                     tokens[f"<new{row + 1}>"] = (src, embed_key, row)
             else:
@@ -489,6 +489,14 @@ def _parse_kv(weights: str, src: WeightsFile) -> _Parsed:
 # ---------------------------------------------------------------------------------------------
 # Validation against the base and the header.
 # ---------------------------------------------------------------------------------------------
+
+
+def _check_token_count(path: str, tokens: int, vectors: int) -> None:
+    """AdapterShapeError past MAX_TOKENS placeholders or MAX_EMBEDDING_VECTORS vectors per adapter
+    (checked on the header's shapes, before a row is read)."""
+    if tokens > MAX_TOKENS or vectors > MAX_EMBEDDING_VECTORS:
+        raise AdapterShapeError(f"{path}: defines {tokens} placeholder tokens ({vectors} embedding vectors); at most "
+                                f"{MAX_TOKENS} tokens and {MAX_EMBEDDING_VECTORS} vectors per adapter")
 
 
 def _map_names(parsed: _Parsed, base: Mapping) -> None:
@@ -547,6 +555,10 @@ def _header(path, base: Mapping) -> tuple[KvFileHeader, _Parsed]:
                         f"{p}: module {name!r}: {keys[0]!r} {list(us)} @ {keys[1]!r} {list(vs)} does not make the "
                         f"base {proj} shape {[h, d]}"
                     )
+                if us[1] > min(h, d):
+                    raise AdapterShapeError(
+                        f"{p}: module {name!r}: {keys[0]!r} has rank {us[1]}, above min(h, D) = {min(h, d)} of the base {proj}"
+                    )
                 ranks[proj] = int(us[1])
             dims.add(d)
         layers[name] = KvLayerInfo(
@@ -554,6 +566,7 @@ def _header(path, base: Mapping) -> tuple[KvFileHeader, _Parsed]:
             keys=slot["to_k"] + slot["to_v"], dtype=src.dtype(slot["to_k"][0]),
         )
     token_dim = None
+    _check_token_count(p, len(parsed.tokens), len(parsed.tokens))
     for placeholder, (tsrc, key, row) in parsed.tokens.items():
         shape = tsrc.shape(key)
         width = shape[-1] if shape else None

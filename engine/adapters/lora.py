@@ -30,6 +30,7 @@ slots_8 = [0, -1, ...], scales_8 = [0.5, 0, ...] and slots_16 = [-1, 0, ...], sc
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -72,6 +73,10 @@ def slots_for_budget(pool_bytes: int, targets: list[dict], buckets, dtype) -> in
             f"of the {sum(len(t) for t in targets)} target modules takes {per_slot} bytes"
         )
     return slots
+
+
+def _dead():
+    return None
 
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -158,7 +163,7 @@ class LoraRuntime:
         self.pools: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # module -> bucket -> (A, B)
         self.resident: dict[int, OrderedDict] = {}  # bucket -> name -> slot, LRU order
         self.adapter_bucket: dict[str, int] = {}
-        self.loaded_version: dict[str, object] = {}  # name -> identity of the LoraFile in its slot
+        self.loaded_version: dict[str, weakref.ref] = {}  # name -> weak ref to the LoraFile in its slot
         self._hooked: dict[str, object] = {}  # module -> hook handle
         self._written: dict[tuple[int, int], set[str]] = {}  # (bucket, slot) -> modules holding its adapter
         self.state = state if state is not None else _TableHolder()
@@ -221,20 +226,37 @@ class LoraRuntime:
 
     def load(self, name: str, lora, pinned: set[str]) -> None:
         """Copy adapter `name` (a LoraFile) into a slot of its bucket, in place, unless resident."""
+        where = f"{getattr(lora, 'path', '?')}: adapter {name!r}"
         if not lora.layers:
-            raise AdapterError(f"{name!r} has no layers for this model")
-        bucket = self.bucket(max(layer.rank for layer in lora.layers.values()))
+            raise AdapterError(f"{where} has no layers for this model")
+        rank = max(layer.rank for layer in lora.layers.values())
+        if rank > self.max_rank:
+            raise AdapterValueError(f"{where} has rank {rank}, above max_rank={self.max_rank}")
+        bucket = self.bucket(rank)
         if self.fixed and not set(lora.layers) <= set(self.pools):
             extra = sorted(set(lora.layers) - set(self.pools))
-            raise AdapterShapeError(f"{name!r} targets {extra[0]!r}, which the fixed LoRA pools do not hold")
+            raise AdapterShapeError(f"{where} targets {extra[0]!r}, which the fixed LoRA pools do not hold")
+        for module, layer in lora.layers.items():
+            m = self.modules.get(module)
+            kn = (m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else (
+                (m.in_channels, m.out_channels) if isinstance(m, torch.nn.Conv2d) else None)
+            if kn is None or tuple(layer.down.shape) != (layer.rank, kn[0]) or tuple(layer.up.shape) != (kn[1], layer.rank):
+                raise AdapterShapeError(f"{where}: module {module!r} is {kn} in this base, the adapter has down "
+                                        f"{list(layer.down.shape)}, up {list(layer.up.shape)}")
         res = self.resident.setdefault(bucket, OrderedDict())
-        if name in res and self.loaded_version.get(name) is lora:
+        if name in res and self.loaded_version.get(name, _dead)() is lora:
             res.move_to_end(name)
             return
         self.evict(name)
         slot = self._free_slot(bucket, pinned)
         # Pools start zeroed; clear only what the slot's previous adapter wrote and this one won't.
-        for module in self._written.pop((bucket, slot), set()) - set(lora.layers):
+        # Until the copy completes, the slot counts as written in every module either adapter
+        # has: a copy that fails part-way leaves a dirty slot that the next load clears.
+        before = self._written.get((bucket, slot), set())
+        self._written[(bucket, slot)] = before | set(lora.layers)
+        for module in before - set(lora.layers):
+            if bucket not in self.pools.get(module, {}):
+                continue  # a copy that failed before this module's pool existed
             A, B = self.pools[module][bucket]
             A[slot].zero_()
             B[slot].zero_()
@@ -245,10 +267,11 @@ class LoraRuntime:
             A[slot, :, r:].zero_()
             B[slot, :r, :].copy_(layer.up.t() * layer.scale)
             B[slot, r:, :].zero_()
-        self._written[(bucket, slot)] = set(lora.layers)
+        self._written[(bucket, slot)] = set(lora.layers)  # clean: complete copy of this adapter
         res[name] = slot
         self.adapter_bucket[name] = bucket
-        self.loaded_version[name] = lora
+        # a weak reference: the slot never keeps an evicted host-cache file alive
+        self.loaded_version[name] = weakref.ref(lora)
 
     # ------------------------------------------------------------------ activation
     def pin(self, names) -> None:

@@ -88,7 +88,7 @@ from typing import Iterable
 
 import torch
 from ..errors import AdapterFormatError, AdapterShapeError, AdapterUnsupportedError, AdapterValueError
-from .files import WeightsFile, checked
+from .files import ALPHA_BOUND, WeightsFile, checked, opened
 
 logger = logging.getLogger(__name__)
 
@@ -246,21 +246,35 @@ def _resolve_path(path) -> tuple[str, str | None]:
         if len(found) == 1:
             return os.path.join(path, found[0]), None
         raise AdapterFormatError(f"{path}: folder holds no single LoRA weights file (found: {found or 'none'})")
-    if not os.path.isfile(path):
-        raise AdapterFormatError(f"{path}: no such file")
+    checked(path)  # a regular file (a FIFO or device is refused by name, never opened to block)
     config_path = os.path.join(os.path.dirname(path) or ".", PEFT_CONFIG_NAME)
     return path, (config_path if os.path.isfile(config_path) else None)
 
 
 def _read_peft_config(path: str) -> dict:
     try:
-        with open(checked(path), encoding="utf-8") as f:
-            config = json.load(f)
+        with opened(path) as f:
+            config = json.loads(f.read(2**20 + 1)) if os.fstat(f.fileno()).st_size <= 2**20 else None
+    except RecursionError:
+        raise AdapterFormatError(f"{path}: unreadable PEFT config: JSON nested too deep") from None
     except (OSError, ValueError) as e:
         raise AdapterFormatError(f"{path}: unreadable PEFT config: {e}") from e
     if not isinstance(config, dict):
-        raise AdapterFormatError(f"{path}: PEFT config must be a JSON object")
+        raise AdapterFormatError(f"{path}: PEFT config must be a JSON object of at most 1 MiB")
     return config
+
+
+def check_alpha(path: str, where: str, alpha, rank: int) -> float:
+    """`alpha` as a float once it is finite and |alpha| <= ALPHA_BOUND * rank; else AdapterValueError
+    naming the file and where the alpha came from (a NaN or 1e39 alpha would serve a NaN image)."""
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError, OverflowError):
+        raise AdapterValueError(f"{path}: {where}: alpha {alpha!r:.40} is not a number") from None
+    if not math.isfinite(value) or abs(value) > ALPHA_BOUND * rank:
+        raise AdapterValueError(f"{path}: {where}: alpha {value} is not finite or above "
+                                f"{ALPHA_BOUND:g} * rank {rank} in magnitude")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,13 +452,19 @@ class _ConfigScale:
             raise AdapterFormatError(f"{path}: malformed LoRA config in {where}: {e}") from e
 
     def scale(self, module: str, rank: int, key: str) -> float:
-        r = self.rank_pattern.get(_get_pattern_key(self.rank_pattern.keys(), module), self.r)
-        alpha = self.alpha_pattern.get(_get_pattern_key(self.alpha_pattern.keys(), module), self.alpha)
+        try:
+            r = self.rank_pattern.get(_get_pattern_key(self.rank_pattern.keys(), module), self.r)
+            alpha = self.alpha_pattern.get(_get_pattern_key(self.alpha_pattern.keys(), module), self.alpha)
+        except (re.error, TypeError) as e:
+            raise AdapterFormatError(f"{self.path}: {self.where}: malformed rank_pattern / alpha_pattern: {e}") from None
+        if not isinstance(r, int) or isinstance(r, bool):
+            raise AdapterFormatError(f"{self.path}: {self.where} gives module {module!r} rank {r!r:.40}, not an integer")
         if int(r) != rank:
             raise AdapterFormatError(
                 f"{self.path}: {self.where} gives module {module!r} rank {r}, but {key!r} has rank {rank}"
             )
-        return float(alpha) / (math.sqrt(rank) if self.use_rslora else rank)
+        alpha = check_alpha(self.path, f"{self.where}, module {module!r}", alpha, rank)
+        return alpha / (math.sqrt(rank) if self.use_rslora else rank)
 
 
 def _diffusers_metadata_config(path: str, metadata: dict, fmt: str) -> dict | None:
@@ -453,6 +473,8 @@ def _diffusers_metadata_config(path: str, metadata: dict, fmt: str) -> dict | No
         return None
     try:
         config = json.loads(raw)
+    except RecursionError:
+        raise AdapterFormatError(f"{path}: header entry {LORA_ADAPTER_METADATA_KEY!r} is JSON nested too deep") from None
     except ValueError as e:
         raise AdapterFormatError(f"{path}: header entry {LORA_ADAPTER_METADATA_KEY!r} is not JSON: {e}") from e
     if not isinstance(config, dict):
@@ -474,11 +496,11 @@ def _layer_scales(path, parsed: _Parsed, src: WeightsFile, peft_config: dict | N
             if value.numel() != 1:
                 raise AdapterFormatError(f"{path}: alpha {key!r} must be a scalar, has shape {tuple(value.shape)}")
             alphas[key] = float(value.float().item())
-            if not math.isfinite(alphas[key]):
-                raise AdapterValueError(f"{path}: alpha {key!r} is {alphas[key]}")
         scales = {}
         for m, slot in parsed.entries.items():
             alpha = alphas.get(slot.get("alpha"), 0.0)
+            if "alpha" in slot:
+                check_alpha(path, f"alpha {slot['alpha']!r}", alpha, ranks[m])
             scales[m] = (alpha if alpha != 0.0 else ranks[m]) / ranks[m]
         return scales
 
@@ -656,7 +678,8 @@ def text_encoder_lora_layers(path, keys_shapes: dict, metadata: dict, te_module_
     config = None
     raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
     if raw and not kohya:
-        cfg = {k.removeprefix("text_encoder."): v for k, v in json.loads(raw).items() if k.startswith("text_encoder.")}
+        raw_cfg = _diffusers_metadata_config(path, {LORA_ADAPTER_METADATA_KEY: raw}, "diffusers-adapter") or {}
+        cfg = {k.removeprefix("text_encoder."): v for k, v in raw_cfg.items() if k.startswith("text_encoder.")}
         config = _ConfigScale(cfg, path, "text_encoder LoraConfig") if cfg else None
     out = {}
     for module, e in entries.items():
@@ -667,7 +690,7 @@ def text_encoder_lora_layers(path, keys_shapes: dict, metadata: dict, te_module_
             raise AdapterShapeError(f"{path}: {e['down']!r} has rank {rank}, {e['up']!r} does not match")
         if kohya:
             alpha = (alphas or {}).get(e.get("alpha"), rank) or rank
-            scale = float(alpha) / rank
+            scale = check_alpha(path, f"text-encoder module {module!r}", alpha, rank) / rank
         else:
             scale = config.scale(module, rank, e["down"]) if config else 1.0
         out[module] = (e["down"], e["up"], scale)

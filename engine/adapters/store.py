@@ -66,6 +66,7 @@ class AdapterStore:
         self._lock = threading.RLock()
         self._base_values: dict = {}  # base_value's cache
         self._pins: dict[str, int] = {}
+        self._stamps: dict[str, tuple] = {}  # name -> ({file: (size, mtime_ns, digest)}, suffix, token) at registration
         self.boundary = contextlib.nullcontext()  # the engine's step-boundary lock: (un)register between steps
         self.runtimes = ()  # the LoraRuntimes holding device slot pools (UNet, text encoder), set by the engine
         self._C_inv = None
@@ -94,13 +95,23 @@ class AdapterStore:
         if not isinstance(name, str) or not ADAPTER_NAME.match(name):
             raise AdapterNameError(f"adapter name {name!r} must match [A-Za-z0-9._-]+")
         path = self._check_path(path)
-        with files.confined(self.root):  # every file the family reader opens stays inside the root
-            info = get_family(family or detect_family(path), path).register(self, name, path, suffix=suffix, token=token)
+        info, stamps = self._read_info(name, path, family, suffix, token)
         with self.boundary, self._lock:
             if name in self._infos:
                 raise AdapterNameError(f"adapter name {name!r} is already registered (to {self._infos[name].path})")
             self._infos[name] = info
+            self._stamps[name] = (stamps, suffix, token)
         return info
+
+    def _read_info(self, name, path, family, suffix, token):
+        """(AdapterInfo, {file: stamp} of every file read) from the family's header reader,
+        every open confined to the root; errors name the adapter."""
+        try:
+            with files.confined(self.root), files.recording() as stamps:  # every open stays inside the root
+                info = get_family(family or detect_family(path), path).register(self, name, path, suffix=suffix, token=token)
+        except AdapterError as e:
+            raise _naming(e, name) from e.__cause__
+        return info, stamps
 
     def family(self, name: str) -> Family:
         """The family of the registered adapter `name` (AdapterNameError when unknown)."""
@@ -198,6 +209,8 @@ class AdapterStore:
                 self.register(name, path)
             except AdapterError as e:
                 errors[path] = e
+            except Exception as e:  # one hostile file never stops the others from registering
+                errors[path] = AdapterFormatError(f"{path}: adapter {name!r} cannot be read: {type(e).__name__}: {e}")
         return errors
 
     def unregister(self, name: str) -> None:
@@ -207,6 +220,7 @@ class AdapterStore:
             if self._pins.get(name):
                 raise AdapterError(f"adapter {name!r} is in use by a running request; unregister it after the batch")
             del self._infos[name]
+            self._stamps.pop(name, None)
             self._host.pop(name, None)
 
     @contextlib.contextmanager
@@ -227,8 +241,10 @@ class AdapterStore:
                 self._shrink_host()
 
     def resident_bytes(self) -> dict:
-        """Bytes of adapter weights resident per tier: host cache (as stored) and device pools."""
-        return {"host": sum(n for _, n in self._host.values()), "device": self.device_bytes()}
+        """Bytes of adapter weights resident per tier: host cache (the distinct tensor storages it
+        holds, at the dtype held) and device pools."""
+        with self._lock:
+            return {"host": held_bytes(obj for obj, _ in self._host.values()), "device": self.device_bytes()}
 
     def device_bytes(self) -> int:
         return sum(r.nbytes() for r in self.runtimes)
@@ -274,7 +290,11 @@ class AdapterStore:
             return dict(self._cache_counts)
 
     def load(self, name: str):
-        """The fully read, validated weights of `name`, through the host cache."""
+        """The fully read, validated weights of `name`, through the host cache.
+
+        A file whose size, mtime or header digest changed since registration is validated
+        again in full against the base (as at registration); if it no longer fits, the
+        AdapterError names the file and only the request loading it fails."""
         with self._lock:
             if name in self._host:
                 self._host.move_to_end(name)
@@ -282,21 +302,46 @@ class AdapterStore:
                 return self._host[name][0]
             info = self.info(name)
             self._cache_counts["misses"] += 1
+            stamps, suffix, token = self._stamps.get(name, ({}, info.suffix, None))
+        gone = files.changed(stamps)
+        if gone is not None:
+            info = self._revalidate(name, info, gone, suffix, token)
+        with self._lock:
+            self._shrink_host(reserve=info.nbytes)  # room for the declared bytes before they are read
         t_load = time.perf_counter()
-        with files.confined(self.root):
-            obj = self.family(name).load(self, info)
+        try:
+            with files.confined(self.root):
+                obj = self.family(name).load(self, info)
+        except AdapterError as e:
+            raise _naming(e, name) from e.__cause__
         with self._lock:
             self._cache_counts["loads"] += 1
             self._cache_counts["load_seconds"] += time.perf_counter() - t_load
-            self._host[name] = (obj, info.nbytes)
+            self._host[name] = (obj, held_bytes([obj]))
             self._shrink_host()
         return obj
 
-    def _shrink_host(self) -> None:
-        """Evict least-recently-used adapters past the budget; never one a running batch uses."""
+    def _revalidate(self, name, info, path, suffix, token):
+        """The AdapterInfo of `name` read again from its changed files (AdapterError naming `path` if they no longer fit)."""
+        try:
+            new, stamps = self._read_info(name, info.path, info.family, suffix, token)
+        except AdapterError as e:
+            raise type(e)(f"{path}: changed since adapter {name!r} was registered and no longer fits: {e}") from None
+        if new.token_map != info.token_map:
+            raise AdapterNameError(f"{path}: changed since adapter {name!r} was registered: its tokens are now "
+                                   f"{[t for t, _ in new.token_map]}, the requests use {[t for t, _ in info.token_map]}")
+        with self._lock:
+            if self._infos.get(name) is info:
+                self._infos[name] = new
+                self._stamps[name] = (stamps, suffix, token)
+        return new
+
+    def _shrink_host(self, reserve: int = 0) -> None:
+        """Evict least-recently-used adapters until what is held plus `reserve` bytes fits the
+        budget; never one a running batch uses."""
         if self.host_cache_bytes is None:
             return
-        total = sum(n for _, n in self._host.values())
+        total = sum(n for _, n in self._host.values()) + reserve
         for name in list(self._host):
             if total <= self.host_cache_bytes:
                 break
@@ -304,3 +349,38 @@ class AdapterStore:
                 continue
             total -= self._host.pop(name)[1]
 
+
+
+def _naming(e: AdapterError, name: str) -> AdapterError:
+    """`e` with a message that names the adapter too (the file is named by the reader)."""
+    if repr(name) in str(e):
+        return e
+    return type(e)(f"adapter {name!r}: {e}")
+
+
+def held_bytes(objs) -> int:
+    """Bytes of the distinct tensor storages reachable from `objs` (loaded adapter files:
+    dataclasses, dicts, lists, tuples of tensors), each storage counted once at its held size."""
+    seen, total = set(), 0
+    stack, visited = list(objs), set()
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes(), x.device)
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        elif isinstance(x, (str, bytes, int, float, bool, type(None))):
+            continue
+        elif id(x) in visited:
+            continue
+        else:
+            visited.add(id(x))
+            if isinstance(x, dict):
+                stack.extend(x.values())
+            elif isinstance(x, (list, tuple, set, frozenset)):
+                stack.extend(x)
+            elif hasattr(x, "__dict__"):
+                stack.extend(vars(x).values())
+    return total

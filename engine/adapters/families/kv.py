@@ -54,6 +54,10 @@ class KvFamily(Family):
         return kvfile
 
     def tokens(self, info, file) -> dict:
+        missing = [file_ph for _, file_ph in info.token_map if file_ph not in file.tokens]
+        if missing:
+            raise AdapterNameError(f"{info.path}: adapter {info.name!r}: token {missing[0]!r} is no longer in the file "
+                                   f"(it defines {sorted(file.tokens)}); register it again")
         return {prompt_ph: file.tokens[file_ph] for prompt_ph, file_ph in info.token_map}
 
     def kv_edit(self, store, rows):

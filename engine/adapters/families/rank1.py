@@ -58,6 +58,9 @@ class Rank1Family(Family):
         i_star = header.shapes[rank1_format.KEY_I_STAR]
         if (i_star[0],) != tuple(width) or len(width) != 1:
             raise AdapterShapeError(f"{path}: i_star has shape {i_star}, this base needs {tuple(width)}")
+        embedding = header.shapes[rank1_format.KEY_EMBEDDING]
+        if embedding != i_star:  # the token embedding is a row of the text encoder's table, as wide as i*
+            raise AdapterShapeError(f"{path}: token_embedding has shape {embedding}, this base needs {i_star}")
         return AdapterInfo(
             name=name,
             path=path,
