@@ -300,13 +300,12 @@ class Worker:
                           e.adapters, files, e.device, e.dtype, e.te_lora)
         t_plan = time.perf_counter() - t_plan
         for r, b0 in zip(group, first):
-            own = r.prep.branches()
-            n = r.prep.request.num_images
-            row_branch = torch.tensor([plan.index[b0 + b] for b in range(len(own)) for _ in range(n)], device=e.device)
+            n, branches = r.prep.request.num_images, len(r.branch_rows)  # one LoRA row per branch (_load)
+            row_branch = torch.tensor([plan.index[b0 + b] for b in range(branches) for _ in range(n)], device=e.device)
             r.embeds = plan.embeds[row_branch]
             r.kv = {name: (k[row_branch], v[row_branch]) for name, (k, v) in plan.kv.items()}
             r.row_adapters = [row for row in r.branch_rows for _ in range(n)]
-            r.rows, r.n, r.branches = len(r.row_adapters), n, len(own)
+            r.rows, r.n, r.branches = len(r.row_adapters), n, branches
             self._setup(r)
             r.out.timings["plan"] = t_plan
 
@@ -440,11 +439,6 @@ class Worker:
         r.pins.close()
         if r.bar is not None:
             r.bar.close()
-        r.out.timings["total"] = time.perf_counter() - r.q.t_submit
-        r.job._resolve(r.out)
-
-    def _resolve(self, r: _Running, error: BaseException, stage: str) -> None:
-        r.out.error = _request_error(r.job, error, stage)
         r.out.timings["total"] = time.perf_counter() - r.q.t_submit
         r.job._resolve(r.out)
 

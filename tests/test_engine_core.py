@@ -387,7 +387,7 @@ def test_padded_keys_are_masked(eng):
 
     name, attn = next(iter(eng.attn2.items()))
     g = torch.Generator().manual_seed(0)
-    D, h = attn.to_k.in_features, attn.to_k.out_features
+    D = attn.to_k.in_features
     short, full = torch.randn(1, 50, D, generator=g), torch.randn(1, 77, D, generator=g)
     x = torch.randn(2, 16, attn.to_q.in_features, generator=g)
 
