@@ -1,0 +1,29 @@
+"""impasto.train: adapters trained through the engine's own forward (docs/training.md).
+
+    custom_diffusion(base, images, placeholder=, class_word=, ...) -> TrainResult
+
+One loop (core.Trainer / core.train) for every method; a method (core.Method) says what is
+trainable, which in-memory adapters each row's conditioning plan folds in, and how the result
+is written.
+"""
+
+from .core import Batch, Example, Method, TrainResult, Trainer, engine_forward, masked_loss, train
+from .custom_diffusion import CustomDiffusion, custom_diffusion
+from .data import TrainInputError, augment, load_images, load_masks
+
+__all__ = [
+    "Batch",
+    "CustomDiffusion",
+    "Example",
+    "Method",
+    "TrainInputError",
+    "TrainResult",
+    "Trainer",
+    "augment",
+    "custom_diffusion",
+    "engine_forward",
+    "load_images",
+    "load_masks",
+    "masked_loss",
+    "train",
+]
