@@ -306,3 +306,20 @@ def test_hostile_checkpoint_is_refused(eng, tmp_path):
         custom_diffusion(eng, renders(n=1), class_word="star", steps=6, output=tmp_path / "o", progress=False,
                          resume=True)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_cli_trains_and_summarizes(tiny_dir, tmp_path, capsys):
+    from impasto.cli import main
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i, im in enumerate(renders(n=2)):
+        im.save(imgs / f"{i}.png")
+    rc = main(["train", "custom-diffusion", "--model", tiny_dir, "--images", str(imgs), "--placeholder", "<new1>",
+               "--class-word", "star", "-o", str(tmp_path / "out"), "--steps", "1", "--batch-size", "1", "-q"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "trained 1 steps" in out and WEIGHTS_NAME in out and "bytes" in out
+    assert os.path.isfile(tmp_path / "out" / WEIGHTS_NAME) and os.path.isfile(tmp_path / "out" / "<new1>.safetensors")
+    rc = main(["train", "custom-diffusion", "--model", tiny_dir, "--images", str(tmp_path / "nope"),
+               "--class-word", "star", "-o", str(tmp_path / "out2"), "-q"])
+    assert rc == 2 and "is not a folder" in capsys.readouterr().err
