@@ -53,14 +53,16 @@ def run_one(obj, method, args, work):
     if method in ("ti", "cd"):
         r = custom_diffusion(engine, cs.images, steps=args.steps[method], lr=args.lr[method], train_kv=method == "cd",
                              compress=method == "cd", **common)
-        engine.adapters.register("trained", r.path if method == "cd" else r.files["<new1>"])
+        engine.adapters.register("trained", r.path)
         adapters, phrase = ["trained"], f"<new1> {cs.class_word}"
     elif method == "ft":
         r = full_finetune(engine, cs.images, steps=args.steps[method], lr=args.lr[method], **common)
-        engine.adapters.register("trained", r.files["<new1>"])
+        engine.adapters.register("trained", r.path)
         adapters, phrase = ["trained"], f"<new1> {cs.class_word}"
     if method != "base":
-        info.update(train_seconds=r.seconds, steps=r.steps, bytes=r.nbytes,
+        # bytes of what the method's result needs: ft its UNet, cd its weights + token, ti its token
+        need = {"ft": ("unet", "<new1>"), "cd": ("weights", "<new1>"), "ti": ("<new1>",)}[method]
+        info.update(train_seconds=r.seconds, steps=r.steps, bytes=sum(os.path.getsize(r.files[k]) for k in need),
                     files={k: os.path.getsize(v) for k, v in r.files.items()}, final_loss=float(np.mean(r.losses[-20:])))
     t0 = time.perf_counter()
     images, prompts = generate(engine, cs, phrase, adapters, args.sample_steps)
@@ -97,7 +99,7 @@ def main(argv=None):
     p.add_argument("--no-masks", dest="masks", action="store_false", help="train without the exact masks")
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared CPU, 2 threads contend badly)")
     p.add_argument("--json", default=None)
     p.add_argument("--sheets", default=None, help="folder for <object>_training.png contact sheets")
     args = p.parse_args(argv)

@@ -239,12 +239,12 @@ def concept_set(obj: str, seed: int = 0) -> ConceptSet:
         images.append(Image.fromarray(image))
         masks.append(mask)
     rng = np.random.default_rng([seed, 6000 + world.PROBE_SHAPES.index(obj)])
+    combos = [(count, size, bg, style) for count in world.COUNTS
+              for size in (world.SIZE_NAMES if count == 1 else ("small", "medium"))
+              for bg in new_bgs for style in world.STYLES]
     templates = []
-    for i in range(48):
-        count = 1 + i % 2
-        size = str(rng.choice(("small", "medium") if count == 2 else world.SIZE_NAMES))
-        bg = new_bgs[(i // 2) % len(new_bgs)]
-        style = world.STYLES[(i // 2 + i // (2 * len(new_bgs))) % len(world.STYLES)]
+    for j in rng.permutation(len(combos))[:48]:  # 48 distinct contexts
+        count, size, bg, style = combos[int(j)]
         head = ("a" if count == 1 else "two") + ("" if size == "medium" else f" {size}")
         templates.append((f"{head} {{}} on {world._article(bg)} {bg} background, {style}", count))
     seeds = [seed * 100_000 + 7_000 + i for i in range(48)]

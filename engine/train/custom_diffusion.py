@@ -117,19 +117,19 @@ class CustomDiffusion(Method):
         keys `<attn2>.processor.to_k_custom_diffusion.weight`, as save_attn_procs writes them) and
         one `<placeholder>.safetensors` = {placeholder: [D_emb]} per token (load_textual_inversion)."""
         files = {}
-        if self.k:
-            state = {}
-            for name in self.k:
-                pre = f"{name}.processor."
-                state[pre + "to_k_custom_diffusion.weight"] = self.k[name].detach().float().contiguous()
-                state[pre + "to_v_custom_diffusion.weight"] = self.v[name].detach().float().contiguous()
-                if name in self.q:
-                    w, b = self.out[name]
-                    state[pre + "to_q_custom_diffusion.weight"] = self.q[name].detach().float().contiguous()
-                    state[pre + "to_out_custom_diffusion.0.weight"] = w.detach().float().contiguous()
-                    state[pre + "to_out_custom_diffusion.0.bias"] = b.detach().float().contiguous()
-            files["weights"] = os.path.join(output, WEIGHTS_NAME)
-            save_file(state, files["weights"], metadata={"format": "pt"})
+        # train_kv=False (textual inversion) writes the base's K/V: a folder both readers take
+        state = {}
+        for name, (wk, wv) in self.base_kv.items():
+            pre = f"{name}.processor."
+            state[pre + "to_k_custom_diffusion.weight"] = self.k.get(name, wk).detach().float().contiguous()
+            state[pre + "to_v_custom_diffusion.weight"] = self.v.get(name, wv).detach().float().contiguous()
+            if name in self.q:
+                w, b = self.out[name]
+                state[pre + "to_q_custom_diffusion.weight"] = self.q[name].detach().float().contiguous()
+                state[pre + "to_out_custom_diffusion.0.weight"] = w.detach().float().contiguous()
+                state[pre + "to_out_custom_diffusion.0.bias"] = b.detach().float().contiguous()
+        files["weights"] = os.path.join(output, WEIGHTS_NAME)
+        save_file(state, files["weights"], metadata={"format": "pt"})
         for p, t in self.tokens.items():
             files[p] = os.path.join(output, f"{p}.safetensors")
             save_file({p: t.detach().float().contiguous()}, files[p], metadata={"format": "pt"})

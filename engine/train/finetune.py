@@ -49,6 +49,14 @@ class FullFineTune(Method):
         folder = os.path.join(output, "unet")
         self.unet.save_pretrained(folder)
         files = {"unet": os.path.join(folder, "diffusion_pytorch_model.safetensors")}
+        # the placeholder as a Custom Diffusion folder whose K/V are the fine-tuned UNet's own
+        # (delta 0 on this engine): what lets the fine-tuned engine serve "<new1> ..." prompts
+        state = {}
+        for name, (wk, wv) in kv_format.base_kv_weights(self.unet).items():
+            state[f"{name}.processor.to_k_custom_diffusion.weight"] = wk.float().contiguous()
+            state[f"{name}.processor.to_v_custom_diffusion.weight"] = wv.float().contiguous()
+        files["weights"] = os.path.join(output, "pytorch_custom_diffusion_weights.safetensors")
+        save_file(state, files["weights"], metadata={"format": "pt"})
         for p, t in self.tokens.items():
             files[p] = os.path.join(output, f"{p}.safetensors")
             save_file({p: t.contiguous()}, files[p], metadata={"format": "pt"})
