@@ -21,7 +21,6 @@ from impasto.train.core import Trainer, masked_loss
 from impasto.train.custom_diffusion import WEIGHTS_NAME, CustomDiffusion, concept_examples
 
 STEPS = 3
-SHORT_STEPS = 100  # the short quality run (docs/training.md, feasibility)
 
 
 def renders(obj="sparkle", n=4, seed=7):
@@ -325,25 +324,3 @@ def test_cli_trains_and_summarizes(tiny_dir, tmp_path, capsys):
                "--class-word", "star", "-o", str(tmp_path / "out2"), "-q"])
     assert rc == 2 and "is not a folder" in capsys.readouterr().err
 
-
-def test_short_run_learns_a_held_out_object(tmp_path):
-    """On the shipped miniature model, a short Custom Diffusion run makes the probes read the
-    held-out sparkle in new contexts far more often than the base with the class word does."""
-    from impasto import eval as ev
-
-    cs = ev.concept_set("sparkle")
-    eng = impasto.Engine.from_pretrained("tiny", device="cpu")
-    try:
-        def accuracy(phrase, adapters):
-            reqs = [impasto.Request(p, adapters=adapters, seed=s, steps=10)
-                    for p, s in zip(cs.prompts(phrase)[:32], cs.seeds[:32])]
-            return ev.concept_accuracy([o.images[0] for o in eng.generate_batch(reqs)], "sparkle")
-
-        base = accuracy("star", [])
-        r = custom_diffusion(eng, cs.images, masks=cs.masks, class_word="star", steps=SHORT_STEPS, lr=3e-4,
-                             batch_size=4, output=tmp_path, progress=False)
-        eng.adapters.register("sparkle", r.path)
-        learned = accuracy("<new1> star", ["sparkle"])
-    finally:
-        eng.close()
-    assert learned >= base + 0.25, (base, learned)
