@@ -236,12 +236,74 @@ def test_image_branch_planned_once_per_request(ip_engine, monkeypatch, name, enc
         assert counts == {"encoder": encoder_runs, "project": 2, "image_kv": 2 * layers}, (steps, counts)
 
 
-def test_composes_with_other_families_and_scale_zero_is_base(ip_engine):
+def test_scale_zero_is_the_base_model(ip_engine):
     img = images(40)[0]
     zero = ip_engine.generate("a red star", adapters=[("ip", 0.0)], ip_adapter_image=img, steps=STEPS, seed=4,
                               output_type="np")
     plain = ip_engine.generate("a red star", steps=STEPS, seed=4, output_type="np")
     assert _diff(zero.images, plain.images) == 0.0  # λ = 0: exactly the base model
+
+
+def test_composes_with_lora_equal_to_diffusers_peft(tiny_dir, ip_dir, ip_engine, tmp_path):
+    """IP-Adapter and a LoRA on q/k/v/out (attn2's K/V LoRA folded into the plan) on one
+    request, against diffusers with the LoRA through PEFT and the IP-Adapter loaded after it."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet")
+    torch.manual_seed(7)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="l")
+    StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name="l")))
+    ip_engine.adapters.register("l", str(tmp_path / "pytorch_lora_weights.safetensors"))
+    p = StableDiffusionPipeline.from_pretrained(tiny_dir, unet=unet, local_files_only=True)
+    p.set_progress_bar_config(disable=True)
+    p.load_ip_adapter(ip_dir, subfolder="", weight_name="plus.bin", image_encoder_folder="image_encoder",
+                      local_files_only=True)
+    img = images(41)[0]
+    try:
+        out = ip_engine.generate("a red star", adapters=[("l", 0.8), ("ip-plus", 0.6)], ip_adapter_image=img,
+                                 steps=STEPS, seed=9, output_type="np")
+        lora_only = ip_engine.generate("a red star", adapters=[("l", 0.8)], steps=STEPS, seed=9, output_type="np")
+    finally:
+        ip_engine.adapters.unregister("l")
+    p.unet.set_adapters(["l"], [0.8])
+    p.set_ip_adapter_scale(0.6)
+    ref = p("a red star", ip_adapter_image=img, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(9),
+            output_type="np").images
+    assert _diff(out.images, ref) <= TOL
+    assert _diff(out.images, lora_only.images) > 30 * TOL
+
+
+def test_style_branches_get_the_image(ip_engine, tiny_dir, tmp_path):
+    """With a style (Pair Customization), every conditional branch — cond and style — reads the
+    image tokens; the request is one forward of 3 rows per step."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet")
+    torch.manual_seed(8)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_v"]),
+                     adapter_name="s")
+    StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name="s")))
+    ip_engine.adapters.register("sty", str(tmp_path / "pytorch_lora_weights.safetensors"), family="style",
+                                suffix="striped")
+    img = images(42)[0]
+    g = impasto.Guidance(cfg=5.0, styles={"sty": 1.5})
+    try:
+        reqs = [impasto.Request("a red star", adapters=[("ip", 0.7)], ip_adapter_image=img, guidance=g, steps=STEPS,
+                                seed=2, output_type="np"),
+                impasto.Request("a red star", guidance=g, steps=STEPS, seed=2, output_type="np")]
+        outs, calls = generate_counting_rows(ip_engine, reqs)
+    finally:
+        ip_engine.adapters.unregister("sty")
+    assert [o.error for o in outs] == [None, None]
+    assert calls == [3 + 3] * STEPS
+    assert _diff(outs[0].images, outs[1].images) > 30 * TOL
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -323,3 +385,37 @@ def test_hostile_and_malformed_files(ip_engine, ip_dir, tmp_path):
         ip_engine.adapters.register("nope", os.path.join(ip_dir, "base.safetensors"), family="lora", image_encoder=enc)
     with pytest.raises(impasto.AdapterFormatError, match="image encoder"):
         ip_engine.adapters.register("noenc", os.path.join(ip_dir, "base.safetensors"))  # base folder has none
+
+
+def test_mutated_files_register_and_serve_or_fail_cleanly(ip_engine, ip_dir, tmp_path):
+    """The hostile-file fuzzer's mutations (tests/test_hostile_fuzz.py) on both IP-Adapter
+    layouts: each case registers and serves a finite image, or fails with an AdapterError /
+    NumericalError (its own request only); nothing else escapes."""
+    import random
+
+    from test_hostile_fuzz import make_case
+
+    enc = os.path.join(ip_dir, "image_encoder")
+    rng = random.Random(17)
+    seeds = [os.path.join(ip_dir, "base.safetensors"), os.path.join(ip_dir, "plus.bin")]
+    registered, refused, bad = [], 0, []
+    for i in range(40):
+        path = make_case(i, "encoder", seeds[i % 2], tmp_path, rng)
+        try:
+            ip_engine.adapters.register(f"m{i}", path, image_encoder=enc, family="encoder")
+            registered.append(f"m{i}")
+        except impasto.AdapterError:
+            refused += 1
+        except Exception as e:  # noqa: BLE001 - the point: none may escape
+            bad.append((i, f"registration raised {type(e).__name__}: {e}"))
+    img = images(60)[0]
+    outs = ip_engine.generate_batch([impasto.Request("a star", adapters=[(n, 0.5)], ip_adapter_image=img, steps=1,
+                                                     guidance=1.0, output_type="np") for n in registered])
+    for n, out in zip(registered, outs):
+        if out.error is None:
+            assert np.isfinite(out.images).all(), n
+        elif not isinstance(out.error, (impasto.AdapterError, impasto.NumericalError)):
+            bad.append((n, f"request error {type(out.error).__name__}: {out.error}"))
+        ip_engine.adapters.unregister(n)
+    assert not bad, bad[:5]
+    assert refused >= 5 and registered, (refused, len(registered))
