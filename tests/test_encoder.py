@@ -419,3 +419,20 @@ def test_mutated_files_register_and_serve_or_fail_cleanly(ip_engine, ip_dir, tmp
         ip_engine.adapters.unregister(n)
     assert not bad, bad[:5]
     assert refused >= 5 and registered, (refused, len(registered))
+
+
+def test_cli_ip_adapter_image(tiny_dir, ip_dir, tmp_path, capsys):
+    from impasto.cli import main
+
+    ref, out = tmp_path / "ref.png", tmp_path / "out.png"
+    images(70)[0].save(ref)
+    args = ["generate", "a photo of a star on a green background", "-o", str(out), "--model", tiny_dir, "--steps", "2",
+            "--seed", "3", "-q", "--register", f"ip={os.path.join(ip_dir, 'base.safetensors')}",
+            "--image-encoder", os.path.join(ip_dir, "image_encoder")]
+    assert main(args + ["--ip-adapter-image", str(ref), "--adapter", "ip=0.7"]) == 0
+    with_image = np.asarray(Image.open(out))
+    assert main(args) == 0  # the same command without the image or the adapter
+    assert np.abs(with_image.astype(int) - np.asarray(Image.open(out)).astype(int)).max() > 0
+    assert main(args + ["--ip-adapter-image", str(tmp_path / "missing.png"), "--adapter", "ip=0.7"]) == 2
+    assert main(args + ["--adapter", "ip=0.7"]) == 2  # an encoder adapter without an image
+    assert "needs a reference image" in capsys.readouterr().err
