@@ -436,3 +436,50 @@ def test_cli_ip_adapter_image(tiny_dir, ip_dir, tmp_path, capsys):
     assert main(args + ["--ip-adapter-image", str(tmp_path / "missing.png"), "--adapter", "ip=0.7"]) == 2
     assert main(args + ["--adapter", "ip=0.7"]) == 2  # an encoder adapter without an image
     assert "needs a reference image" in capsys.readouterr().err
+
+
+def test_compiled_unet_serves_images_without_recompile(tiny_dir, ip_dir, ip_engine):
+    """Different images, scales, variants (4 or 16 tokens) and rows without an image share one
+    compiled graph: the image keys have a fixed capacity and a mask."""
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward))(gm, example_inputs)
+
+    torch._dynamo.reset()
+    eng = impasto.Engine.from_pretrained(tiny_dir, device="cpu", compile=backend)
+    enc = os.path.join(ip_dir, "image_encoder")
+    eng.adapters.register("ip", os.path.join(ip_dir, "base.safetensors"), image_encoder=enc)
+    eng.adapters.register("ip-plus", os.path.join(ip_dir, "plus.bin"), image_encoder=enc)
+    a, b = images(80)[0], images(81)[0]
+
+    def batch(first, second):
+        return [impasto.Request("a red star", steps=2, seed=i, output_type="latent", **kw)
+                for i, kw in enumerate((first, second))]
+
+    batches = [
+        batch(dict(adapters=[("ip", 0.5)], ip_adapter_image=a), {}),
+        batch({}, dict(adapters=[("ip-plus", 0.9)], ip_adapter_image=b)),
+        batch(dict(adapters=[("ip", 0.2)], ip_adapter_image=[a, b]), dict(adapters=[("ip", 0.7)], ip_adapter_image=b)),
+    ]
+    try:
+        first = eng.generate_batch(batches[0])
+        assert [o.error for o in first] == [None, None]
+        n = len(compiles)
+        assert n > 0
+        outs = [first]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for reqs in batches[1:]:
+                outs.append(eng.generate_batch(reqs))
+                assert [o.error for o in outs[-1]] == [None, None]
+        assert len(compiles) == n, "a later batch compiled a new graph"
+    finally:
+        eng.close()
+        torch._dynamo.reset()
+    for reqs, got in zip(batches, outs):
+        for o, r in zip(got, ip_engine.generate_batch(reqs)):
+            torch.testing.assert_close(o.images, r.images, rtol=1e-4, atol=1e-4)
