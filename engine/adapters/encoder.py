@@ -401,6 +401,24 @@ def pixels(processor, images) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def initial_weights(unet, embed_dim: int, *, tokens: int = 4, seed: int = 0) -> tuple[dict, dict]:
+    """(image_proj, ip_adapter) of a fresh base-variant adapter, as IP-Adapter's tutorial_train.py
+    starts one: every to_k_ip / to_v_ip a copy of its layer's to_k / to_v, the projection a
+    default-initialized Linear(embed_dim -> tokens·D) and a LayerNorm (ones, zeros). float32."""
+    D = unet.config.cross_attention_dim
+    torch.manual_seed(seed)
+    proj = torch.nn.Linear(embed_dim, tokens * D)
+    image_proj = {"proj.weight": proj.weight.detach().clone(), "proj.bias": proj.bias.detach().clone(),
+                  "norm.weight": torch.ones(D), "norm.bias": torch.zeros(D)}
+    modules = dict(unet.named_modules())
+    ip_adapter = {}
+    for name, key_id in layer_ids(unet).items():
+        attn = modules[name]
+        ip_adapter[f"{key_id}.to_k_ip.weight"] = attn.to_k.weight.detach().float().clone()
+        ip_adapter[f"{key_id}.to_v_ip.weight"] = attn.to_v.weight.detach().float().clone()
+    return image_proj, ip_adapter
+
+
 def save(path, image_proj: dict, ip_adapter: dict) -> None:
     """Write an IP-Adapter file: `.safetensors` flat with prefixes, anything else as the nested
     torch dict the original repo saves ({"image_proj": ..., "ip_adapter": ...})."""
