@@ -277,6 +277,76 @@ def test_composes_with_lora_equal_to_diffusers_peft(tiny_dir, ip_dir, ip_engine,
     assert _diff(out.images, lora_only.images) > 30 * TOL
 
 
+def test_composes_with_custom_diffusion_equal_to_diffusers(tiny_dir, ip_dir, ip_engine, tmp_path):
+    """IP-Adapter and a Custom Diffusion (`kv`) adapter with its token on one request, against
+    diffusers with the fine-tune's K/V weights in place of attn2's to_k / to_v (what the Custom
+    Diffusion processor computes), the token through load_textual_inversion, then load_ip_adapter."""
+    from diffusers import UNet2DConditionModel
+    from test_kv_serving import custom_diffusion
+
+    folder = str(tmp_path / "cd")
+    cd_unet = custom_diffusion(tiny_dir, folder, seed=5)
+    ip_engine.adapters.register("cd", folder)
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet")
+    with torch.no_grad():
+        for name, proc in cd_unet.attn_processors.items():
+            if name.endswith("attn2.processor"):
+                attn = unet.get_submodule(name.removesuffix(".processor"))
+                attn.to_k.weight.copy_(proc.to_k_custom_diffusion.weight)
+                attn.to_v.weight.copy_(proc.to_v_custom_diffusion.weight)
+    p = StableDiffusionPipeline.from_pretrained(tiny_dir, unet=unet, local_files_only=True)
+    p.set_progress_bar_config(disable=True)
+    p.load_textual_inversion(os.path.join(folder, "<new1>.safetensors"), token="<new1>")
+    p.load_ip_adapter(ip_dir, subfolder="", weight_name="base.safetensors", image_encoder_folder="image_encoder",
+                      local_files_only=True)
+    p.set_ip_adapter_scale(0.8)
+    img = images(43)[0]
+    try:
+        out = ip_engine.generate("a photo of a <new1> dog", adapters=["cd", ("ip", 0.8)], ip_adapter_image=img,
+                                 steps=STEPS, seed=6, output_type="np")
+        kv_only = ip_engine.generate("a photo of a <new1> dog", adapters=["cd"], steps=STEPS, seed=6, output_type="np")
+    finally:
+        ip_engine.adapters.unregister("cd")
+    ref = p("a photo of a <new1> dog", ip_adapter_image=img, num_inference_steps=STEPS,
+            generator=torch.Generator().manual_seed(6), output_type="np").images
+    assert _diff(out.images, ref) <= TOL
+    assert _diff(out.images, kv_only.images) > 30 * TOL
+
+
+def test_composes_with_perfusion(tiny_dir, ip_dir, tmp_path):
+    """A rank1 (Perfusion) concept and an IP-Adapter on one request, in one batch with each alone:
+    served in one forward per step, and each adapter changes the image."""
+    import shutil
+
+    from impasto.adapters.rank1 import fingerprint, write_rank1
+
+    eng = impasto.Engine.from_pretrained(tiny_dir, device="cpu", adapter_root=str(tmp_path))
+    try:
+        eng.adapters.compute_covariance(eng.base.tokenizer, eng.base.text_encoder,
+                                        ["a photo of a star", "a red square", "a blue circle on grass", "a dog"])
+        shutil.copy(os.path.join(ip_dir, "base.safetensors"), tmp_path / "ip.safetensors")
+        eng.adapters.register("ip", str(tmp_path / "ip.safetensors"), image_encoder=os.path.join(ip_dir, "image_encoder"))
+        g = torch.Generator().manual_seed(3)
+        unet = eng.base.unet
+        layers = {n: (torch.randn(a.to_k.out_features, generator=g), torch.randn(a.to_v.out_features, generator=g))
+                  for n, a in eng.attn2.items()}
+        dim = unet.config.cross_attention_dim
+        write_rank1(tmp_path / "r1.safetensors", layers=layers, i_star=torch.randn(dim, generator=g),
+                    token_embedding=torch.randn(dim, generator=g), placeholder="<r>", super_word="star", beta=0.5,
+                    tau=0.2, fingerprint=fingerprint(unet))
+        eng.adapters.register("r1", str(tmp_path / "r1.safetensors"))
+        img = images(44)[0]
+        kw = dict(steps=STEPS, seed=1, output_type="np")
+        reqs = [impasto.Request("a <r> on grass", adapters=["r1", ("ip", 0.8)], ip_adapter_image=img, **kw),
+                impasto.Request("a <r> on grass", adapters=["r1"], **kw),
+                impasto.Request("a star on grass", adapters=[("ip", 0.8)], ip_adapter_image=img, **kw)]
+        outs, calls = generate_counting_rows(eng, reqs)
+    finally:
+        eng.close()
+    assert [o.error for o in outs] == [None] * 3 and calls == [6] * STEPS
+    assert _diff(outs[0].images, outs[1].images) > 30 * TOL and _diff(outs[0].images, outs[2].images) > 30 * TOL
+
+
 def test_style_branches_get_the_image(ip_engine, tiny_dir, tmp_path):
     """With a style (Pair Customization), every conditional branch — cond and style — reads the
     image tokens; the request is one forward of 3 rows per step."""
