@@ -78,3 +78,16 @@ def test_shipped_encoder_reads_pixels_as_trained_and_a_fresh_adapter_serves(tiny
     plain = eng.generate("a red star on a blue background", steps=3, seed=0, output_type="np")
     assert np.isfinite(out.images).all() and np.abs(out.images - plain.images).max() > 1e-3
     eng.adapters.unregister("fresh")
+
+
+def test_training_batch_drops_and_pairs():
+    b = references.training_batch(5, 0, 1000)
+    assert b["targets"].shape == (1000, 3, 32, 32) and -1 <= b["targets"].min() and b["targets"].max() <= 1
+    drop_text = np.array([c == "" for c in b["captions"]])
+    assert 0.07 < b["drop_image"].mean() < 0.13 and 0.07 < drop_text.mean() < 0.13  # IP-Adapter's 10 % marginals
+    assert 0.03 < (b["drop_image"] & drop_text).mean() < 0.07
+    none = references.training_batch(5, 0, 200, drop_rates=(0, 0, 0))
+    assert not none["drop_image"].any() and all(none["captions"])
+    again = references.training_batch(5, 0, 200, drop_rates=(0, 0, 0))
+    assert np.array_equal(none["targets"], again["targets"])  # a pure function of (seed, step)
+    assert not any(s.novel for s in b["scenes"])  # the seen world only: the novel objects stay held out

@@ -88,3 +88,30 @@ def object_reference(shape: str, seed: int = 0, **scene) -> np.ndarray:
     s = world.sample_scene(rng, shape=shape, count=1, size=scene.pop("size", "medium"), **scene)
     image, mask = render_with_mask(replace(s, position=position), seed)
     return masked_reference(image, mask)
+
+
+# IP-Adapter's tutorial_train.py draws once per sample: < 0.05 image dropped, < 0.10 text
+# dropped, < 0.15 both (marginals 10 % each). Taming Encoder's object-embedding dropping is the
+# image drop: it keeps text-only behaviour and makes guidance over the image possible.
+DROP_IMAGE, DROP_TEXT, DROP_BOTH = 0.05, 0.05, 0.05
+
+
+def training_batch(seed: int, step: int, batch_size: int, *, cross_reference: bool = True,
+                   drop_rates: tuple = (DROP_IMAGE, DROP_TEXT, DROP_BOTH)) -> dict:
+    """Batch `step` of stream `seed` for training an encoder adapter on the seen world.
+
+    Returns {"targets": float32 [B, 3, 32, 32] in [-1, 1], "captions": B strings ("" where the
+    text is dropped), "references": B uint8 [32, 32, 3] masked references, "drop_image": bool [B]
+    (the object embedding to drop: zero embedding for the base variant), "scenes": B Scenes}.
+    cross_reference=False: the reference is the target's own render (the ablation).
+    drop_rates: (image only, text only, both); (0, 0, 0) for the ablation without dropping.
+    """
+    pairs = cross_reference_pairs(seed, batch_size, start=step * batch_size, same_render=not cross_reference)
+    rng = np.random.default_rng([seed, step, 1])
+    u = rng.random(batch_size)
+    image_only, text_only, both = drop_rates
+    drop_image = (u < image_only) | ((u >= image_only + text_only) & (u < image_only + text_only + both))
+    drop_text = (u >= image_only) & (u < image_only + text_only + both)
+    targets = np.stack([p.target for p in pairs]).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1
+    return {"targets": targets, "captions": ["" if d else p.caption for p, d in zip(pairs, drop_text)],
+            "references": [p.reference for p in pairs], "drop_image": drop_image, "scenes": [p.scene for p in pairs]}
