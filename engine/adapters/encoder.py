@@ -74,7 +74,8 @@ def is_ip_adapter(path) -> bool:
         return False
     try:
         if not path.endswith(files.PICKLE_SUFFIXES) or files.looks_like_safetensors(path):
-            keys = files.read_header(path).shapes
+            with files.opened(path) as f:  # the JSON header only: detection runs for every file registered
+                _, keys = files._parse_header(path, f)
             return any(k.startswith("image_proj.") for k in keys) and any(k.startswith("ip_adapter.") for k in keys)
         with files.opened(path) as f, zipfile.ZipFile(f) as z:
             index = [i for i in z.infolist() if i.filename.endswith("data.pkl")]
@@ -257,8 +258,9 @@ class EncoderFile:
     encoder: str  # the image-encoder folder
 
 
-def read_file(path, attn2: dict, ids: dict, encoder: dict, encoder_path: str, dtype) -> EncoderFile:
-    """The whole file, its layout and shapes checked again (as at registration) and every value finite."""
+def read_file(path, attn2: dict, ids: dict, encoder: dict, encoder_path: str, dtype, device=None) -> EncoderFile:
+    """The whole file, its layout and shapes checked again (as at registration) and every value
+    finite; tensors in `dtype` on `device` (the base's: the plan reads them there)."""
     header, src, keys = read_header(path)
     validate(header, attn2, ids, encoder, encoder_path)
     tensors = src.tensors(keys.values())
@@ -267,7 +269,7 @@ def read_file(path, attn2: dict, ids: dict, encoder: dict, encoder_path: str, dt
         t = tensors[fk]
         if not bool(torch.isfinite(t).all()):
             raise AdapterValueError(f"{header.path}: tensor {k!r} holds NaN or Inf")
-        by_key[k] = t.to(dtype or torch.float32).contiguous()
+        by_key[k] = t.to(device=device, dtype=dtype or torch.float32).contiguous()
     proj = {k[len("image_proj."):]: t for k, t in by_key.items() if k.startswith("image_proj.")}
     layers = {name: (by_key[f"ip_adapter.{i}.to_k_ip.weight"], by_key[f"ip_adapter.{i}.to_v_ip.weight"])
               for name, i in ids.items()}
@@ -379,13 +381,13 @@ def load_processor(folder: str, model_dir: str | None, image_size: int):
     import transformers
     from transformers import CLIPImageProcessor
 
+    places = ([os.path.join(model_dir, "feature_extractor")] if model_dir else []) + [folder]
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "no torchvision, the PIL processor": the same numbers
     try:
-        for where in (os.path.join(model_dir or "", "feature_extractor"), folder):
-            if model_dir is not None or where == folder:
-                if os.path.isfile(os.path.join(where, "preprocessor_config.json")):
-                    return CLIPImageProcessor.from_pretrained(where, local_files_only=True)
+        for where in places:
+            if os.path.isfile(os.path.join(where, "preprocessor_config.json")):
+                return CLIPImageProcessor.from_pretrained(where, local_files_only=True)
         return CLIPImageProcessor(size=image_size, crop_size=image_size)
     finally:
         transformers.logging.set_verbosity(verbosity)

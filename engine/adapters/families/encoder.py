@@ -85,7 +85,8 @@ class EncoderFamily(Family):
     def load(self, store, info) -> encoder_format.EncoderFile:
         attn2, ids = layers(store)
         cfg = encoder_format.read_encoder_config(info.image_encoder)
-        return encoder_format.read_file(info.path, attn2, ids, cfg, info.image_encoder, store.dtype)
+        device = next(store.unet.parameters()).device
+        return encoder_format.read_file(info.path, attn2, ids, cfg, info.image_encoder, store.dtype, device)
 
     def check_use(self, adapter, info) -> None:
         if adapter.options:
@@ -113,7 +114,7 @@ class EncoderFamily(Family):
             for uncond, tokens in _tokens(store, f, images, kinds).items():
                 # image tokens [n·T, D] -> every attn2 layer's K', V' [n·T, h], once
                 planned[(name, images, uncond)] = {
-                    layer: encoder_format.image_kv(tokens, W_k.to(tokens.device), W_v.to(tokens.device))
+                    layer: encoder_format.image_kv(tokens, W_k, W_v)
                     for layer, (W_k, W_v) in f.layers.items()
                 }
         return [ImageKV(row[0].scale, planned[(row[0].name, row[0].options["image"], bool(row[0].options.get("uncond")))])
@@ -141,6 +142,4 @@ def _tokens(store, f: encoder_format.EncoderFile, images, kinds: set) -> dict:
             batch = torch.cat([torch.zeros_like(px) if k else px for k in kind_list])
             hidden = model(pixel_values=batch, output_hidden_states=True).hidden_states[-2]
             features = dict(zip(kind_list, hidden.split(n)))
-        proj = {k: t.to(device) for k, t in f.proj.items()}
-        file = encoder_format.EncoderFile(f.path, f.variant, f.tokens, f.heads, f.depth, proj, {}, f.encoder)
-        return {k: encoder_format.project(file, x.to(dtype)).reshape(n * f.tokens, -1) for k, x in features.items()}
+        return {k: encoder_format.project(f, x.to(dtype)).reshape(n * f.tokens, -1) for k, x in features.items()}
