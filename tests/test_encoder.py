@@ -553,3 +553,74 @@ def test_compiled_unet_serves_images_without_recompile(tiny_dir, ip_dir, ip_engi
     for reqs, got in zip(batches, outs):
         for o, r in zip(got, ip_engine.generate_batch(reqs)):
             torch.testing.assert_close(o.images, r.images, rtol=1e-4, atol=1e-4)
+
+
+def _sparse_safetensors(path, shapes: dict) -> str:
+    """A safetensors file of fp16 zeros with `shapes`, written as a header and a sparse tail:
+    SD 1.5-sized files without writing their bytes (registration reads headers only)."""
+    import json
+    import struct
+
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        n = 2 * int(np.prod(shape))
+        header[key] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.truncate(8 + len(blob) + offset)
+    return path
+
+
+def test_sd15_shapes_and_the_vit_h_bigg_mismatch(tmp_path):
+    """At SD 1.5 shapes: ip-adapter_sd15 (ViT-H, 1024-wide embeds) and ip-adapter-plus_sd15
+    (1280-wide hidden states, 12 heads) register against a ViT-H encoder config, and are refused
+    with an AdapterShapeError naming the mismatch against a ViT-bigG one (1280 / 1664)."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    from impasto.adapters.store import AdapterStore
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)  # SD 1.5's config
+    ids = encoder_format.layer_ids(unet)
+    assert sorted(ids.values()) == list(range(1, 32, 2))
+    mods = dict(unet.named_modules())
+    assert sum(mods[n].to_k.out_features for n in ids) == 12_480
+    ip = {}
+    for name, i in ids.items():
+        h = mods[name].to_k.out_features
+        ip[f"ip_adapter.{i}.to_k_ip.weight"] = ip[f"ip_adapter.{i}.to_v_ip.weight"] = (h, 768)
+    base = {"image_proj.proj.weight": (3072, 1024), "image_proj.proj.bias": (3072,),
+            "image_proj.norm.weight": (768,), "image_proj.norm.bias": (768,)}
+    plus = {"image_proj.latents": (1, 16, 768), "image_proj.proj_in.weight": (768, 1280),
+            "image_proj.proj_in.bias": (768,), "image_proj.proj_out.weight": (768, 768),
+            "image_proj.proj_out.bias": (768,), "image_proj.norm_out.weight": (768,), "image_proj.norm_out.bias": (768,)}
+    for i in range(4):
+        p = f"image_proj.layers.{i}."
+        for n in ("0.norm1", "0.norm2", "1.0"):
+            plus[p + n + ".weight"] = plus[p + n + ".bias"] = (768,)
+        plus.update({p + "0.to_q.weight": (768, 768), p + "0.to_kv.weight": (1536, 768), p + "0.to_out.weight": (768, 768),
+                     p + "1.1.weight": (3072, 768), p + "1.3.weight": (768, 3072)})
+    files = {"base": _sparse_safetensors(tmp_path / "ip-adapter_sd15.safetensors", {**base, **ip}),
+             "plus": _sparse_safetensors(tmp_path / "ip-adapter-plus_sd15.safetensors", {**plus, **ip})}
+    encoders = {}
+    for name, cfg in (("vit-h", dict(hidden_size=1280, projection_dim=1024)),
+                      ("vit-bigg", dict(hidden_size=1664, projection_dim=1280))):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**cfg, "image_size": 224,
+                                                        "architectures": ["CLIPVisionModelWithProjection"]}))
+        (folder / "model.safetensors").write_bytes(b"")
+        encoders[name] = str(folder)
+    store = AdapterStore(unet)
+    info = store.register("sd15", files["base"], image_encoder=encoders["vit-h"])
+    assert (info.format, info.image_tokens, info.nbytes) == ("ip-adapter", 4, 44_639_232)  # research methods.md §4.2
+    assert store.register("sd15-plus", files["plus"], image_encoder=encoders["vit-h"]).image_tokens == 16
+    with pytest.raises(impasto.AdapterShapeError, match=r"reads 1024-wide .* gives 1280 \(projection_dim\)"):
+        store.register("x", files["base"], image_encoder=encoders["vit-bigg"])
+    with pytest.raises(impasto.AdapterShapeError, match=r"proj_in.weight reads 1280-wide .* gives 1664 \(hidden_size\)"):
+        store.register("y", files["plus"], image_encoder=encoders["vit-bigg"])
