@@ -15,12 +15,12 @@ text and adapters are planned once and shared.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
 import torch
 
+from . import prompts
 from .adapters.families import FAMILIES, Use
 
 
@@ -30,6 +30,9 @@ class Branch:
 
     text: str
     adapters: tuple = ()  # ((name, scale, ((option, value), ...)), ...)
+    chunks: int = 1  # 77-token chunks the text is encoded to (engine/prompts.py)
+    clip_skip: int = 1  # A1111's clip skip: 1 = the last layer
+    weighted: bool = False  # A1111 emphasis: (word:1.3), [word], BREAK
 
 
 @dataclass
@@ -38,12 +41,14 @@ class Plan:
 
     `index[i]`: the unique branch that branch i of the group maps to;
     `embeds`: Shape [U, L, D], the text encodings of the U unique branches;
-    `kv`: attn2 name -> (K, V), each Shape [U, L, inner].
+    `kv`: attn2 name -> (K, V), each Shape [U, L, inner];
+    `lengths[u]`: the keys of branch u (77 * its chunks); positions beyond are zero padding.
     """
 
     index: list[int]
     embeds: torch.Tensor
     kv: dict
+    lengths: list = None
 
 
 def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: dict, device, dtype, te_lora=None) -> Plan:
@@ -66,11 +71,13 @@ def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: di
     te_rows = [[(u.name, u.scale) for u in row if u.name in te_files] for row in uses]
     texts = [b.text for b in unique]
     key_texts = [functools.reduce(lambda text, u: u.family.key_text(text, u), row, b.text) for b, row in zip(unique, uses)]
-    with te_lora.activate(te_rows, te_files) if te_lora is not None else contextlib.nullcontext():
-        embeds = encode_with_tokens(base.tokenizer, base.text_encoder, texts, tokens, device).to(dtype)
-        key_embeds = embeds
-        if key_texts != texts:
-            key_embeds = encode_with_tokens(base.tokenizer, base.text_encoder, key_texts, tokens, device).to(dtype)
+    specs = [(b.chunks, b.clip_skip, b.weighted) for b in unique]
+    encode = functools.partial(prompts.encode_prompts, base.tokenizer, base.text_encoder, tokens=tokens,
+                               device=device, te_rows=te_rows, te_lora=te_lora, te_files=te_files)
+    embeds, lengths = _stack(encode([(t, *spec) for t, spec in zip(texts, specs)]), dtype)
+    key_embeds = embeds
+    if key_texts != texts:  # same chunks as the text, so the keys line up with the values
+        key_embeds, _ = _stack(encode([(t, *spec) for t, spec in zip(key_texts, specs)]), dtype)
     edits = []
     for family in FAMILIES.values():
         rows = [[u for u in row if u.family is family] for row in uses]
@@ -84,7 +91,16 @@ def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: di
             for edit in edits:
                 k, v = edit(name, attn, k, v, key_embeds, embeds)
             kv[name] = (k, v)
-    return Plan(index, embeds, kv)
+    return Plan(index, embeds, kv, lengths)
+
+
+def _stack(rows: list, dtype) -> tuple[torch.Tensor, list]:
+    """Rows of Shape [L_u, D] -> (Shape [U, max L_u, D] zero-padded, [L_u, ...])."""
+    lengths = [r.shape[0] for r in rows]
+    out = rows[0].new_zeros(len(rows), max(lengths), rows[0].shape[1], dtype=dtype)
+    for u, r in enumerate(rows):
+        out[u, : r.shape[0]] = r
+    return out, lengths
 
 
 PLACEHOLDER = r"<[^<>\s]+>"  # how learned-token placeholders look in a prompt: <corgi>, <new1>
