@@ -75,23 +75,24 @@ def encode(vae, pixels: torch.Tensor, generators, n: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ previews
-def fit_preview(vae, *, size: int = 8, samples: int = 4, seed: int = 0) -> torch.Tensor:
+def fit_preview(vae, *, size: int = 8, samples: int = 8, seed: int = 0) -> torch.Tensor:
     """Semantics: a linear latent -> RGB map W, Shape [C + 1, 3] (last row the bias), fitted once
-    by least squares from the decodes of `samples` random latents (N(0, 1) / scaling_factor, the
-    distribution the scheduler ends near), each decode average-pooled to the latent grid.
+    by least squares on `samples` smooth random colour images: their VAE encodings (the latent
+    distribution's mean, unscaled) against the images average-pooled to the latent grid.
 
     A fitted map rather than a published table (ComfyUI's `latent_rgb_factors`) works for any
-    VAE, including the miniature model's 8-channel one; it costs one small decode per engine.
+    VAE, including the miniature model's 8-channel one; it costs one small encode per engine.
     """
-    C = vae.config.latent_channels
+    C, f = vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
     g = torch.Generator("cpu").manual_seed(seed)
-    z = torch.randn(samples, C, size, size, generator=g) / vae.config.scaling_factor
+    grid = torch.rand(samples, 3, 4, 4, generator=g)
+    rgb = torch.nn.functional.interpolate(grid, size=(size * f, size * f), mode="bilinear", align_corners=False)
     p = next(vae.parameters())
     with torch.inference_mode():
-        rgb = vae.decode(z.to(p.device, p.dtype), return_dict=False)[0].float().cpu()
-    rgb = torch.nn.functional.adaptive_avg_pool2d((rgb / 2 + 0.5).clamp(0, 1), (size, size))
-    X = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, C), torch.ones(samples * size * size, 1)], 1)
-    Y = rgb.permute(0, 2, 3, 1).reshape(-1, 3)
+        z = vae.encode((rgb * 2 - 1).to(p.device, p.dtype)).latent_dist.mean.float().cpu()
+    pooled = torch.nn.functional.adaptive_avg_pool2d(rgb, z.shape[-2:])
+    X = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, C), torch.ones(z[:, :1].numel(), 1)], 1)
+    Y = pooled.permute(0, 2, 3, 1).reshape(-1, 3)
     return torch.linalg.lstsq(X, Y).solution  # [C + 1, 3]
 
 

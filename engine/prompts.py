@@ -260,7 +260,8 @@ def encode_prompts(tokenizer, text_encoder, prompts: list, tokens: list, device,
             out = text_encoder(input_ids, attention_mask=mask, output_hidden_states=skips != {1})
             z = out[0]
             if skips != {1}:
-                norm = text_encoder.text_model.final_layer_norm
+                # transformers 5 keeps the layer norm on the model itself (4.x: on .text_model)
+                norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
                 picked = [out.hidden_states[-s][r] if s > 1 else z[r] for r, (_, s, _, _) in enumerate(meta)]
                 z = torch.stack([norm(h) if s > 1 else h for h, (_, s, _, _) in zip(picked, meta)])
             parts = []
