@@ -42,6 +42,7 @@ def infotext(
     model: str,
     adapters=(),
     styles=None,
+    extra=None,
 ) -> str:
     """The A1111 `parameters` text of one image.
 
@@ -64,6 +65,7 @@ def infotext(
         "Size": f"{width}x{height}",
         "Model": model,
     }
+    params.update(extra or {})  # e.g. "Clip skip": 2, "Denoising strength": 0.6 (A1111's names)
     if styles:
         params["Style guidance"] = ", ".join(f"{n}: {_number(w)}" for n, w in styles.items())
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in params.items()))
@@ -80,6 +82,20 @@ def png_bytes(image, parameters: str) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
+
+
+def read_parameters(path) -> str | None:
+    """The `parameters` text of the PNG at `path` (None when it has none); a file that is not an
+    image is a RequestError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ..errors import RequestError
+
+    try:
+        with Image.open(path) as im:
+            return im.info.get("parameters")
+    except (OSError, UnidentifiedImageError) as e:
+        raise RequestError(f"{path}: not a readable image ({e})") from None
 
 
 def save_png(image, path, parameters: str) -> None:
