@@ -71,3 +71,19 @@ def test_break_weights_and_placeholders(tok):
 def test_lora_tags():
     parsed = parse_lora_tags("a corgi <lora:corgi:0.8> on <lora:grass> grass")
     assert parsed.prompt == "a corgi on grass" and parsed.adapters == (("corgi", 0.8), ("grass", 1.0))
+
+
+def test_model_files_and_sdxl_folders_are_named(tmp_path):
+    import json
+
+    import impasto
+
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"x")
+    with pytest.raises(impasto.ModelLoadError, match="is a single-file checkpoint .* not supported yet"):
+        impasto.Engine.from_pretrained(str(ckpt), device="cpu")
+    xl = tmp_path / "xl"
+    xl.mkdir()
+    (xl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(impasto.ModelLoadError, match="SDXL is not supported yet"):
+        impasto.Engine.from_pretrained(str(xl), device="cpu")
