@@ -97,12 +97,20 @@ def _generate(args) -> int:
     for w in caught:
         if str(w.message) == tiny.RANDOM_WARNING:
             print(tiny.RANDOM_WARNING, file=sys.stderr)
+    from impasto.adapters.families import FAMILIES, detect_family
+
     if args.register_dir:
         for path, err in engine.adapters.register_dir(args.register_dir).items():
             print(f"impasto: skipped {path}: {err}", file=sys.stderr)
     for spec in args.register or ():
         name, _, path = spec.partition("=")
-        engine.adapters.register(name, path, token=tokens.get(name))
+        reads_images = args.image_encoder and FAMILIES[detect_family(path)].image_input
+        kw = {"image_encoder": args.image_encoder} if reads_images else {}
+        if name in tokens:
+            kw["token"] = tokens[name]
+        engine.adapters.register(name, path, **kw)
+    # reference images for an encoder adapter, as encoded bytes: the engine decodes and checks them
+    ip_images = [_read_bytes(p) for p in args.ip_adapter_image or ()] or None
     adapters = [_parse_adapter(a) for a in args.adapter or ()]
     guidance = impasto.Guidance(cfg=args.guidance, styles=styles) if styles else args.guidance
     out = engine.generate(
@@ -121,6 +129,7 @@ def _generate(args) -> int:
         strength=args.strength,
         clip_skip=args.clip_skip,
         prompt_syntax=args.prompt_syntax,
+        ip_adapter_image=ip_images,
     )
     images = out.images
     if args.grid:
@@ -166,6 +175,16 @@ def _info(args) -> int:
         raise RequestError(f"{args.image}: the image carries no A1111 'parameters' text")
     print(text)
     return 0
+
+
+def _read_bytes(path: str) -> bytes:
+    import impasto
+
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise impasto.RequestError(f"--ip-adapter-image {path}: {e.strerror or e}") from None
 
 
 def _model_name(model: str) -> str:
@@ -249,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--token", action="append", metavar="NAME=TOKEN",
                    help="the placeholder (e.g. <corgi>) of the adapter registered as NAME")
     g.add_argument("--adapter", action="append", metavar="NAME[=SCALE]", help="apply a registered adapter")
+    g.add_argument("--ip-adapter-image", action="append", metavar="PATH",
+                   help="a reference image for the request's encoder (IP-Adapter) adapter; repeat for several")
+    g.add_argument("--image-encoder", default=None, metavar="FOLDER",
+                   help="CLIPVisionModelWithProjection folder of encoder adapters given to --register "
+                        "(default: the model folder's image_encoder/)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.add_argument("-v", "--verbose", action="store_true", help="show the libraries' own logs and bars")
     g.set_defaults(func=_generate)
