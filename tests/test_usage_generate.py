@@ -58,7 +58,7 @@ def _count(engine):
 
 
 # ------------------------------------------------------------------ samplers
-@pytest.mark.parametrize("name", ["DPM++ 2M Karras", "Heun", "DPM++ 2M SDE", "UniPC"])  # Euler a: below
+@pytest.mark.parametrize("name", ["DPM++ 2M Karras", "Heun", "DPM++ 2M SDE"])  # Euler a, LCM: below
 def test_sampler_per_request_equals_diffusers(engine, pipe, name):
     out = engine.generate("a red star", steps=4, seed=3, scheduler=name, output_type="np")
     ref = _ref(pipe, "a red star", seed=3, scheduler=name)
@@ -265,24 +265,32 @@ def test_weighted_and_plain_requests_share_a_batch(engine):
 
 
 def test_prompt_past_the_chunk_cap_is_truncated_with_a_warning(tiny_dir):
-    with impasto.Engine.from_pretrained(tiny_dir, device="cpu", max_prompt_chunks=1) as e:
+    with impasto.Engine.from_pretrained(tiny_dir, device="cpu", max_prompt_chunks=1, prompt_syntax="a1111") as e:
         out = e.generate(" ".join(["red star"] * 60), steps=1, seed=1, output_type="latent")
+        with pytest.raises(impasto.AdapterNameError) as tag:  # the engine's default syntax reads <lora:...> tags
+            e.generate("a dog <lora:nobody:1>", steps=1)
+        assert "nobody" in str(tag.value) and "placeholder" not in str(tag.value)
+        with pytest.raises(impasto.AdapterNameError, match="placeholder '<lora:nobody:1>'"):  # plain: a placeholder
+            e.generate("a dog <lora:nobody:1>", steps=1, prompt_syntax="plain")
     assert any("truncated to the first 75" in w for w in out.warnings)
 
 
 # ------------------------------------------------------------------ <lora:NAME:W>
-def test_a1111_syntax_reads_lora_tags(tiny_dir, tmp_path):
+def test_a1111_syntax_reads_lora_tags(engine, tmp_path):
     g = torch.Generator().manual_seed(0)
     path = tmp_path / "corgi.safetensors"
     safetensors.torch.save_file({f"unet.{Q}.lora_A.weight": torch.randn(4, 32, generator=g),
                                  f"unet.{Q}.lora_B.weight": torch.randn(32, 4, generator=g)}, str(path))
-    with impasto.Engine.from_pretrained(tiny_dir, device="cpu", prompt_syntax="a1111") as e:
-        e.adapters.register("corgi", str(path))
-        tagged = e.generate("a dog <lora:corgi:0.7> on grass", steps=3, seed=1, output_type="np")
-        named = e.generate("a dog on grass", adapters=[("corgi", 0.7)], steps=3, seed=1, output_type="np")
-        plain = e.generate("a dog on grass", steps=3, seed=1, output_type="np")
+    engine.adapters.register("tagged-corgi", str(path))
+    try:
+        tagged = engine.generate("a dog <lora:tagged-corgi:0.7> on grass", steps=3, seed=1, prompt_syntax="a1111",
+                                 output_type="np")
+        named = engine.generate("a dog on grass", adapters=[("tagged-corgi", 0.7)], steps=3, seed=1, output_type="np")
+        plain = engine.generate("a dog on grass", steps=3, seed=1, output_type="np")
         with pytest.raises(impasto.AdapterNameError):
-            e.generate("a dog <lora:nobody:1>", steps=1)
+            engine.generate("a dog <lora:nobody:1>", steps=1, prompt_syntax="a1111")
+    finally:
+        engine.adapters.unregister("tagged-corgi")
     assert _diff(tagged.images, named.images) == 0.0
     assert _diff(tagged.images, plain.images) > NEQ
 
