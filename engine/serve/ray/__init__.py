@@ -36,7 +36,7 @@ def build(model: str = "tiny", adapters: str | None = None, *, replicas: int = 2
 
     from ...engine import LIMITS
     from .backend import Ingress
-    from .directory import Directory
+    from .directory import NAMESPACE, Directory
     from .replica import Replica
 
     if adapters is None or not os.path.isdir(adapters):
@@ -48,10 +48,10 @@ def build(model: str = "tiny", adapters: str | None = None, *, replicas: int = 2
     directory = f"impasto-directory-{name}"
     # detached: it outlives whichever replica first made it; an earlier app's log is replaced
     try:
-        ray.kill(ray.get_actor(directory))
+        ray.kill(ray.get_actor(directory, namespace=NAMESPACE))
     except ValueError:
         pass
-    ray.remote(num_cpus=0)(Directory).options(name=directory, lifetime="detached").remote()
+    ray.remote(num_cpus=0)(Directory).options(name=directory, namespace=NAMESPACE, lifetime="detached").remote()
     # Every streaming request is "ongoing" for its whole run: below max_queue + rows Ray would
     # hold back requests the engine could batch (the default, 5, starves step-level batching).
     ongoing = limits["max_queue"] + limits["max_batch_rows"]

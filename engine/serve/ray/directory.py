@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+NAMESPACE = "impasto"  # the directory actor's Ray namespace (replicas live in "serve")
 SYNC_SECONDS = 0.2  # replicas poll this often: the delay of a registration and of the stats
 STALE_SECONDS = 3.0  # a replica silent this long is taken as gone (killed, or being replaced)
 KEPT_RESULTS = 64  # per replica, results of the latest entries (the ingress waits only for new ones)
