@@ -81,6 +81,31 @@ def test_directory_replays_its_log_to_a_late_replica():
     assert set(d.state()) == {"r2"}
 
 
+def test_cli_serve_ray_flags_are_checked_before_ray_starts(tmp_path, capsys):
+    from impasto.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "--ray", "--replicas", "3", "--adapters", str(tmp_path)])
+    assert args.ray and args.replicas == 3
+    assert not build_parser().parse_args(["serve", "--adapters", str(tmp_path)]).ray
+    assert main(["serve", "--ray", "--replicas", "0", "--adapters", str(tmp_path)]) == 2
+    assert "--replicas 0" in capsys.readouterr().err
+    assert main(["serve", "--ray", "--port", "0", "--adapters", str(tmp_path)]) == 2
+    assert "--port 0" in capsys.readouterr().err
+    assert main(["serve", "--ray", "--host", "0.0.0.0", "--adapters", str(tmp_path)]) == 2
+    assert "beyond loopback" in capsys.readouterr().err
+
+
+def test_build_refuses_a_missing_adapter_root(tmp_path):
+    from impasto.serve.ray import app, build
+
+    with pytest.raises(ValueError, match="not a folder"):
+        build("tiny", str(tmp_path / "none"))
+    with pytest.raises(ValueError, match="not a folder"):
+        app({"replicas": "2"})
+    with pytest.raises(ValueError, match="replicas"):
+        build("tiny", str(tmp_path), replicas=0)
+
+
 # ---------------------------------------------------------------------------------- the cluster
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
