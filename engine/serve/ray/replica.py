@@ -165,6 +165,7 @@ class Replica:
         task = getattr(self, "_sync_task", None)
         if task is not None:
             task.cancel()
+            self.directory.forget.remote(self.id)  # stopped on purpose: not a replica to wait for
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
