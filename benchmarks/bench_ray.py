@@ -169,6 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--cache", type=int, default=40, help="adapters per replica (host cache and multiplexed LRU)")
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--default-first", action="store_true", help="run side (b) first (order effects on a busy machine)")
     p.add_argument("--arithmetic-only", action="store_true")
     args = p.parse_args(argv)
     print("## 8 GPU replicas, 10,000 adapters, Zipf(1.1) (simulated LRUs, measured cold swaps)\n")
@@ -193,7 +194,9 @@ def main(argv=None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    rows = [run_side(args, port, folder, names, draws, affinity, host_bytes) for affinity in (True, False)]
+    order = (False, True) if args.default_first else (True, False)
+    rows = {affinity: run_side(args, port, folder, names, draws, affinity, host_bytes) for affinity in order}
+    rows = [rows[True], rows[False]]
     serve.shutdown()
     ray.shutdown()
     print(f"\n## measured: {args.replicas} replicas, {args.library} adapters, {args.requests} requests Zipf(1.1), "
