@@ -70,9 +70,9 @@ def run_side(args, port: int, folder: str, names: list, draws: list, affinity: b
 
     app = "bench-affinity" if affinity else "bench-default"
     serve.run(build("tiny", folder, replicas=args.replicas, name=app, affinity=affinity,
-                    max_models_per_replica=args.cache, engine_kwargs={"device": "cpu", "host_cache_bytes": host_bytes}),
+                    max_models_per_replica=args.cache, directory=f"{app}-directory", engine_kwargs={"device": "cpu", "host_cache_bytes": host_bytes}),
               name=app, route_prefix="/")
-    directory = ray.get_actor(f"impasto-directory-{app}", namespace=NAMESPACE)
+    directory = ray.get_actor(f"{app}-directory", namespace=NAMESPACE)
 
     def totals():
         state = ray.get(directory.state.remote(), timeout=30)

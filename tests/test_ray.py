@@ -5,7 +5,6 @@ compared with an in-process engine.generate. The routing helpers are tested with
 import base64
 import io
 import json
-import os
 import socket
 import threading
 import time
@@ -26,6 +25,7 @@ OUT = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
 USER, ADMIN = "user-key-0123456789abcdef", "admin-key-0123456789abcdef"
 NAMES = [f"a{i}" for i in range(6)]
 APP = "impasto"
+DIRECTORY = "impasto-directory-test"
 
 
 def _lora(path, seed, key=Q):
@@ -146,7 +146,7 @@ def cluster(tiny_dir, adapter_dir):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # serve.run waits without a bound (for resources that may never come): deploy, then poll
         serve._run(build(tiny_dir, str(adapter_dir), replicas=2, max_models_per_replica=8, name=APP,
-                         settings={"api_keys": (USER,), "admin_keys": (ADMIN,)}),
+                         directory=DIRECTORY, settings={"api_keys": (USER,), "admin_keys": (ADMIN,)}),
                    _blocking=False, name=APP, route_prefix="/")
         assert _wait(lambda: _app_status() == "RUNNING", 240), serve.status()
         yield f"http://127.0.0.1:{port}"
@@ -168,7 +168,7 @@ def _app_status():
 
 
 def _directory():
-    return ray.get_actor(f"impasto-directory-{APP}", namespace="impasto")
+    return ray.get_actor(DIRECTORY, namespace="impasto")
 
 
 def _replicas() -> dict:

@@ -23,20 +23,21 @@ INGRESS_CPUS = 0.25
 def build(model: str = "tiny", adapters: str | None = None, *, replicas: int = 2, name: str = "impasto",
           max_models_per_replica: int = 64, spread_above: int = 8, affinity: bool = True,
           replica_cpus: float = REPLICA_CPUS, ingress_cpus: float = INGRESS_CPUS, threads: int | None = None,
-          engine_kwargs: dict | None = None, settings: dict | None = None, warm_up: bool = True):
+          engine_kwargs: dict | None = None, settings: dict | None = None, warm_up: bool = True,
+          directory: str | None = None):
     """Semantics: the Ray Serve Application (ingress bound to `replicas` Replicas) for `model`
     and the adapter root `adapters`. engine_kwargs: Engine.from_pretrained keywords (device,
     host_cache_bytes, limits such as max_queue); settings: serve.app.Settings fields (api_keys,
     admin_keys, ...; adapter_root is `adapters`). affinity=False routes by Ray's default
-    (no multiplexed id), for comparison. Must run where `ray.init` has connected."""
+    (no multiplexed id), for comparison. directory: the name of the app's registration log
+    actor (directory.py; default: unique per build)."""
     import os
+    import secrets
 
-    import ray
     from ray import serve
 
     from ...engine import LIMITS
     from .backend import Ingress
-    from .directory import NAMESPACE, Directory
     from .replica import Replica
 
     if adapters is None or not os.path.isdir(adapters):
@@ -45,13 +46,8 @@ def build(model: str = "tiny", adapters: str | None = None, *, replicas: int = 2
         raise ValueError(f"replicas: expected >= 1, got {replicas}")
     engine_kwargs = dict(engine_kwargs or {})
     limits = {**LIMITS, **{k: v for k, v in engine_kwargs.items() if k in LIMITS}}
-    directory = f"impasto-directory-{name}"
-    # detached: it outlives whichever replica first made it; an earlier app's log is replaced
-    try:
-        ray.kill(ray.get_actor(directory, namespace=NAMESPACE))
-    except ValueError:
-        pass
-    ray.remote(num_cpus=0)(Directory).options(name=directory, namespace=NAMESPACE, lifetime="detached").remote()
+    # Nothing here talks to Ray: `serve run` calls this builder before it connects.
+    directory = directory or f"impasto-directory-{name}-{secrets.token_hex(4)}"
     # Every streaming request is "ongoing" for its whole run: below max_queue + rows Ray would
     # hold back requests the engine could batch (the default, 5, starves step-level batching).
     ongoing = limits["max_queue"] + limits["max_batch_rows"]

@@ -19,7 +19,7 @@ from ray import serve
 
 from ...api import GenerationOutput
 from ...errors import AdapterError, EngineClosedError, RequestCancelledError
-from .directory import NAMESPACE, STALE_SECONDS
+from .directory import STALE_SECONDS, connect
 from .routing import Spreader
 
 SUBMIT_SECONDS = 60.0  # the longest a submit waits for a replica to accept (one is starting)
@@ -252,10 +252,8 @@ class Ingress:
 
     async def __init__(self, replica, directory: str, settings: dict, replicas: int, spread_above: int,
                        affinity: bool = True):
-        import ray
-
         describe = await replica.describe.remote()
-        self.backend = RayBackend(replica, ray.get_actor(directory, namespace=NAMESPACE), describe, replicas=replicas,
+        self.backend = RayBackend(replica, connect(directory), describe, replicas=replicas,
                                   spread_above=spread_above, affinity=affinity)
         self.settings = settings
 

@@ -17,6 +17,15 @@ STALE_SECONDS = 3.0  # a replica silent this long is taken as gone (killed, or b
 KEPT_RESULTS = 64  # per replica, results of the latest entries (the ingress waits only for new ones)
 
 
+def connect(name: str):
+    """The directory actor `name`, made by whichever replica asks first. Detached: it outlives
+    any one replica (a replacement replays its log); one per deployed app (see ray.build)."""
+    import ray
+
+    return (ray.remote(num_cpus=0)(Directory)
+            .options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote())
+
+
 class Directory:
     """Semantics:
       append(op, args) -> seq               log entry seq (1-based): ("register", {name, path, family,

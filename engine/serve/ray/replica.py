@@ -14,12 +14,11 @@ import asyncio
 import collections
 import os
 
-import ray
 from ray import serve
 
 from ...errors import AdapterError, ImpastoError
 from ..a1111 import sampler_name
-from .directory import NAMESPACE, SYNC_SECONDS
+from .directory import SYNC_SECONDS, connect
 from .routing import adapter_of
 
 POLL_SECONDS = 0.005  # the engine has no per-step callback: a job's progress is polled this often
@@ -75,7 +74,7 @@ class Replica:
             return _Warm(self, key)
 
         self._warm = serve.multiplexed(max_num_models_per_replica=max_models)(load)
-        self.directory = ray.get_actor(directory, namespace=NAMESPACE)
+        self.directory = connect(directory)
         self.applied, self.results = 0, {}
         self._sync_task = asyncio.get_running_loop().create_task(self._sync())
 
