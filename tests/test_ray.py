@@ -146,7 +146,8 @@ def cluster(tiny_dir, adapter_dir):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # serve.run waits without a bound (for resources that may never come): deploy, then poll
         serve._run(build(tiny_dir, str(adapter_dir), replicas=2, max_models_per_replica=8, name=APP,
-                         directory=DIRECTORY, settings={"api_keys": (USER,), "admin_keys": (ADMIN,)}),
+                         directory=DIRECTORY,
+                         settings={"api_keys": (USER,), "admin_keys": (ADMIN,)}),
                    _blocking=False, name=APP, route_prefix="/")
         assert _wait(lambda: _app_status() == "RUNNING", 240), serve.status()
         yield f"http://127.0.0.1:{port}"
@@ -209,6 +210,7 @@ def _generate_all(user, ref, seed):
 
 def test_six_adapters_served_equal_generate_each_loaded_on_one_replica(user, ref):
     _generate_all(user, ref, seed=1)
+    assert _wait(lambda: sum(len(s["multiplexed"]) for s in _replicas().values()) == len(NAMES), 10), _replicas()
     time.sleep(1.0)  # replicas push their loaded ids to Ray's routers every 0.1 s (through the controller)
     _generate_all(user, ref, seed=2)
     assert _wait(lambda: sum(s["requests"] for s in _replicas().values()) >= 12, 10)
@@ -282,10 +284,11 @@ def test_an_upload_reaches_every_replica(cluster, user, ref, tmp_path):
 
 def test_a_replica_killed_mid_stream_is_replaced_and_retries_complete(user, ref):
     """Last in the module: it kills a replica."""
-    r = user.post("/v1/jobs", json=_body("a5", 9, steps=200))
+    r = user.post("/v1/jobs", json={**_body("a5", 9, steps=200), "size": "64x64"})  # long enough to kill mid-way
     assert r.status_code == 202, r.text
     job = r.json()["id"]
     assert _wait(lambda: user.get(f"/v1/jobs/{job}").json()["progress"]["step"] > 0, 60)
+    assert _wait(lambda: any(s["running"] for s in _replicas().values()), 10)
     (victim,) = [rid for rid, s in _replicas().items() if s["running"]]
     ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP}#Replica#{victim}", namespace="serve"), no_restart=True)
     assert _wait(lambda: user.get(f"/v1/jobs/{job}").json()["state"] == "failed", 30)
