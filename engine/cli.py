@@ -194,7 +194,10 @@ def _model_name(model: str) -> str:
 
 
 def _serve(args) -> int:
-    from impasto.serve.server import run
+    if args.ray:
+        from impasto.serve.ray.server import run
+    else:
+        from impasto.serve.server import run
 
     return run(args)
 
@@ -293,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-upload-bytes", type=int, default=512 * 2**20, help="adapter upload limit (413 above)")
     s.add_argument("--limit", action="append", metavar="NAME=N",
                    help="an engine operator limit, e.g. max_queue=64 (impasto.LIMITS)")
+    s.add_argument("--ray", action="store_true", help="run on Ray Serve (RAY_ADDRESS's cluster, else a local one)")
+    s.add_argument("--replicas", type=int, default=2, help="with --ray: replicas, each with its own engine")
     s.set_defaults(func=_serve)
     c = sub.add_parser("covariance", help="compute a base model's text-encoding C⁻¹ for Perfusion (rank1)",
                        formatter_class=fmt)
