@@ -24,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import os
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from ..adapters import kv as kv_format
@@ -224,12 +226,7 @@ def concept_examples(engine, concepts: list[dict], *, prompt_template, num_prior
         for i, im in enumerate(images):
             m = None
             if masks is not None:
-                from PIL import Image
-
-                m = square(Image.fromarray((masks[i] * 255).astype("uint8")), size)
-                import numpy as np
-
-                m = np.asarray(m, dtype=np.float32) / 255.0
+                m = np.asarray(square(Image.fromarray((masks[i] * 255).astype("uint8")), size), np.float32) / 255.0
             examples.append(Example(square(im, size), prompt, m))
         priors = c.get("prior_images", prior_images)
         class_prompt = f"a {word}"
