@@ -167,7 +167,7 @@ def build(build_dir: str | None = None, *, cuda: bool | None = None, verbose: bo
         cpp_extension.load(
             name=name,
             sources=files,
-            extra_cflags=CFLAGS + (["-DIMPASTO_WITH_CUDA"] if want_cuda else []),
+            extra_cflags=CFLAGS,
             extra_cuda_cflags=cuda_flags,
             build_directory=build_dir,
             is_python_module=False,
