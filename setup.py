@@ -24,7 +24,7 @@ def _packages(root, prefix):
 
 # The native extension's flags, as kernels/native.py's JIT build uses them: -ffp-contract=off
 # keeps the guidance blend's rounding PyTorch's (no implied FMA); -fmad=false likewise on CUDA.
-NATIVE_CXX_FLAGS = ["-O3", "-ffp-contract=off", "-march=native"]
+NATIVE_CXX_FLAGS = ["-O3", "-ffp-contract=off", "-march=native", "-fopenmp-simd"]
 NATIVE_NVCC_FLAGS = ["-O3", "-std=c++17", "-fmad=false", "-gencode", "arch=compute_80,code=sm_80",
                      "-gencode", "arch=compute_90,code=sm_90"]
 

@@ -30,6 +30,7 @@ namespace impasto_native {
 namespace {
 
 constexpr int64_t kTokenBlock = 32;  // tokens per work item: the intermediates fit in L1
+constexpr int64_t kNChunk = 256;     // outputs per expand pass: [kTokenBlock, kNChunk] fp32 = 32 KB
 
 template <typename scalar_t>
 void lora_apply_kernel(Tensor& y, const Tensor& x_in, const Tensor& A_pool, const Tensor& B_pool,
@@ -66,7 +67,7 @@ void lora_apply_kernel(Tensor& y, const Tensor& x_in, const Tensor& A_pool, cons
 
   at::parallel_for(0, rows * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> h(kTokenBlock * M * R);  // [token, adapter, R]
-    std::vector<acc_t> out(N);
+    std::vector<acc_t> out(kTokenBlock * kNChunk);  // [token, N chunk]
     std::vector<int64_t> act_w;  // the row's used pairs: compact weight index
     std::vector<acc_t> act_s;    // and scale
     for (int64_t item = begin; item < end; ++item) {
@@ -82,35 +83,50 @@ void lora_apply_kernel(Tensor& y, const Tensor& x_in, const Tensor& A_pool, cons
       }
       const int64_t J = act_w.size();
       if (J == 0) continue;
-      // shrink: h[t, j, :] = scale_j * x[r, t] @ A[w_j]
-      for (int64_t t = t0; t < t1; ++t) {
-        const scalar_t* __restrict__ xr = xp + (r * T + t) * K;
-        for (const auto j : c10::irange(J)) {
-          acc_t* __restrict__ hj = h.data() + ((t - t0) * M + j) * R;
-          const acc_t* __restrict__ a = Ap + act_w[j] * K * R;
-          std::fill(hj, hj + R, acc_t(0));
-          for (const auto k : c10::irange(K)) {
-            const acc_t xv = static_cast<acc_t>(xr[k]);
-            const acc_t* __restrict__ ak = a + k * R;
+      const int64_t nt = t1 - t0;
+      // shrink: h[t, j, :] = scale_j * x[r, t] @ A[w_j]. k outermost: each row of A is read
+      // once per token block (A can be far larger than L1: K * R * 4 bytes).
+      std::fill(h.begin(), h.begin() + nt * M * R, acc_t(0));
+      for (const auto j : c10::irange(J)) {
+        const acc_t* __restrict__ a = Ap + act_w[j] * K * R;
+        for (const auto k : c10::irange(K)) {
+          const acc_t* __restrict__ ak = a + k * R;
+          const scalar_t* __restrict__ xk = xp + (r * T + t0) * K + k;
+          for (const auto t : c10::irange(nt)) {
+            const acc_t xv = static_cast<acc_t>(xk[t * K]);
+            acc_t* __restrict__ hj = h.data() + (t * M + j) * R;
             for (const auto q : c10::irange(R)) hj[q] = std::fma(xv, ak[q], hj[q]);
           }
+        }
+        for (const auto t : c10::irange(nt)) {
+          acc_t* __restrict__ hj = h.data() + (t * M + j) * R;
           for (const auto q : c10::irange(R)) hj[q] *= act_s[j];
         }
       }
-      // expand: y[r, t] = round(y[r, t] + sum_j h[t, j, :] @ B[w_j])
-      for (int64_t t = t0; t < t1; ++t) {
-        scalar_t* __restrict__ yr = yp + (r * T + t) * N;
-        acc_t* __restrict__ o = out.data();
-        for (const auto n : c10::irange(N)) o[n] = static_cast<acc_t>(yr[n]);
+      // expand: y[r, t] = round(y[r, t] + sum_j h[t, j, :] @ B[w_j]), in chunks of N so the
+      // block's accumulators stay in L1 and each row of B is read once per token block.
+      for (int64_t n0 = 0; n0 < N; n0 += kNChunk) {
+        const int64_t nn = std::min(kNChunk, N - n0);
+        for (const auto t : c10::irange(nt)) {
+          const scalar_t* __restrict__ yr = yp + (r * T + t0 + t) * N + n0;
+          acc_t* __restrict__ o = out.data() + t * kNChunk;
+          for (const auto n : c10::irange(nn)) o[n] = static_cast<acc_t>(yr[n]);
+        }
         for (const auto j : c10::irange(J)) {
-          const acc_t* hj = h.data() + ((t - t0) * M + j) * R;
           for (const auto q : c10::irange(R)) {
-            const acc_t c = hj[q];
-            const acc_t* __restrict__ b = Bp + (act_w[j] * R + q) * N;
-            for (const auto n : c10::irange(N)) o[n] = std::fma(c, b[n], o[n]);
+            const acc_t* __restrict__ b = Bp + (act_w[j] * R + q) * N + n0;
+            for (const auto t : c10::irange(nt)) {
+              const acc_t c = h[(t * M + j) * R + q];
+              acc_t* __restrict__ o = out.data() + t * kNChunk;
+              for (const auto n : c10::irange(nn)) o[n] = std::fma(c, b[n], o[n]);
+            }
           }
         }
-        for (const auto n : c10::irange(N)) yr[n] = static_cast<scalar_t>(o[n]);
+        for (const auto t : c10::irange(nt)) {
+          scalar_t* __restrict__ yr = yp + (r * T + t0 + t) * N + n0;
+          const acc_t* __restrict__ o = out.data() + t * kNChunk;
+          for (const auto n : c10::irange(nn)) yr[n] = static_cast<scalar_t>(o[n]);
+        }
       }
     }
   });

@@ -44,7 +44,9 @@ void rank1_kernel(Tensor& out, const Tensor& base, const Tensor& e, const Tensor
       for (const auto j : c10::irange(C)) {
         const acc_t* w = pg + (r * C + j) * D;
         acc_t dot = 0;
-        for (const auto d : c10::irange(D)) dot = std::fma(ev[d], w[d], dot);
+        // a vectorized reduction (partial sums per lane): -fopenmp-simd, no OpenMP runtime
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += ev[d] * w[d];
         if (j < M) {
           c[j] = -dot;
         } else {

@@ -31,9 +31,10 @@ ENV_LIB = "IMPASTO_NATIVE_LIB"
 ENV_BUILD_DIR = "IMPASTO_NATIVE_BUILD_DIR"
 OPS = ("lora_apply_", "lora_delta", "lora_delta_backward", "guidance_blend_", "rank1_edit", "rank1_edit_backward")
 # The repository root (editable installs and checkouts); csrc/ and bindings/ live there.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# realpath: benchmarks/gpu_check.sh reaches this file through a symlinked shim package.
+ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 # -ffp-contract=off: the guidance blend must round as PyTorch's separate ops do (no implied FMA).
-CFLAGS = ["-O3", "-ffp-contract=off", "-march=native"]
+CFLAGS = ["-O3", "-ffp-contract=off", "-march=native", "-fopenmp-simd"]
 CUDA_CFLAGS = ["-O3", "-std=c++17", "-fmad=false"]
 CUDA_ARCHS = ("80", "90")
 

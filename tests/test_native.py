@@ -27,7 +27,10 @@ from impasto.kernels import (
 from impasto.kernels.testing import assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])]
+_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+# (backend, device): native on CPU everywhere; on CUDA every backend, so a GPU run
+# (benchmarks/gpu_check.sh: pytest -m cuda) checks Triton, native and reference there.
+IMPLS = [("native", "cpu")] + [pytest.param(b, "cuda", marks=_CUDA, id=f"{b}-cuda") for b in ("native", "triton", "reference")]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -46,8 +49,8 @@ def _native_poison():
     torch.ops.impasto_native._set_poison(False)
 
 
-def _cuda_ok(device):
-    if device == "cuda" and not native.has_cuda_kernels():
+def _cuda_ok(device, backend="native"):
+    if device == "cuda" and backend == "native" and not native.has_cuda_kernels():
         pytest.fail("CUDA is present but the native extension was built without its CUDA part")
 
 
@@ -56,11 +59,11 @@ def _cuda_ok(device):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend, device", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", L.CASES, ids=lambda c: c.popularity)
-def test_lora_apply(case, dtype, device):
-    _cuda_ok(device)
+def test_lora_apply(case, dtype, backend, device):
+    _cuda_ok(device, backend)
     y0, x, A, B, slots, scales = L._problem(case, dtype)
     unused = ~(slots >= 0).any(dim=1)
     y0[unused, 0, 0] = -0.0  # rows without an adapter come back bit for bit
@@ -68,7 +71,7 @@ def test_lora_apply(case, dtype, device):
     exact, lowp = L._expected(y0, x, A, B, slots, scales)
     y = y0.clone().to(device)
     args = [t.to(device) for t in (x, A, B, slots, scales)]
-    assert lora_apply(y, *args, backend="native") is y
+    assert lora_apply(y, *args, backend=backend) is y
     y = y.cpu()
     assert_close(y, exact, lowp=lowp, msg=f"{case} {dtype} {device}")
     assert torch.equal(L._bits(y[unused]), L._bits(y0[unused]))
@@ -95,15 +98,15 @@ def test_lora_strided_views():
     assert torch.equal(fused[:, :, 2 * case.N :], before[:, :, 2 * case.N :])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend, device", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", [L.CASES[2], L.CASES[3], L.CASES[5]], ids=lambda c: c.popularity)
-def test_lora_delta_gradients(case, dtype, device):
-    _cuda_ok(device)
+def test_lora_delta_gradients(case, dtype, backend, device):
+    _cuda_ok(device, backend)
     _, x, A, B, slots, scales = L._problem(case, dtype, seed=11)
     dy = torch.randn(case.rows, case.T, case.N, generator=torch.Generator().manual_seed(12)).to(dtype)
     s, sc = slots.to(device), scales.to(device)
-    got = L._grads(lambda *t: lora_delta(*t, s, sc, backend="native"), x.to(device), A.to(device), B.to(device), dy.to(device))
+    got = L._grads(lambda *t: lora_delta(*t, s, sc, backend=backend), x.to(device), A.to(device), B.to(device), dy.to(device))
     exact = L._grads(lambda *t: lora_delta_ref(*t, slots, scales), x.double(), A.double(), B.double(), dy.double())
     lowp = L._grads(lambda *t: lora_delta_ref(*t, slots, scales, upcast=False), x, A, B, dy)
     unused = torch.ones(case.S, dtype=torch.bool)
@@ -111,7 +114,7 @@ def test_lora_delta_gradients(case, dtype, device):
     for name, g, e, lp in zip("x A B".split(), got, exact, lowp):
         g = g.cpu()
         assert g.dtype == dtype
-        assert_close(g, e, lowp=lp, msg=f"d{name} {case} {dtype} {device}")
+        assert_close(g, e, lowp=lp, msg=f"d{name} {case} {dtype} {backend} {device}")
         if name != "x":
             assert torch.equal(g[unused], torch.zeros_like(g[unused])), f"d{name} of unused slots"
 
@@ -171,18 +174,18 @@ def test_lora_bad_input_is_named():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend, device", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", G.CASES, ids=lambda c: c.name)
-def test_guidance_blend(case, dtype, device):
-    _cuda_ok(device)
+def test_guidance_blend(case, dtype, backend, device):
+    _cuda_ok(device, backend)
     noise = G._noise(case, dtype)
     exact = G.blend_loop(noise.double(), case.requests)
     lowp = G.blend_loop(noise, case.requests) if dtype != torch.float32 else None
     table = build_branch_table(case.requests, device=device)
     out = torch.full((exact.shape[0], *case.shape), float("nan"), dtype=dtype, device=device)
-    guidance_blend(noise.to(device), table, out=out, backend="native")
-    assert_close(out.cpu(), exact, lowp=lowp, msg=f"{case.name} {dtype} {device}")
+    guidance_blend(noise.to(device), table, out=out, backend=backend)
+    assert_close(out.cpu(), exact, lowp=lowp, msg=f"{case.name} {dtype} {backend} {device}")
 
 
 def test_guidance_float64_and_cfg_bitwise():
@@ -225,14 +228,14 @@ def test_guidance_opcheck_and_bad_input():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend, device", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", R1.CASES, ids=lambda c: c.name)
-def test_rank1_edit(case, dtype, device):
-    _cuda_ok(device)
+def test_rank1_edit(case, dtype, backend, device):
+    _cuda_ok(device, backend)
     *inputs, _ = R1._problem(case, dtype)
     exact, lowp = R1._expected(*inputs)
-    got = rank1_edit(*[t.to(device) for t in inputs], backend="native")
+    got = rank1_edit(*[t.to(device) for t in inputs], backend=backend)
     assert got.dtype == dtype
     assert_close(got.cpu(), exact, lowp=lowp, msg=f"{case} {dtype} {device}")
 
@@ -250,19 +253,19 @@ def test_rank1_float64_matches_loop():
     torch.testing.assert_close(got, R1._loop_reference(*inputs), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend, device", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", [R1.CASES[1], R1.CASES[2], R1.CASES[3]], ids=lambda c: c.name)
-def test_rank1_gradients(case, dtype, device):
-    _cuda_ok(device)
+def test_rank1_gradients(case, dtype, backend, device):
+    _cuda_ok(device, backend)
     *inputs, _ = R1._problem(case, dtype, seed=11)
     dy = torch.randn(case.rows, case.T, case.N, generator=torch.Generator().manual_seed(12)).to(dtype)
-    got = R1._grads(lambda *t: rank1_edit(*t, backend="native"), [t.to(device) for t in inputs], dy.to(device))
+    got = R1._grads(lambda *t: rank1_edit(*t, backend=backend), [t.to(device) for t in inputs], dy.to(device))
     exact = R1._grads(rank1_edit_ref, [t.double() for t in inputs[:6]] + inputs[6:], dy.double())
     lowp = R1._grads(lambda *t: rank1_edit_ref(*t, upcast=False), inputs, dy)
     for name, g, x, lp in zip(R1.GRAD_NAMES, got, exact, lowp):
         assert g.dtype == dtype, name
-        assert_close(g.cpu(), x, lowp=lp, msg=f"d{name} {case} {dtype} {device}")
+        assert_close(g.cpu(), x, lowp=lp, msg=f"d{name} {case} {dtype} {backend} {device}")
 
 
 def test_rank1_gradcheck_and_opcheck():
@@ -314,3 +317,21 @@ def test_dispatch_reasons_and_default(monkeypatch):
     assert dispatch.select("rank1_edit", "cpu", torch.float32) is dispatch.Backend.REFERENCE
     reasons = dispatch.not_supported_reasons("lora_apply", "native", "cpu")
     assert reasons == ["the native extension is not loaded: test"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_opcheck_and_cfg_bitwise():
+    _cuda_ok("cuda")
+    ops, dev = torch.ops.impasto_native, "cuda"
+    case = L.Case("zipf", rows=3, T=11, K=24, N=20, R=8, S=4, M=2)
+    y, x, A, B, slots, scales = (t.to(dev) for t in L._problem(case, torch.float16, seed=2, poison_unused=False))
+    meta = lora_meta(slots, A.shape[0])
+    torch.library.opcheck(ops.lora_apply_.default, (y.clone(), x, A, B, slots, scales, *meta))
+    *inputs, _ = R1._problem(R1.Case("oc", rows=2, T=9, D=20, N=18, M=2, unused="some"), torch.bfloat16, seed=2)
+    torch.library.opcheck(ops.rank1_edit.default, tuple(t.to(dev) for t in inputs))
+    noise = torch.randn(6, 4, 9, 7, generator=torch.Generator().manual_seed(3)).to(dev)
+    table = build_branch_table([G.R(start=0, images=3, cfg=7.5, has_uncond=True)], device=dev)
+    torch.library.opcheck(ops.guidance_blend_.default, (torch.empty(3, 4, 9, 7, device=dev), noise, *table))
+    e_u, e_c = noise[:3], noise[3:]
+    assert torch.equal(guidance_blend(noise, table, backend="native"), e_u + G._f32(7.5) * (e_c - e_u))
