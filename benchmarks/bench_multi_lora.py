@@ -110,7 +110,7 @@ def _lora_flops(unet, run):
     return total[0]
 
 
-def _breakdown(run, repeats=4):
+def _breakdown(run, repeats=2):
     """Profiler attribution of one forward's LoRA time (ms per forward): the custom op's total, its
     matmuls, its gathers/casts/masks, and the dispatch + checks around them."""
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -151,7 +151,7 @@ def forward_main(args):
         model, paths = build(tmp, rows)
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").eval()
         peft_unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").eval()
-        peft_unet.load_lora_adapter(os.path.dirname(paths[0]), weight_name=os.path.basename(paths[0]), adapter_name="a0")
+        peft_unet.load_lora_adapter(os.path.dirname(paths[0]), weight_name=os.path.basename(paths[0]), adapter_name="a0", prefix="unet")
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(rows, 4, 32, 32, generator=gen)
         enc = torch.randn(rows, 77, 256, generator=gen)
@@ -166,11 +166,24 @@ def forward_main(args):
 
         shared = rt.tables([[("a0", 1.0)]] * rows, files)
         distinct = rt.tables([[(f"a{i}", 1.0)] for i in range(rows)], files)
+        def gathered(tables):  # the reference path before runs of rows: per-row gathers + bmm
+            from impasto.kernels import dispatch, lora as lk
+
+            reg = dispatch._REGISTRY["lora_apply"]
+            ref, reg[dispatch.Backend.REFERENCE] = reg[dispatch.Backend.REFERENCE], lk._lora_apply_gathered
+            try:
+                rt.set_tables(tables, rows)
+                return fwd(unet)
+            finally:
+                reg[dispatch.Backend.REFERENCE] = ref
+
         runs = {
             "plain": lambda: (rt.set_tables(None, rows), fwd(unet)),
             "peft_shared": lambda: fwd(peft_unet),
             "impasto_shared": lambda: (rt.set_tables(shared, rows), fwd(unet)),
             "impasto_distinct": lambda: (rt.set_tables(distinct, rows), fwd(unet)),
+            "before_shared (gathered)": lambda: gathered(shared),
+            "before_distinct (gathered)": lambda: gathered(distinct),
         }
         # the same arithmetic: impasto's shared-LoRA output equals PEFT's
         rt.set_tables(shared, rows)
@@ -197,7 +210,7 @@ def forward_main(args):
         for k in runs:
             print(f"| {k} | {med[k]:.1f} ({mins[k]:.1f}) | {med[k] / med['plain']:.3f} ({mins[k] / mins['plain']:.3f}) | "
                   f"{med[k] / med['peft_shared']:.3f} ({mins[k] / mins['peft_shared']:.3f}) |")
-        for k in ("impasto_shared", "impasto_distinct"):
+        for k in ("impasto_shared", "impasto_distinct", "before_distinct (gathered)"):
             b = _breakdown(runs[k])
             hook = med[k] - med["plain"]
             print(f"breakdown {k} (profiler, ms per forward): LoRA total over plain {hook:.1f}; "

@@ -414,6 +414,13 @@ def _lora_apply_reference(y, x, A_pool, B_pool, slots, scales, meta: LoraMeta) -
         return  # no adapter anywhere: y is not touched
     if slots.shape[1] == 1 and y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64):
         return _lora_apply_segments(y, x, A_pool, B_pool, slots, scales)
+    _lora_apply_gathered(y, x, A_pool, B_pool, slots, scales, meta)
+
+
+def _lora_apply_gathered(y, x, A_pool, B_pool, slots, scales, meta: LoraMeta) -> None:
+    """Any table: every row's M adapters' weights gathered side by side, two batched matmuls."""
+    if int(meta.stats[0]) == 0:
+        return
     h, B = _shrink_ref(x, A_pool, B_pool, slots, scales, upcast=True)  # [rows, T, M*R], [rows, M*R, N]
     if int(meta.stats[4]) == y.shape[0] and y.dtype == h.dtype:
         y.baddbmm_(h, B)  # every row has an adapter: accumulate in place, one pass over y

@@ -335,3 +335,31 @@ def test_cuda_opcheck_and_cfg_bitwise():
     torch.library.opcheck(ops.guidance_blend_.default, (torch.empty(3, 4, 9, 7, device=dev), noise, *table))
     e_u, e_c = noise[:3], noise[3:]
     assert torch.equal(guidance_blend(noise, table, backend="native"), e_u + G._f32(7.5) * (e_c - e_u))
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference's runs-of-rows path (M = 1 on CPU), which the engine's one-adapter rows take
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("contiguous_y", [True, False])
+def test_reference_runs_of_rows(dtype, contiguous_y):
+    """Runs of rows sharing a slot (scales differing inside a run), rows without an adapter between
+    them, NaN in every pool slot no row uses: equal to the per-row loop, untouched rows bit-exact."""
+    from impasto.kernels import lora as lora_module
+
+    case = L.Case("all_none", rows=9, T=13, K=24, N=20, R=8, S=6, M=1)  # slots set below
+    _, x, A, B, _, _ = L._problem(case, dtype, poison_unused=False)
+    slots = torch.tensor([[2], [2], [2], [-1], [4], [4], [2], [-1], [-1]], dtype=torch.int32)
+    scales = torch.linspace(0.3, 1.7, 9)[:, None].float()
+    A[[0, 1, 3, 5]], B[[0, 1, 3, 5]] = float("nan"), float("nan")
+    assert lora_module._segments(slots) == [(2, 0, 3), (4, 4, 6), (2, 6, 7)]
+    fused = torch.randn(case.rows, case.T, 2 * case.N, dtype=dtype)
+    y = fused[:, :, : case.N] if not contiguous_y else fused[:, :, : case.N].contiguous()
+    y0 = y.clone()
+    lora_apply(y, x, A, B, slots, scales, backend="reference")
+    want = y0.double() + L._loop_reference(x, A, B, slots, scales)
+    assert_close(y, want.to(dtype) if dtype == torch.float64 else want)
+    unused = (slots[:, 0] < 0)
+    assert torch.equal(L._bits(y[unused]), L._bits(y0[unused]))
