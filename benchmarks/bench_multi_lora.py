@@ -120,14 +120,23 @@ def _breakdown(run, repeats=2):
         for _ in range(repeats):
             with record_function("forward"):
                 run()
-    ev = {e.key: e for e in prof.key_averages()}
+    events = prof.events()
 
-    def total(names):
-        return sum(ev[n].cpu_time_total for n in names if n in ev) / 1e3 / repeats
+    def inside_op(e):  # an event under impasto::lora_apply_ (the UNet's own matmuls excluded)
+        p = e.cpu_parent
+        while p is not None:
+            if p.name == "impasto::lora_apply_":
+                return True
+            p = p.cpu_parent
+        return False
+
+    def total(names, nested=False):
+        return sum(e.cpu_time_total for e in events if e.name in names and (not nested or inside_op(e))) / 1e3 / repeats
 
     op = total(["impasto::lora_apply_"])
-    mm = total(["aten::bmm", "aten::baddbmm", "aten::mm", "aten::addmm"])
-    gathers = total(["aten::index", "aten::where", "aten::mul", "aten::clone", "aten::copy_", "aten::_to_copy"])
+    mm = total(["aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::mm", "aten::addmm", "aten::addmm_"], nested=True)
+    gathers = total(["aten::index", "aten::where", "aten::mul", "aten::mul_", "aten::clone", "aten::copy_",
+                     "aten::_to_copy"], nested=True)
     return dict(op_ms=op, forward_ms=total(["forward"]), matmul_ms=mm, gather_ms=gathers)
 
 
