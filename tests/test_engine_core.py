@@ -206,9 +206,13 @@ def test_generate_from_a_done_callback_is_refused(eng):
     assert _eventually(lambda: errors) and "worker thread" in str(errors[0])
 
 
-def test_backend_override_reaches_the_worker_and_stays_in_its_context(eng):
+def test_backend_override_reaches_the_worker_and_stays_in_its_context(eng, monkeypatch):
+    from impasto.kernels import native
+
+    monkeypatch.setitem(native._state, "origin", None)  # as if not built: every op on it is refused
+    monkeypatch.setattr(native, "load", lambda: False)
     req = _req("a red star", seed=1, steps=1)
-    with use_backend("native"):  # not built here: every op on it is refused
+    with use_backend("native"):
         out = eng.generate_batch([req])[0]
     assert isinstance(out.error, impasto.RequestFailedError) and "native" in str(out.error)
     assert eng.generate_batch([req])[0].error is None  # the override did not leak
