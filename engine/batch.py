@@ -41,6 +41,7 @@ class BatchState:
         self.planned = False  # True while a step forward runs: attn2 reads `kv`
         self.lora: dict[str, tuple[dict, int] | None] = {}
         self.owner = None  # identity of the layout written (engine-defined), to skip rewrites
+        self._held = None  # (embeds, kv) read as given instead of the buffers (training: `hold`)
         self._image = None  # (capacity L_img, {layer: (K', V')}, scale [max_rows]) once an image is laid out
         self.image_len = 0  # image keys of the current layout (0: no row has an image)
         self.image_mask: torch.Tensor | None = None  # bool [rows, 1, 1, image_len] while image_len > 0
@@ -75,6 +76,7 @@ class BatchState:
         lengths = [e.shape[1] for e, _ in parts]
         if max(lengths) > self.max_len:
             raise ValueError(f"a row has {max(lengths)} keys, the batch state holds {self.max_len}")
+        self._held = None
         embeds, kv = self._alloc()
         r = 0
         for (e, layers), n_keys in zip(parts, lengths):
@@ -93,6 +95,19 @@ class BatchState:
             per_row = torch.tensor([n for (e, _), n in zip(parts, lengths) for _ in range(e.shape[0])],
                                    device=self.device)
             self.key_mask = (torch.arange(self.seq_len, device=self.device)[None, :] < per_row[:, None])[:, None, None, :]
+
+    def hold(self, embeds: torch.Tensor, kv: dict) -> None:
+        """Training: the next forwards read `embeds` [rows, L, D] and `kv` {layer: (K, V) [rows, L, h]}
+        themselves, not copies in the buffers, so gradients flow back to them; every row has all
+        L keys (no mask). `write_layout` ends it."""
+        self._held = (embeds, kv)
+        self.rows, self.seq_len, self.key_mask, self.owner = embeds.shape[0], embeds.shape[1], None, None
+        self.image_len, self.image_mask = 0, None  # no image branch while training holds the rows
+
+    def release(self) -> None:
+        """End `hold`: the buffers are read again once the next layout is written."""
+        self._held = None
+        self.rows, self.owner = 0, None
 
     def write_images(self, rows: list) -> None:
         """Copy each row's image tokens' K'/V' into the image buffers (after `write_layout`).
@@ -149,6 +164,8 @@ class BatchState:
     @property
     def embeds(self) -> torch.Tensor:
         """Shape [rows, seq_len, D]: the current rows' text encodings."""
+        if self._held is not None:
+            return self._held[0]
         return self._alloc()[0][: self.rows, : self.seq_len]
 
     def planned_kv(self, layer: str):
@@ -156,5 +173,7 @@ class BatchState:
         a step runs; None otherwise (attn2 then computes its own K/V, as diffusers does)."""
         if not self.planned:
             return None
+        if self._held is not None:
+            return (*self._held[1][layer], None)
         K, V = self._alloc()[1][layer]
         return K[: self.rows, : self.seq_len], V[: self.rows, : self.seq_len], self.key_mask

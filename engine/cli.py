@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--captions", required=True, help="a text file, one caption per line")
     c.add_argument("--adapter-root", default=None, help="where engine state lives (default: the user cache)")
     c.set_defaults(func=_covariance)
+    from .train.cli import add_train_parser
+
+    add_train_parser(sub)
     return p
 
 

@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .tiny import world
 from .tiny.probes import CLASSES, as_tensor, load_probes
 
 FIDELITY_ATTRIBUTES = ("shape", "colour", "background", "style", "count")
+CONTEXT_ATTRIBUTES = ("background", "count", "style")  # what a prompt names besides the concept
 
 
 @functools.lru_cache(maxsize=2)
@@ -60,9 +63,11 @@ def _read(images, probes):
     return (probes or _probes()).read(images)
 
 
-def prompt_fidelity(images, prompts, probes=None) -> dict:
+def prompt_fidelity(images, prompts, probes=None, attributes=FIDELITY_ATTRIBUTES) -> dict:
     """Share of each prompt's attributes (shape, colour, background, style, count; only those the
-    prompt names, see world.parse_prompt) that the probes find in its image.
+    prompt names, see world.parse_prompt) that the probes find in its image. `attributes`
+    restricts the attributes scored (the customization protocol scores background, count and
+    style: CONTEXT_ATTRIBUTES).
 
     Returns {"overall": share of all named attributes found, "<attribute>": share for that
     attribute, "n_<attribute>": how many prompts named it, "found": per-image list of dicts}.
@@ -76,7 +81,7 @@ def prompt_fidelity(images, prompts, probes=None) -> dict:
     for i, p in enumerate(prompts):
         named = world.parse_prompt(p)
         row = {}
-        for k in FIDELITY_ATTRIBUTES:
+        for k in attributes:
             if k in named:
                 pred = CLASSES[k][int(probs[k][i].argmax())]
                 row[k] = pred == named[k]
@@ -176,3 +181,79 @@ def fidelity_prompts(n: int, seed: int = 100) -> list[tuple[str, int]]:
         rng = np.random.default_rng([seed, i])
         out.append((world.caption(world.sample_scene(rng)), seed * 1000 + i))
     return out
+
+
+# ---------------------------------------------------------------------------- customization protocol
+@dataclass
+class ConceptSet:
+    """A held-out object's references and held-out prompts (`concept_set`).
+
+    images: 8 PIL renders [32x32] of the object alone (flat style) on the reference backgrounds;
+    masks: 8 float arrays [32, 32] in [0, 1], the object's exact coverage in each;
+    templates: 48 (text with "{}" where the concept goes, count) placing it in new contexts —
+    backgrounds never used by a reference, one or two of it, sizes, every seen style;
+    seeds: one fixed generation seed per prompt.
+    """
+
+    name: str
+    class_word: str
+    images: list
+    masks: list
+    templates: list
+    seeds: list
+    reference_backgrounds: tuple
+
+    def prompts(self, phrase: str) -> list[str]:
+        """The held-out prompts with `phrase` for the concept ("<new1> star", or "star" for the
+        base); a count of two pluralizes the phrase's last word."""
+        out = []
+        for text, count in self.templates:
+            words = phrase.split()
+            if count == 2:
+                words[-1] = world.PLURALS.get(words[-1], words[-1] + "s")
+            out.append(text.format(" ".join(words)))
+        return out
+
+
+REFERENCE_BACKGROUNDS = ("gray", "black", "green", "purple", "pink", "blue", "black to blue gradient",
+                         "green to yellow gradient")
+
+
+def concept_set(obj: str, seed: int = 0) -> ConceptSet:
+    """The customization protocol's data for one held-out object (world.NOVEL_OBJECTS: sparkle,
+    moon, arrow; the base model never saw them): 8 reference renders with exact masks and 48
+    held-out prompts. Deterministic in (obj, seed)."""
+    if obj not in world.NOVEL_OBJECTS:
+        raise ValueError(f"concept_set: {obj!r} is not a held-out object {tuple(world.NOVEL_OBJECTS)}")
+    o = world.NOVEL_OBJECTS[obj]
+    avoid = {o.colour, o.accent}
+    usable = [b for b in world.BACKGROUNDS if not avoid & set(world._bg_colours(b))]
+    ref_bgs = tuple(b for b in REFERENCE_BACKGROUNDS if b in usable)
+    new_bgs = [b for b in usable if b not in ref_bgs]
+    images, masks = [], []
+    for i in range(8):
+        rng = np.random.default_rng([seed, 5000 + world.PROBE_SHAPES.index(obj), i])
+        scene = world.sample_scene(rng, shape=obj, count=1, size=("medium", "large")[i % 2], style="flat",
+                                   background=ref_bgs[i % len(ref_bgs)])
+        image, mask = world.render_with_mask(scene, rng)
+        images.append(Image.fromarray(image))
+        masks.append(mask)
+    rng = np.random.default_rng([seed, 6000 + world.PROBE_SHAPES.index(obj)])
+    combos = [(count, size, bg, style) for count in world.COUNTS
+              for size in (world.SIZE_NAMES if count == 1 else ("small", "medium"))
+              for bg in new_bgs for style in world.STYLES]
+    templates = []
+    for j in rng.permutation(len(combos))[:48]:  # 48 distinct contexts
+        count, size, bg, style = combos[int(j)]
+        head = ("a" if count == 1 else "two") + ("" if size == "medium" else f" {size}")
+        templates.append((f"{head} {{}} on {world._article(bg)} {bg} background, {style}", count))
+    seeds = [seed * 100_000 + 7_000 + i for i in range(48)]
+    return ConceptSet(obj, o.supercategory, images, masks, templates, seeds, ref_bgs)
+
+
+def concept_accuracy(images, obj: str, probes=None) -> float:
+    """Concept fidelity of the protocol: the share of images in which the probes' shape head reads `obj`."""
+    if obj not in CLASSES["shape"]:
+        raise ValueError(f"concept {obj!r} is not a probe shape class {CLASSES['shape']}")
+    probs = _read(images, probes)
+    return float((probs["shape"].argmax(1) == CLASSES["shape"].index(obj)).mean())

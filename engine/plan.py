@@ -55,7 +55,8 @@ class Plan:
     lengths: list = None
 
 
-def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: dict, device, dtype, te_lora=None) -> Plan:
+def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: dict, device, dtype, te_lora=None,
+               grad: bool = False) -> Plan:
     """Encode every distinct branch once and compute each attn2 layer's K/V for it.
 
     Semantics, per unique branch u with adapter uses A_u (in the branch's order):
@@ -66,6 +67,8 @@ def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: di
                      (store.lora_rows), then every family's kv_edit, in registry order
       image[u]     = the family's image_kv for u (encoder: image tokens' K'/V' per attn2 layer)
     `lora`, `te_lora`: the UNet's and the text encoder's LoraRuntime (te_lora None: no text-encoder LoRA).
+    grad: plan with autograd on (training, impasto.train), so gradients reach adapter tensors
+    that require them (token rows, K/V deltas); serving plans under inference_mode.
     """
     unique = list(dict.fromkeys(branches))
     index = [unique.index(b) for b in branches]
@@ -78,7 +81,7 @@ def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: di
     key_texts = [functools.reduce(lambda text, u: u.family.key_text(text, u), row, b.text) for b, row in zip(unique, uses)]
     specs = [(b.chunks, b.clip_skip, b.weighted) for b in unique]
     encode = functools.partial(prompts.encode_prompts, base.tokenizer, base.text_encoder, tokens=tokens,
-                               device=device, te_rows=te_rows, te_lora=te_lora, te_files=te_files)
+                               device=device, te_rows=te_rows, te_lora=te_lora, te_files=te_files, grad=grad)
     embeds, lengths = _stack(encode([(t, *spec) for t, spec in zip(texts, specs)]), dtype)
     key_embeds = embeds
     if key_texts != texts:  # same chunks as the text, so the keys line up with the values
@@ -90,7 +93,7 @@ def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: di
             edits.append(edit)
     lora_rows = [store.lora_rows(b.adapters, files) for b in unique]
     kv = {}
-    with lora.activate(lora_rows, files), torch.inference_mode():
+    with lora.activate(lora_rows, files), torch.inference_mode(not grad):
         for name, attn in attn2.items():
             k, v = attn.to_k(key_embeds), attn.to_v(embeds)
             for edit in edits:
@@ -150,12 +153,14 @@ def tokenize_with_placeholders(tokenizer, text: str, placeholders) -> tuple[list
     return ids, marks
 
 
-def encode_with_tokens(tokenizer, text_encoder, texts: list[str], tokens: list[dict], device) -> torch.Tensor:
+def encode_with_tokens(tokenizer, text_encoder, texts: list[str], tokens: list[dict], device,
+                       grad: bool = False) -> torch.Tensor:
     """Semantics: out[i] = text_encoder(texts[i]) with each placeholder p of tokens[i] encoded as
     one token whose input embedding is tokens[i][p] (textual-inversion style, per row).
 
     texts: B strings; tokens: B dicts placeholder -> embedding, Shape [D_emb].
     Returns Shape [B, L, D]. Other rows and the text encoder's tables are untouched.
+    grad: autograd on, so gradients reach token embeddings that require them (training).
     """
     rows, injections = [], []
     for b, (text, tok) in enumerate(zip(texts, tokens)):
@@ -173,7 +178,7 @@ def encode_with_tokens(tokenizer, text_encoder, texts: list[str], tokens: list[d
 
     handle = emb.register_forward_hook(inject) if injections else None
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(not grad):
             mask = None
             if getattr(text_encoder.config, "use_attention_mask", False):
                 mask = (input_ids != tokenizer.pad_token_id).long()

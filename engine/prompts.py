@@ -218,7 +218,7 @@ def empty_chunk(tokenizer) -> Chunk:
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: list, tokens: list, device, *, te_rows=None,
-                   te_lora=None, te_files=None) -> list:
+                   te_lora=None, te_files=None, grad: bool = False) -> list:
     """Semantics: the A1111 encoding of each prompt, Shape [77 * c_i, D] each.
 
     prompts[i] = (text, chunks c_i, clip_skip, weighted): `text` cut into chunks (chunk_prompt),
@@ -228,6 +228,7 @@ def encode_prompts(tokenizer, text_encoder, prompts: list, tokens: list, device,
     per chunk; the chunks concatenated. tokens[i]: placeholder -> input embedding, Shape [D_emb].
     te_rows / te_lora / te_files: the text-encoder LoRA rows of each prompt (engine/plan.py),
     applied to every chunk of that prompt. All chunks of all prompts run in ONE encoder call.
+    grad: autograd on (training), so gradients reach token embeddings that require them.
     """
     import contextlib
 
@@ -252,7 +253,7 @@ def encode_prompts(tokenizer, text_encoder, prompts: list, tokens: list, device,
     chunk_te_rows = [te_rows[i] for i, *_ in meta] if te_rows is not None else None
     lora = te_lora.activate(chunk_te_rows, te_files) if te_lora is not None else contextlib.nullcontext()
     try:
-        with lora, torch.inference_mode():
+        with lora, torch.inference_mode(not grad):
             mask = None
             if getattr(text_encoder.config, "use_attention_mask", False):
                 mask = (input_ids != tokenizer.pad_token_id).long()

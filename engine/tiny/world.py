@@ -309,12 +309,19 @@ def _fill(style: str, colour: np.ndarray):
 
 def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     """Render `scene` to uint8 [32, 32, 3]. Positions jitter and noise come from `rng`."""
+    return render_with_mask(scene, rng)[0]
+
+
+def render_with_mask(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """`render`, plus the object's exact coverage: float [32, 32] in [0, 1] (anti-aliased; the
+    whole shape, outline or not). Draws from `rng` exactly as `render` does."""
     centres = _centres(scene, rng)
     r = SIZES[scene.size]
     geo = _geometry_shape(scene)
     img = _background(scene.background)
     colour = _rgb(scene.colour)
     mask = _mask(geo, centres, r)
+    coverage = mask[..., 0].copy()
     if scene.style == "outlined":
         inner = _mask(geo, centres, r, scale=max(0.0, (r - 1.6) / r))
         mask = np.clip(mask - inner, 0, 1)
@@ -332,7 +339,7 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
         y = np.arange(SIZE)
         shift = np.round(1.6 * np.sin(2 * np.pi * y / 8.0)).astype(int)
         img = np.stack([np.roll(img[i], shift[i], axis=0) for i in range(SIZE)])
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), coverage
 
 
 def render_pair(scene: Scene, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,131 @@
+"""Customization quality on the miniature world (docs/training.md, "Quality").
+
+For each held-out object (impasto.eval.concept_set: 8 references with exact masks, 48 held-out
+prompts, fixed seeds), train and score, side by side in one run:
+    base  the base model with the class word ("a star ...")
+    ti    textual inversion: only the placeholder's row (custom_diffusion(train_kv=False))
+    ft    full UNet fine-tuning, DreamBooth-style (full_finetune)
+    cd    Custom Diffusion (custom_diffusion)
+Concept fidelity = eval.concept_accuracy over the 48 generations; prompt fidelity =
+eval.prompt_fidelity over background, count and style. 25 DDIM steps, guidance 7.5.
+
+    python benchmarks/bench_training.py --objects sparkle moon arrow --json out.json --sheets docs/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import impasto
+from impasto import eval as ev
+from impasto.train import custom_diffusion, full_finetune
+
+METHODS = ("base", "ti", "ft", "cd")
+
+
+def generate(engine, cs, phrase, adapters, steps):
+    reqs = [impasto.Request(p, adapters=adapters, seed=s, steps=steps, guidance=7.5)
+            for p, s in zip(cs.prompts(phrase), cs.seeds)]
+    outs = engine.generate_batch(reqs)
+    for o in outs:
+        if o.error is not None:
+            raise o.error
+    return [o.images[0] for o in outs], cs.prompts(phrase)
+
+
+def run_one(obj, method, args, work):
+    cs = ev.concept_set(obj, args.seed)
+    engine = impasto.Engine.from_pretrained(args.model, device="cpu")
+    out = os.path.join(work, f"{obj}-{method}")
+    info = {"object": obj, "method": method, "train_seconds": 0.0, "steps": 0, "bytes": 0}
+    masks = cs.masks if args.masks else None
+    common = dict(class_word=cs.class_word, masks=masks, batch_size=args.batch_size, seed=args.seed, output=out,
+                  progress=False, num_prior=args.num_prior)
+    adapters, phrase = [], cs.class_word
+    if method in ("ti", "cd"):
+        r = custom_diffusion(engine, cs.images, steps=args.steps[method], lr=args.lr[method], train_kv=method == "cd",
+                             compress=method == "cd", **common)
+        engine.adapters.register("trained", r.path)
+        adapters, phrase = ["trained"], f"<new1> {cs.class_word}"
+    elif method == "ft":
+        r = full_finetune(engine, cs.images, steps=args.steps[method], lr=args.lr[method], **common)
+        engine.adapters.register("trained", r.path)
+        adapters, phrase = ["trained"], f"<new1> {cs.class_word}"
+    if method != "base":
+        # bytes of what the method's result needs: ft its UNet, cd its weights + token, ti its token
+        need = {"ft": ("unet", "<new1>"), "cd": ("weights", "<new1>"), "ti": ("<new1>",)}[method]
+        info.update(train_seconds=r.seconds, steps=r.steps, bytes=sum(os.path.getsize(r.files[k]) for k in need),
+                    files={k: os.path.getsize(v) for k, v in r.files.items()}, final_loss=float(np.mean(r.losses[-20:])))
+    t0 = time.perf_counter()
+    images, prompts = generate(engine, cs, phrase, adapters, args.sample_steps)
+    info["generate_seconds"] = time.perf_counter() - t0
+    info["concept_accuracy"] = ev.concept_accuracy(images, obj)
+    pf = ev.prompt_fidelity(images, prompts, attributes=ev.CONTEXT_ATTRIBUTES)
+    info["prompt_fidelity"] = pf["overall"]
+    info.update({f"pf_{k}": pf[k] for k in ev.CONTEXT_ATTRIBUTES})
+    engine.close()
+    return info, images, cs
+
+
+def sheet(cs, rows: dict, path: str, n: int = 8) -> None:
+    """References on top, then n generations per method, 2x upscaled."""
+    cell = 64
+    grid = Image.new("RGB", (cell * n, cell * (1 + len(rows))), "white")
+    for j, im in enumerate(cs.images[:n]):
+        grid.paste(im.resize((cell, cell), Image.NEAREST), (j * cell, 0))
+    for i, (name, images) in enumerate(rows.items(), 1):
+        for j, im in enumerate(images[:n]):
+            grid.paste(im.resize((cell, cell), Image.NEAREST), (j * cell, i * cell))
+    grid.save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--objects", nargs="+", default=["sparkle", "moon", "arrow"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--steps", default="ti=250,ft=250,cd=250", help="per method, e.g. cd=250,ft=200")
+    p.add_argument("--lr", default="ti=1e-3,ft=2e-5,cd=1e-4", help="per method (ti, cd: base rate x batch)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--num-prior", type=int, default=0)
+    p.add_argument("--no-masks", dest="masks", action="store_false", help="train without the exact masks")
+    p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared CPU, 2 threads contend badly)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--sheets", default=None, help="folder for <object>_training.png contact sheets")
+    args = p.parse_args(argv)
+    args.steps = {k: int(v) for k, v in (kv.split("=") for kv in args.steps.split(","))}
+    args.lr = {k: float(v) for k, v in (kv.split("=") for kv in args.lr.split(","))}
+    torch.set_num_threads(args.threads)
+    results = []
+    with tempfile.TemporaryDirectory() as work:
+        for obj in args.objects:
+            rows = {}
+            for m in args.methods:
+                info, images, cs = run_one(obj, m, args, work)
+                rows[m] = images
+                results.append(info)
+                print(json.dumps({k: v for k, v in info.items() if k != "files"}), flush=True)
+            if args.sheets:
+                sheet(cs, rows, os.path.join(args.sheets, f"{obj}_training.png"))
+    print(f"{'object':8} {'method':6} {'concept':>8} {'prompt':>7} {'train s':>8} {'s/step':>7} {'bytes':>11}")
+    for r in results:
+        sps = r["train_seconds"] / r["steps"] if r["steps"] else 0.0
+        print(f"{r['object']:8} {r['method']:6} {r['concept_accuracy']:8.3f} {r['prompt_fidelity']:7.3f} "
+              f"{r['train_seconds']:8.1f} {sps:7.2f} {r['bytes']:11,}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items()}, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
