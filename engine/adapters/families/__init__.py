@@ -51,6 +51,7 @@ class Family:
 
     name: str = ""
     lora_like: bool = False  # its UNet weights go through the per-row LoRA slot pools
+    implicit: bool = False  # used by every request whose text `mentioned` it, named or not (embedding)
 
     # ------------------------------------------------------------------ files
     def detect(self, path: str, metadata: dict) -> bool:
@@ -82,9 +83,13 @@ class Family:
         """This adapter's entries in the per-row UNet LoRA tables: [(name, scale)] or []."""
         return []
 
+    def mentioned(self, info: AdapterInfo, texts) -> bool:
+        """For an `implicit` family: whether a request with these prompt texts uses the adapter."""
+        return False
+
     # ------------------------------------------------------------------ plan
     def tokens(self, info: AdapterInfo, file) -> dict:
-        """Learned tokens: {placeholder as prompts write it: input embedding, Shape [D_emb]}."""
+        """Learned tokens: {placeholder as prompts write it: input embedding, Shape [D_emb] or [n, D_emb]}."""
         return {}
 
     def key_text(self, text: str, use: Use) -> str:
@@ -154,6 +159,7 @@ from .lora import LoraFamily  # noqa: E402  (the built-ins need Family, defined 
 from .style import StyleFamily  # noqa: E402
 from .kv import KvFamily  # noqa: E402
 from .rank1 import Rank1Family  # noqa: E402
+from .embedding import EmbeddingFamily  # noqa: E402
 
-for _builtin in (LoraFamily(), StyleFamily(), KvFamily(), Rank1Family()):
+for _builtin in (LoraFamily(), StyleFamily(), KvFamily(), Rank1Family(), EmbeddingFamily()):
     register_family(_builtin)
