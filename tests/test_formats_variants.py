@@ -146,7 +146,6 @@ def _lycoris(algo, seed, **kw):
 
 LYCORIS_CASES = {
     "locon": ("locon", {}),
-    "loha": ("loha", {}),
     "loha-tucker": ("loha", {"use_tucker": True}),
     "lokr": ("lokr", {"factor": 4}),
     "lokr-decomposed": ("lokr", {"factor": 8, "decompose_both": True, "use_tucker": True}),

@@ -54,9 +54,10 @@ Scale, per layout (verified against diffusers 0.42.1 + peft 0.21.2 in tests/test
 
 Refusals, each naming the file and the key: text-encoder keys (``lora_te_``, ``lora_te1_``,
 ``lora_te2_``, ``text_encoder.``, ``text_encoder_2.``, ``te_``...) are not refused here: they come
-back untouched in ``text_encoder_layers`` for the engine to decide. DoRA, LoHa, LoKr, LoCon
-Tucker, 3x3-conv LoRA, LoRA with bias and other PEFT variants raise AdapterUnsupportedError naming
-the kind; unknown keys, truncated or corrupt files, missing files and PEFT files without their
+back untouched in ``text_encoder_layers`` for the engine to decide. LoCon (kxk conv LoRA), LoHa,
+LoKr and DoRA layers come back in ``variants`` (lora_variants.py: their keys, math and per-row
+path); LyCORIS DoRA (``dora_scale``), LoCon Tucker, LoRA with bias and other PEFT variants raise
+AdapterUnsupportedError naming the kind; unknown keys, truncated or corrupt files, missing files and PEFT files without their
 config raise AdapterFormatError; a module the base UNet does not have raises AdapterShapeError;
 a down/up rank mismatch raises AdapterShapeError; NaN/Inf or non-float weights raise
 AdapterValueError (checked by ``read_lora``, not by ``read_lora_header``). Files are opened
