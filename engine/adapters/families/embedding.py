@@ -31,8 +31,11 @@ _SAFETENSORS_LAYOUT = "emb_params"
 
 
 def _word(token: str) -> re.Pattern:
-    """`token` as a whole word: not preceded or followed by a letter, digit or underscore."""
-    return re.compile(rf"(?<![\w]){re.escape(token)}(?![\w])")
+    """`token` as a whole word: where it starts (ends) with a letter, digit or underscore, none may
+    precede (follow) it; the rule the plan's tokenizer splits by (plan._as_word)."""
+    before = r"(?<!\w)" if re.match(r"\w", token) else ""
+    after = r"(?!\w)" if re.search(r"\w$", token) else ""
+    return re.compile(before + re.escape(token) + after)
 
 
 def _layout(keys: list[str], shapes: dict) -> str | None:
