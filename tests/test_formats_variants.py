@@ -246,3 +246,27 @@ def test_shapes_are_checked_against_the_base(tmp_path, names):
     save_file(state, path)
     with pytest.raises(AdapterFormatError, match="LoHa module"):
         read_lora_header(path, names)
+
+
+KQ = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+def test_hostile_values_are_refused_naming_the_key(tmp_path, names):
+    good = {f"{KQ}.hada_w1_a": torch.randn(64, 2), f"{KQ}.hada_w1_b": torch.randn(2, 64),
+            f"{KQ}.hada_w2_a": torch.randn(64, 2), f"{KQ}.hada_w2_b": torch.randn(2, 64), f"{KQ}.alpha": torch.tensor(2.0)}
+    path = tmp_path / "h.safetensors"
+    save_file(good, path)
+    layer = read_lora(path, names).variants["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
+    assert layer.kind == "loha" and layer.scale == 1.0 and layer.rank == 2
+    from impasto.errors import AdapterValueError
+
+    save_file(dict(good, **{f"{KQ}.hada_w2_b": torch.full((2, 64), float("nan"))}), path)
+    read_lora_header(path, names)  # the header has no values to judge
+    with pytest.raises(AdapterValueError, match="hada_w2_b"):
+        read_lora(path, names)
+    save_file(dict(good, **{f"{KQ}.alpha": torch.tensor(1e9)}), path)
+    with pytest.raises(AdapterValueError, match="alpha"):
+        read_lora_header(path, names)
+    save_file(dict(good, **{f"{KQ}.hada_w1_a": torch.zeros(64, 2, dtype=torch.int32)}), path)
+    with pytest.raises(AdapterValueError, match="floating point"):
+        read_lora_header(path, names)
