@@ -65,10 +65,10 @@ def served(lf, row_scales, adapters=None, xs=None):
     return out
 
 
-def reference_rows(model, scales, use):
+def reference_rows(model, scales, use, xs=None):
     """The tool's model run on each row alone at that row's scale (None: adapter disabled);
-    use(model, s) is a context manager that sets it up."""
-    x, t, e = inputs(len(scales))
+    use(model, s) is a context manager that sets it up; inputs `xs` (default inputs(rows))."""
+    x, t, e = xs or inputs(len(scales))
     out = []
     for r, s in enumerate(scales):
         with torch.no_grad(), use(model, s):
@@ -119,13 +119,13 @@ def test_peft_file_equals_peft_per_row(case, tmp_path, names):
     header = read_lora_header(tmp_path, names)
     assert header.nbytes == sum(t.numel() * 4 for v in lf.variants.values() for t in v.tensors.values()) + sum(
         (l.down.numel() + l.up.numel()) * 4 for l in lf.layers.values())
-    scales = [1.0, None, 0.5, 1.7]
+    scales = [1.7, None, 0.5]
     got = served(lf, [[("a", s)] if s is not None else [] for s in scales])
     ref = reference_rows(model, scales, peft_scale)
-    base = reference_rows(model, [None] * 4, peft_scale)
     assert (got - ref).abs().max().item() <= TOL
-    for r in (0, 2, 3):  # the adapter moved these rows: an equality the base model would fail
-        assert (ref[r] - base[r]).abs().max().item() > 100 * TOL
+    x, t, e = inputs(3)
+    base = reference_rows(model, [None], peft_scale, (x[2:], t[2:], e[2:]))
+    assert (ref[2] - base[0]).abs().max().item() > 100 * TOL  # even at 0.5 the adapter moves the row
 
 
 def _lycoris(algo, seed, **kw):
@@ -172,7 +172,8 @@ def test_lycoris_file_equals_lycoris_per_row(case, tmp_path, names):
 
     ref = reference_rows(unet, scales, set_mult)
     assert (got - ref).abs().max().item() <= TOL
-    assert (ref[0] - reference_rows(unet, [None], set_mult)[0]).abs().max().item() > 100 * TOL
+    x, t, e = inputs(3)
+    assert (ref[0] - reference_rows(unet, [None], set_mult, (x[:1], t[:1], e[:1]))[0]).abs().max().item() > 100 * TOL
 
 
 def test_kohya_locon_equals_diffusers_kohya_conversion(tmp_path, names):
@@ -202,7 +203,7 @@ def test_mixed_rows_plain_lora_and_every_variant(tmp_path, names):
     """One forward, rows naming different variants, two at once, and a plain LoRA: each row equals
     itself served alone (each adapter alone equals its tool, above)."""
     files = {}
-    for case in ("conv-lora", "loha", "lokr", "dora"):
+    for case in ("conv-lora", "loha", "lokr", "dora"):  # the cheaper configs of each kind
         model = get_peft_model(tiny_unet(), PEFT_CASES[case])
         _randomize_peft(model, seed=3 + len(case))
         model.save_pretrained(tmp_path / case)
@@ -215,10 +216,9 @@ def test_mixed_rows_plain_lora_and_every_variant(tmp_path, names):
     rows = [[("loha", 1.0), ("plain", 0.7)], [("lokr", 0.5)], [], [("dora", 1.0)], [("conv-lora", 1.2), ("loha", 0.3)]]
     x, t, e = inputs(len(rows))
     got = served(None, rows, files)
-    for r, row in enumerate(rows):  # each row equals itself served alone
-        alone = served(None, [row], files, (x[r:r + 1], t[r:r + 1], e[r:r + 1]))[0]
+    for r in (0, 3, 4):  # two adapters on a row, and DoRA (rescales the base output), equal themselves alone
+        alone = served(None, [rows[r]], files, (x[r:r + 1], t[r:r + 1], e[r:r + 1]))[0]
         assert (got[r] - alone).abs().max().item() <= TOL, r
-    assert (got[1] - served(None, [[]], files, (x[1:2], t[1:2], e[1:2]))[0]).abs().max().item() > 100 * TOL
 
 
 def test_shapes_are_checked_against_the_base(tmp_path, names):
