@@ -60,6 +60,7 @@ class Request:
     num_images: int = 1
     output_type: str = "pil"
     timeout: float | None = None  # seconds from submit; past it the request ends with RequestTimeoutError
+    ip_adapter_image: Any = None  # reference image(s) for an encoder adapter: PIL, encoded bytes, or a list of them
 
 
 @dataclass
@@ -97,6 +98,8 @@ class AdapterInfo:
     suffix: str | None = None
     fingerprint: str | None = None
     token_map: tuple = ()  # ((placeholder in prompts, placeholder in the file), ...)
+    image_tokens: int = 0  # encoder adapters: tokens per reference image
+    image_encoder: str | None = None  # encoder adapters: the image-encoder folder
 
 
 def _is_number(x) -> bool:
@@ -183,3 +186,71 @@ def validate_request(req: Request) -> None:
             raise RequestError(f"{name}: expected a positive integer or None, got {v!r}")
     if req.timeout is not None and not (_finite(req.timeout) and req.timeout > 0):
         raise RequestError(f"timeout: expected a positive number of seconds or None, got {req.timeout!r}")
+
+
+MAX_REFERENCE_IMAGES = 8  # images in one request's ip_adapter_image
+
+
+class ReferenceImages:
+    """A request's `ip_adapter_image`, decoded: RGB PIL images, equal and hashed by content, so
+    requests with the same reference share its planning."""
+
+    def __init__(self, images):
+        import hashlib
+
+        self.images = tuple(images)
+        h = hashlib.sha256()
+        for im in self.images:
+            h.update(repr(im.size).encode())
+            h.update(im.tobytes())
+        self.digest = h.hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ReferenceImages) and other.digest == self.digest
+
+    def __repr__(self) -> str:
+        return f"ReferenceImages({len(self.images)} images, {self.digest[:12]})"
+
+
+def normalize_images(value, *, max_pixels: int) -> ReferenceImages | None:
+    """`ip_adapter_image` as ReferenceImages (None when absent): a PIL image or encoded image
+    bytes (PNG, JPEG, ...), or a non-empty list of them; RequestError naming the bad entry."""
+    if value is None:
+        return None
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise RequestError("ip_adapter_image: an empty list; give an image or leave it None")
+    if len(items) > MAX_REFERENCE_IMAGES:
+        raise RequestError(f"ip_adapter_image: {len(items)} images, at most {MAX_REFERENCE_IMAGES}")
+    return ReferenceImages(_decode_image(x, i if len(items) > 1 else None, max_pixels) for i, x in enumerate(items))
+
+
+def _decode_image(x, index, max_pixels: int):
+    import io
+    import warnings
+
+    from PIL import Image
+
+    where = "ip_adapter_image" + (f"[{index}]" if index is not None else "")
+    if isinstance(x, (bytes, bytearray, memoryview)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                x = Image.open(io.BytesIO(bytes(x)))
+        except Exception as e:  # noqa: BLE001 - whatever PIL says about the bytes
+            raise RequestError(f"{where}: not a readable image ({type(e).__name__}: {e})") from None
+    if not isinstance(x, Image.Image):
+        raise RequestError(f"{where}: expected a PIL image or encoded image bytes, got {type(x).__name__}")
+    w, h = x.size
+    if not (w > 0 and h > 0 and w * h <= max_pixels):
+        raise RequestError(f"{where}: {w}x{h} pixels, max_pixels is {max_pixels}")
+    try:
+        return x.convert("RGB")  # decodes now: corrupt data fails here, on the caller's thread
+    except Exception as e:  # noqa: BLE001
+        raise RequestError(f"{where}: the image cannot be decoded ({type(e).__name__}: {e})") from None

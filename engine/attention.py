@@ -5,7 +5,8 @@ request's K/V-affecting adapters folded in — are computed once per (request, b
 and reused by every step; diffusers recomputes `to_k`/`to_v` every step. The K/V come from the
 engine's one BatchState (engine/batch.py); rows padded to the longest row are masked. When no
 step is running the processor defers to diffusers' own (SDPA) processor, so the base model
-behaves as before.
+behaves as before. Where the batch state holds image tokens (encoder adapters), the same query
+also attends to their planned K'/V', scaled per row (IP-Adapter's decoupled cross-attention).
 """
 
 from __future__ import annotations
@@ -61,12 +62,28 @@ class PlannedCrossAttnProcessor:
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
         )
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        image = self.state.planned_image(self.name)
+        if image is not None:  # decoupled cross-attention: the same Q on the image tokens' K'/V'
+            hidden_states = hidden_states + image_attention(query, *image, attn.heads)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+def image_attention(query, key, value, key_mask, scale, heads: int) -> torch.Tensor:
+    """Semantics: λ_r · softmax(Q_r K'_rᵀ/√d) V'_r per row r (IP-Adapter's image branch, before to_out).
+
+    query: Shape [B, heads, N, d]; key, value: Shape [B, L_img, heads·d]; key_mask: bool
+    [B, 1, 1, L_img] or None; scale: Shape [B, 1, 1]. Returns Shape [B, N, heads·d].
+    """
+    batch, _, _, head_dim = query.shape
+    key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+    value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask, dropout_p=0.0, is_causal=False)
+    return scale * out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
 
 
 def cross_attention_layers(unet) -> dict[str, torch.nn.Module]:

@@ -9,13 +9,21 @@ buffers made in `__init__`, filled by `write_layout`, read by the layers):
     lengths [max_rows]                  keys per row; rows shorter than the longest are masked
     lora    runtime key -> (tables, rows): what the LoRA hooks of that runtime apply now
 
-L_max = 77 * max_prompt_chunks (+ image tokens, later). Rows are laid out per request as
-[uncond x N, cond x N, style_1 x N, ...] (the guidance blend's layout).
+    image   attn2 layer -> (K', V'), each [max_rows, L_img, inner]: image tokens' K/V (decoupled
+            cross-attention, encoder family), with image_scale [max_rows] and per-row lengths
+
+L_max = 77 * max_prompt_chunks. Image tokens have their own sequence axis and lengths (a row
+without an image has length 0 and scale 0); its buffers are allocated on the first layout with
+an image, for `L_img` = the next power of two holding it, at least 16 (grown, never per step). Rows are laid
+out per request as [uncond x N, cond x N, style_1 x N, ...] (the guidance blend's layout).
 """
 
 from __future__ import annotations
 
 import torch
+
+
+MIN_IMAGE_KEYS = 16  # image-key capacity: one IP-Adapter Plus image (16 tokens) or four base ones
 
 
 class BatchState:
@@ -33,6 +41,9 @@ class BatchState:
         self.planned = False  # True while a step forward runs: attn2 reads `kv`
         self.lora: dict[str, tuple[dict, int] | None] = {}
         self.owner = None  # identity of the layout written (engine-defined), to skip rewrites
+        self._image = None  # (capacity L_img, {layer: (K', V')}, scale [max_rows]) once an image is laid out
+        self.image_len = 0  # image keys of the current layout (0: no row has an image)
+        self.image_mask: torch.Tensor | None = None  # bool [rows, 1, 1, image_len] while image_len > 0
 
     def _alloc(self):
         if self._buffers is None:
@@ -48,7 +59,8 @@ class BatchState:
         if self._buffers is None:
             return 0
         embeds, kv = self._buffers
-        return embeds.nbytes + sum(k.nbytes + v.nbytes for k, v in kv.values())
+        image = 0 if self._image is None else sum(k.nbytes + v.nbytes for k, v in self._image[1].values())
+        return embeds.nbytes + sum(k.nbytes + v.nbytes for k, v in kv.values()) + image
 
     def write_layout(self, parts: list) -> None:
         """Copy each part's rows into the buffers, one after another.
@@ -74,12 +86,65 @@ class BatchState:
                 V[r:r + n, :n_keys].copy_(v)
             r += n
         self.rows, self.seq_len = rows, max(lengths)
+        self.image_len, self.image_mask = 0, None  # until write_images says otherwise
         if min(lengths) == self.seq_len:
             self.key_mask = None
         else:
             per_row = torch.tensor([n for (e, _), n in zip(parts, lengths) for _ in range(e.shape[0])],
                                    device=self.device)
             self.key_mask = (torch.arange(self.seq_len, device=self.device)[None, :] < per_row[:, None])[:, None, None, :]
+
+    def write_images(self, rows: list) -> None:
+        """Copy each row's image tokens' K'/V' into the image buffers (after `write_layout`).
+
+        Semantics: rows[r] = None (no image: length 0, scale 0) or an ImageKV (scale, {layer:
+        (K' [L_r, h], V')}), for the rows of the layout in order. After this, image_len =
+        the buffer's capacity (>= max L_r; a fixed shape for compiled steps), row r holds its K'/V'
+        in [0, L_r) and zeros after, image_scale[r] its scale, and image_mask [rows, 1, 1,
+        image_len] marks each row's real keys.
+        """
+        if len(rows) != self.rows:
+            raise ValueError(f"{len(rows)} image rows for a layout of {self.rows} rows")
+        lengths = [0 if x is None else next(iter(x.kv.values()))[0].shape[0] for x in rows]
+        n = len(rows)
+        longest = max(lengths, default=0)
+        self.image_len = 0
+        if longest == 0:
+            self.image_mask = None
+            return
+        if self._image is None or self._image[0] < longest:
+            cap = max(MIN_IMAGE_KEYS, 1 << (longest - 1).bit_length())
+            new = lambda h: torch.zeros(self.max_rows, cap, h, device=self.device, dtype=self.dtype)  # noqa: E731
+            self._image = (cap, {name: (new(a.to_k.out_features), new(a.to_v.out_features))
+                                 for name, a in self.attn2.items()},
+                           torch.zeros(self.max_rows, device=self.device, dtype=self.dtype))
+        cap, kv, scale = self._image
+        # the step reads all `cap` keys, masked: a compiled UNet sees one shape for every layout
+        self.image_len = cap
+        for name, (K, V) in kv.items():
+            K[:n, : self.image_len].zero_()
+            V[:n, : self.image_len].zero_()
+            for r, x in enumerate(rows):
+                if x is not None:
+                    k, v = x.kv[name]
+                    K[r, : k.shape[0]].copy_(k)
+                    V[r, : v.shape[0]].copy_(v)
+        scale[:n].copy_(torch.tensor([0.0 if x is None else float(x.scale) for x in rows]))
+        # always a mask (one graph for a compiled step); a row without an image attends to one
+        # zero key (output 0, times scale 0): never a softmax over no key, never a NaN
+        per_row = torch.tensor([max(n_, 1) for n_ in lengths], device=self.device)
+        self.image_mask = (torch.arange(self.image_len, device=self.device)[None, :] < per_row[:, None])[:, None, None, :]
+
+    def planned_image(self, layer: str):
+        """(K', V') each Shape [rows, image_len, inner], the key mask and the per-row scale
+        Shape [rows, 1, 1], for one attn2 layer while a step runs and some row has an image;
+        None otherwise (the layer then has no image branch)."""
+        if not self.planned or self.image_len == 0:
+            return None
+        _, kv, scale = self._image
+        K, V = kv[layer]
+        n, L = self.rows, self.image_len
+        return K[:n, :L], V[:n, :L], self.image_mask, scale[:n, None, None]
 
     @property
     def embeds(self) -> torch.Tensor:

@@ -25,9 +25,14 @@ def _generate(args) -> int:
     for w in caught:
         if str(w.message) == tiny.RANDOM_WARNING:
             print(tiny.RANDOM_WARNING, file=sys.stderr)
+    from impasto.adapters.families import FAMILIES, detect_family
+
     for spec in args.register or ():
         name, _, path = spec.partition("=")
-        engine.adapters.register(name, path)
+        reads_images = args.image_encoder and FAMILIES[detect_family(path)].image_input
+        engine.adapters.register(name, path, **({"image_encoder": args.image_encoder} if reads_images else {}))
+    # reference images for an encoder adapter, as encoded bytes: the engine decodes and checks them
+    ip_images = [_read_bytes(p) for p in args.ip_adapter_image or ()] or None
     parsed = parse_prompt(args.prompt)  # <lora:NAME:W> in the prompt, as A1111 and `impasto serve` read it
     adapters = [_parse_adapter(a) for a in args.adapter or ()] + list(parsed.adapters)
     out = engine.generate(
@@ -40,6 +45,7 @@ def _generate(args) -> int:
         height=args.height,
         width=args.width,
         num_images=args.grid or args.num_images,
+        ip_adapter_image=ip_images,
     )
     images = out.images
     if args.grid:
@@ -63,6 +69,16 @@ def _generate(args) -> int:
     return 0
 
 
+def _read_bytes(path: str) -> bytes:
+    import impasto
+
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise impasto.RequestError(f"--ip-adapter-image {path}: {e.strerror or e}") from None
+
+
 def _model_name(model: str) -> str:
     import os
 
@@ -70,7 +86,10 @@ def _model_name(model: str) -> str:
 
 
 def _serve(args) -> int:
-    from impasto.serve.server import run
+    if args.ray:
+        from impasto.serve.ray.server import run
+    else:
+        from impasto.serve.server import run
 
     return run(args)
 
@@ -127,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid", type=int, default=None, help="make N images and write one contact sheet")
     g.add_argument("--register", action="append", metavar="NAME=PATH", help="register an adapter file")
     g.add_argument("--adapter", action="append", metavar="NAME[=SCALE]", help="apply a registered adapter")
+    g.add_argument("--ip-adapter-image", action="append", metavar="PATH",
+                   help="a reference image for the request's encoder (IP-Adapter) adapter; repeat for several")
+    g.add_argument("--image-encoder", default=None, metavar="FOLDER",
+                   help="CLIPVisionModelWithProjection folder of encoder adapters given to --register "
+                        "(default: the model folder's image_encoder/)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
     s = sub.add_parser("serve", help="serve the OpenAI- and A1111-compatible HTTP API over one engine")
@@ -142,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-upload-bytes", type=int, default=512 * 2**20, help="adapter upload limit (413 above)")
     s.add_argument("--limit", action="append", metavar="NAME=N",
                    help="an engine operator limit, e.g. max_queue=64 (impasto.LIMITS)")
+    s.add_argument("--ray", action="store_true", help="run on Ray Serve (RAY_ADDRESS's cluster, else a local one)")
+    s.add_argument("--replicas", type=int, default=2, help="with --ray: replicas, each with its own engine")
     s.set_defaults(func=_serve)
     c = sub.add_parser("covariance", help="compute a base model's text-encoding C⁻¹ for Perfusion (rank1)")
     c.add_argument("--model", default="tiny", help='"tiny" or a local diffusers SD-layout folder')

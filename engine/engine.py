@@ -27,11 +27,13 @@ from . import tiny
 from .adapters.lora import LoraRuntime, attention_targets, runtime_buckets, slots_for_budget
 from .adapters.store import AdapterStore
 from .api import (
+    Adapter,
     GenerationOutput,
     Guidance,
     Request,
     normalize_adapters,
     normalize_guidance,
+    normalize_images,
     validate_request,
 )
 from .attention import cross_attention_layers, install_planned_attention, uninstall_planned_attention
@@ -68,6 +70,7 @@ class Prepared:
     prompt: str = ""  # the texts actually encoded (cut to the character bound)
     negative_prompt: str = ""
     warnings: list = field(default_factory=list)
+    uncond_key: tuple | None = None  # the uncond branch's adapters where a family's differ there (encoder)
 
     @property
     def has_uncond(self) -> bool:
@@ -90,7 +93,8 @@ class Prepared:
         """(text, adapters) per branch: [uncond], cond, then one per style, whose text gets the
         style's suffix and whose adapters add the style LoRA at scale 1."""
         base = self.adapter_key()
-        out = ([(self.negative_prompt, base)] if self.has_uncond else []) + [(self.prompt, base)]
+        uncond = base if self.uncond_key is None else self.uncond_key
+        out = ([(self.negative_prompt, uncond)] if self.has_uncond else []) + [(self.prompt, base)]
         for name, suffix in self.styles:
             text = self.prompt + (" " + suffix if suffix else "")
             out.append((text, base + ((name, 1.0, ()),)))
@@ -230,11 +234,13 @@ class Engine:
         num_images=1,
         output_type="pil",
         timeout=None,
+        ip_adapter_image=None,
     ) -> GenerationOutput:
-        """Generate images for one prompt; raises the request's error instead of returning it."""
+        """Generate images for one prompt; raises the request's error instead of returning it.
+        ip_adapter_image: the reference image(s) of the request's encoder adapter (PIL or bytes)."""
         req = Request(prompt, adapters=adapters, guidance=guidance, negative_prompt=negative_prompt, steps=steps,
                       seed=seed, height=height, width=width, num_images=num_images, output_type=output_type,
-                      timeout=timeout)
+                      timeout=timeout, ip_adapter_image=ip_adapter_image)
         self._not_on_worker("generate")
         return self.submit(req).result()
 
@@ -359,11 +365,13 @@ class Engine:
         # textual-inversion embeddings apply wherever their token is a word of a prompt (A1111)
         adapters = adapters + self.adapters.implicit((req.prompt, req.negative_prompt or ""), {a.name for a in adapters})
         self._check_adapters(adapters, req)
+        adapters, uncond_key = self._attach_images(adapters, req)
         warnings = []
         prompt = self._bound_text("prompt", req.prompt, warnings)
         negative = self._bound_text("negative_prompt", req.negative_prompt or "", warnings)
         seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**63)
-        prep = Prepared(index, req, guidance, adapters, height, width, seed, tuple(styles), prompt, negative, warnings)
+        prep = Prepared(index, req, guidance, adapters, height, width, seed, tuple(styles), prompt, negative, warnings,
+                        uncond_key)
         if prep.rows > lim["max_batch_rows"]:
             raise RequestError(f"num_images x branches: {prep.rows} UNet rows, max_batch_rows is {lim['max_batch_rows']}")
         for bucket, n in self.lora_slot_need([prep]).items():
@@ -371,6 +379,27 @@ class Engine:
                 raise RequestError(f"adapters: {n} LoRAs of rank bucket {bucket} in one request, the engine has "
                                    f"{self.lora.S} slots per bucket (slots_per_bucket / device_pool_bytes)")
         return prep
+
+    def _attach_images(self, adapters, req: Request):
+        """(adapters with the request's decoded ip_adapter_image given to its encoder adapter as
+        the option "image", the uncond branch's adapter key or None); RequestError for an image
+        without an encoder adapter, an encoder adapter without an image, or two encoder adapters."""
+        images = normalize_images(req.ip_adapter_image, max_pixels=self.limits["max_pixels"])
+        readers = [a for a in adapters if self.adapters.family(a.name).image_input]
+        if images is None and readers:
+            raise RequestError(f"ip_adapter_image: adapter {readers[0].name!r} is an encoder adapter and needs a "
+                               f"reference image")
+        if images is None:
+            return adapters, None
+        if not readers:
+            raise RequestError("ip_adapter_image: given, but none of this request's adapters is an encoder adapter")
+        if len(readers) > 1:
+            raise RequestError(f"adapters: {', '.join(repr(a.name) for a in readers)} are all encoder adapters; "
+                               f"a request takes one")
+        adapters = [Adapter(a.name, a.scale, **a.options, image=images) if a in readers else a for a in adapters]
+        uncond = tuple((a.name, float(a.scale), tuple(sorted(self.adapters.family(a.name).uncond_options(a.options).items())))
+                       for a in adapters)
+        return adapters, uncond
 
     def _bound_text(self, field_name: str, text: str, warnings: list) -> str:
         """Cut `text` to the character bound before tokenizing, and report any truncation."""

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .adapters.families import FAMILIES, Use
+from .errors import RequestError
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,15 @@ class Plan:
 
     `index[i]`: the unique branch that branch i of the group maps to;
     `embeds`: Shape [U, L, D], the text encodings of the U unique branches;
-    `kv`: attn2 name -> (K, V), each Shape [U, L, inner].
+    `kv`: attn2 name -> (K, V), each Shape [U, L, inner];
+    `image`: per unique branch, None or its ImageKV (decoupled cross-attention image tokens:
+    scale and attn2 name -> (K', V'), each Shape [L_img, inner]); [] when no branch has one.
     """
 
     index: list[int]
     embeds: torch.Tensor
     kv: dict
+    image: list = field(default_factory=list)
 
 
 def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: dict, device, dtype, te_lora=None) -> Plan:
@@ -55,6 +59,7 @@ def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: di
       key_text[u]  = text_u through every family.key_text of A_u; encoded alike when it differs
       K, V         = attn.to_k(key_embeds), attn.to_v(embeds) with the UNet LoRA rows of A_u
                      (store.lora_rows), then every family's kv_edit, in registry order
+      image[u]     = the family's image_kv for u (encoder: image tokens' K'/V' per attn2 layer)
     `lora`, `te_lora`: the UNet's and the text encoder's LoraRuntime (te_lora None: no text-encoder LoRA).
     """
     unique = list(dict.fromkeys(branches))
@@ -84,7 +89,17 @@ def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: di
             for edit in edits:
                 k, v = edit(name, attn, k, v, key_embeds, embeds)
             kv[name] = (k, v)
-    return Plan(index, embeds, kv)
+    image = [None] * len(unique)
+    with torch.inference_mode():
+        for family in FAMILIES.values():  # image encoder, projection and K'/V': once per plan
+            rows = [[u for u in row if u.family is family] for row in uses]
+            if any(rows) and (planned := family.image_kv(store, rows)) is not None:
+                for u, x in enumerate(planned):
+                    if x is not None:
+                        if image[u] is not None:
+                            raise RequestError("adapters: two families give one branch image tokens")
+                        image[u] = x
+    return Plan(index, embeds, kv, image if any(x is not None for x in image) else [])
 
 
 PLACEHOLDER = r"<[^<>\s]+>"  # how learned-token placeholders look in a prompt: <corgi>, <new1>

@@ -3,7 +3,7 @@
     submit(Request) -> queue -> worker, at every step boundary:
         expire  cancelled and timed-out requests (queued or running)
         admit   queued requests, FIFO, while their rows and LoRA slots fit
-        plan    new requests only: text, learned tokens, every attn2 K/V (engine/plan.py)
+        plan    new requests only: text, learned tokens, every attn2 K/V, image tokens' K'/V' (engine/plan.py)
         step    ONE UNet forward over every row of one latent-size group, per-row timesteps
         blend   every request's branches (one fused op), then each request's own scheduler.step
         retire  finished requests: decode, resolve their Jobs
@@ -304,6 +304,7 @@ class Worker:
             row_branch = torch.tensor([plan.index[b0 + b] for b in range(branches) for _ in range(n)], device=e.device)
             r.embeds = plan.embeds[row_branch]
             r.kv = {name: (k[row_branch], v[row_branch]) for name, (k, v) in plan.kv.items()}
+            r.images = [plan.image[plan.index[b0 + b]] if plan.image else None for b in range(branches) for _ in range(n)]
             r.row_adapters = [row for row in r.branch_rows for _ in range(n)]
             r.rows, r.n, r.branches = len(r.row_adapters), n, branches
             self._setup(r)
@@ -361,6 +362,7 @@ class Worker:
             return
         state.owner = None
         state.write_layout([(r.embeds, r.kv) for r in group])
+        state.write_images([x for r in group for x in r.images])
         files = {n: f for r in group for n, f in r.files.items()}
         rows = [row for r in group for row in r.row_adapters]
         e.lora.set_tables(e.lora.tables(rows, files), len(rows))

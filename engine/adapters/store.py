@@ -88,16 +88,18 @@ class AdapterStore:
         except KeyError:
             raise AdapterNameError(f"unknown adapter {name!r}: not registered") from None
 
-    def register(self, name: str, path, *, family=None, suffix=None, token=None) -> AdapterInfo:
+    def register(self, name: str, path, *, family=None, suffix=None, token=None, image_encoder=None) -> AdapterInfo:
         """Register the adapter file (or tool-written folder) at `path` under `name`.
 
         Reads only the header, detects the format and validates every tensor's shape against the
         base model. Raises an AdapterError subclass naming the file and what is wrong.
+        image_encoder: an encoder adapter's CLIPVisionModelWithProjection folder (default: the
+        base model folder's image_encoder/).
         """
         if not isinstance(name, str) or not ADAPTER_NAME.match(name):
             raise AdapterNameError(f"adapter name {name!r} must match [A-Za-z0-9._-]+")
         path = self._check_path(path)
-        info, stamps = self._read_info(name, path, family, suffix, token)
+        info, stamps = self._read_info(name, path, family, suffix, token, image_encoder)
         with self.boundary, self._lock:
             if name in self._infos:
                 raise AdapterNameError(f"adapter name {name!r} is already registered (to {self._infos[name].path})")
@@ -105,12 +107,19 @@ class AdapterStore:
             self._stamps[name] = (stamps, suffix, token)
         return info
 
-    def _read_info(self, name, path, family, suffix, token):
+    def _read_info(self, name, path, family, suffix, token, image_encoder=None):
         """(AdapterInfo, {file: stamp} of every file read) from the family's header reader,
         every open confined to the root; errors name the adapter."""
         try:
             with files.confined(self.root), files.recording() as stamps:  # every open stays inside the root
-                info = get_family(family or detect_family(path), path).register(self, name, path, suffix=suffix, token=token)
+                fam = get_family(family or detect_family(path), path)
+                extra = {}
+                if image_encoder is not None:  # only families that read images take an encoder
+                    if not fam.image_input:
+                        raise AdapterFormatError(f"{path}: image_encoder= is for encoder adapters, this is a "
+                                                 f"{fam.name} adapter")
+                    extra["image_encoder"] = image_encoder
+                info = fam.register(self, name, path, suffix=suffix, token=token, **extra)
         except AdapterError as e:
             raise _naming(e, name) from e.__cause__
         return info, stamps
@@ -334,7 +343,7 @@ class AdapterStore:
     def _revalidate(self, name, info, path, suffix, token):
         """The AdapterInfo of `name` read again from its changed files (AdapterError naming `path` if they no longer fit)."""
         try:
-            new, stamps = self._read_info(name, info.path, info.family, suffix, token)
+            new, stamps = self._read_info(name, info.path, info.family, suffix, token, info.image_encoder)
         except AdapterError as e:
             raise type(e)(f"{path}: changed since adapter {name!r} was registered and no longer fits: {e}") from None
         if new.token_map != info.token_map:

@@ -37,6 +37,7 @@ class _EngineCollector:
                          ("load_seconds", "seconds spent reading adapter files")):
             if key in cache:
                 yield CounterMetricFamily(f"impasto_adapter_cache_{key}", doc, value=cache[key])
+        yield from s.get("metric_families", ())  # a backend's own (Ray: per replica, routing)
 
 
 class Metrics:

@@ -4,13 +4,13 @@ A family is everything impasto knows about one kind of adapter: which files are 
 (`Family.detect`), how a file is read and checked against the base (`register`, `load`), the
 rules for a request naming it (`check_use`), what it puts in the per-row LoRA tables
 (`lora_rows`), and what it adds to the conditioning plan (`tokens`, `key_text`,
-`text_encoder_lora`, `kv_edit`). The store, the plan and the engine loop over `FAMILIES`;
+`text_encoder_lora`, `kv_edit`, `uncond_options`, `image_kv`). The store, the plan and the engine loop over `FAMILIES`;
 none of them names a family.
 
 Adding a family is one module holding a `Family` subclass and one line,
 `register_family(MyFamily())`.
 
-Order. `FAMILIES` is in registration order: lora, style, kv, rank1, then later ones. The plan
+Order. `FAMILIES` is in registration order: lora, style, kv, rank1, encoder, embedding, then later ones. The plan
 applies the families' K/V edits in that order. `detect_family` asks the newest family first, so
 a family registered later claims its files before the built-ins do, and lora, registered
 first, takes whatever no other family claims.
@@ -45,12 +45,21 @@ class Use(NamedTuple):
 KvEdit = Callable[..., tuple]
 
 
+class ImageKV(NamedTuple):
+    """One branch's image tokens as every attn2 layer reads them (decoupled cross-attention):
+    the image branch's scale and {attn2 layer: (K', V')}, each Shape [L_img, inner]."""
+
+    scale: float
+    kv: dict
+
+
 class Family:
     """One adapter family. Subclasses set `name` and override what their family does; the
     defaults are "contributes nothing", so a family only writes the parts it has."""
 
     name: str = ""
     lora_like: bool = False  # its UNet weights go through the per-row LoRA slot pools
+    image_input: bool = False  # its adapters read the request's ip_adapter_image (encoder)
     implicit: bool = False  # used by every request whose text `mentioned` it, named or not (embedding)
 
     # ------------------------------------------------------------------ files
@@ -111,6 +120,17 @@ class Family:
         """
         return None
 
+    def uncond_options(self, options: dict) -> dict:
+        """This adapter's options in the request's unconditional (negative-prompt) branch, where
+        a family's conditioning differs there (encoder: the variant's unconditional image
+        tokens); unchanged by default."""
+        return options
+
+    def image_kv(self, store, rows: list[list[Use]]) -> list | None:
+        """This family's image tokens for decoupled cross-attention: per unique branch of the
+        plan, None or an ImageKV. rows as for `kv_edit`; None: the family adds no image tokens."""
+        return None
+
 
 FAMILIES: dict[str, Family] = {}
 
@@ -159,7 +179,8 @@ from .lora import LoraFamily  # noqa: E402  (the built-ins need Family, defined 
 from .style import StyleFamily  # noqa: E402
 from .kv import KvFamily  # noqa: E402
 from .rank1 import Rank1Family  # noqa: E402
+from .encoder import EncoderFamily  # noqa: E402
 from .embedding import EmbeddingFamily  # noqa: E402
 
-for _builtin in (LoraFamily(), StyleFamily(), KvFamily(), Rank1Family(), EmbeddingFamily()):
+for _builtin in (LoraFamily(), StyleFamily(), KvFamily(), Rank1Family(), EncoderFamily(), EmbeddingFamily()):
     register_family(_builtin)

@@ -1,0 +1,263 @@
+"""The ingress side: `RayBackend`, the `serve.Backend` that create_app serves, over a handle
+to the replica deployment; and `Ingress`, the deployment that builds that app in its replica.
+
+create_app calls backend methods synchronously from its event loop; Ray forbids blocking
+handle calls there, so every handle call runs on this backend's own loop (one thread) and the
+caller waits for it with a bound. Jobs follow their replica's stream on that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from ray import serve
+
+from ...api import GenerationOutput
+from ...errors import AdapterError, EngineClosedError, RequestCancelledError
+from .directory import STALE_SECONDS, connect
+from .routing import Spreader
+
+SUBMIT_SECONDS = 60.0  # the longest a submit waits for a replica to accept (one is starting)
+CALL_SECONDS = 30.0  # adapters(), stats(), and each replica's share of a registration
+
+
+class RemoteJob:
+    """A request running on a replica, as create_app sees a Job (worker.Job's semantics):
+    progress, done(), cancel(), output(timeout), result(timeout), add_done_callback(fn)."""
+
+    def __init__(self, request, backend):
+        self.request, self._backend = request, backend
+        self._future: Future = Future()
+        self._steps = 0
+        self._stream = None
+        self._cancelled = False
+        self.replica = None
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        return self._steps, getattr(self.request, "steps", 0)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def cancel(self) -> bool:
+        if self.done():
+            return False
+        self._cancelled = True
+        stream = self._stream
+        if stream is not None:
+            self._backend._loop.call_soon_threadsafe(stream.cancel)
+        return True
+
+    def output(self, timeout=None) -> GenerationOutput:
+        try:
+            return self._future.result(timeout)
+        except FutureTimeout:
+            raise TimeoutError(f"request is not done after {timeout} s") from None
+
+    def result(self, timeout=None) -> GenerationOutput:
+        out = self.output(timeout)
+        if out.error is not None:
+            raise out.error
+        return out
+
+    def add_done_callback(self, fn) -> None:
+        self._future.add_done_callback(lambda _: fn(self))
+
+    def _resolve(self, out: GenerationOutput) -> None:
+        if not self._future.done():
+            self._future.set_result(out)
+
+
+class RayBackend:
+    """A `serve.Backend` over Ray Serve replicas (see serve.backend.Backend for the semantics).
+
+    submit routes by adapter affinity (routing.Spreader's key as the multiplexed model id) or,
+    with affinity=False, by Ray's default routing; register/unregister go to every replica
+    through the directory; stats() sums the replicas' stats and adds per-replica and routing
+    metric families for /metrics."""
+
+    def __init__(self, handle, directory, describe: dict, *, replicas: int, spread_above: int, affinity: bool = True):
+        self.handle, self.directory, self.affinity = handle, directory, affinity
+        self.model_name, self.sampler = describe["model_name"], describe["sampler"]
+        self.limits, self.default_size = describe["limits"], tuple(describe["default_size"])
+        self.spreader = Spreader(replicas, spread_above)
+        self.routing = collections.Counter()  # hit / miss / none (no adapter) / default (affinity off)
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="impasto-ray-backend", daemon=True)
+        self._thread.start()
+
+    def _call(self, coro, timeout: float):
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result(timeout)
+        except FutureTimeout:
+            fut.cancel()
+            raise EngineClosedError(f"no replica answered within {timeout:g} s") from None
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, request) -> RemoteJob:
+        key = self.spreader.key(request) if self.affinity else None
+        job = RemoteJob(request, self)
+        try:
+            self._call(self._start(job, key), SUBMIT_SECONDS)
+        except BaseException:
+            self.spreader.done(key)
+            raise
+        return job
+
+    async def _start(self, job: RemoteJob, key: str | None) -> None:
+        handle = self.handle.options(stream=True, multiplexed_model_id=key) if key else self.handle.options(stream=True)
+        stream = handle.run.remote(job.request)
+        try:
+            kind, value = await stream.__anext__()
+        except Exception as e:  # noqa: BLE001 - the replica died before answering
+            raise EngineClosedError(f"the replica stopped before accepting the request ({type(e).__name__}); "
+                                    f"retry") from None
+        if kind == "refused":
+            raise value
+        job.replica = value["replica"]
+        with self._lock:
+            self.routing["default" if not self.affinity else "none" if key is None
+                         else "hit" if value["hit"] else "miss"] += 1
+        job._stream = stream
+        self._loop.create_task(self._follow(job, stream, key))
+
+    async def _follow(self, job: RemoteJob, stream, key: str | None) -> None:
+        try:
+            async for kind, value in stream:
+                if kind == "progress":
+                    job._steps = value
+                elif kind == "done":
+                    if value.error is None:
+                        job._steps = job.request.steps  # the last step can end the job before its poll
+                    job._resolve(value)
+            if not job.done():
+                raise EngineClosedError("the replica's stream ended without a result")
+        except Exception as e:  # noqa: BLE001 - becomes this request's error, as in the engine
+            if job._cancelled:
+                err = RequestCancelledError("the request was cancelled")
+            elif isinstance(e, EngineClosedError):
+                err = e
+            else:
+                err = EngineClosedError(f"replica {job.replica} stopped before the request finished "
+                                        f"({type(e).__name__}); retry")
+            job._resolve(GenerationOutput(error=err, seed=job.request.seed))
+        finally:
+            self.spreader.done(key)
+
+    # ------------------------------------------------------------------ adapters
+    def adapters(self) -> list:
+        return self._call(self._remote(self.handle.adapters), CALL_SECONDS)
+
+    async def _remote(self, method, *args):
+        return await method.remote(*args)
+
+    def register(self, name, path, *, family=None, suffix=None, token=None):
+        args = {"name": name, "path": str(path), "family": family, "suffix": suffix, "token": token}
+        ok = self._broadcast("register", args)
+        errors = [v for status, v in ok if status == "error"]
+        if errors:
+            self._broadcast("unregister", {"name": name})  # on the replicas that took it
+            raise errors[0]
+        return ok[0][1]
+
+    def unregister(self, name) -> None:
+        before = next((a for a in self.adapters() if a.name == name), None)
+        ok = self._broadcast("unregister", {"name": name})
+        errors = [v for status, v in ok if status == "error"]
+        if errors:
+            if before is not None:  # in use on one replica: put it back everywhere
+                self._broadcast("register", {"name": name, "path": before.path, "family": before.family,
+                                             "suffix": before.suffix, "token": before.token})
+            raise errors[0]
+
+    def _broadcast(self, op: str, args: dict) -> list:
+        """Append one directory entry; wait until every live replica applied it; their results."""
+        seq = self._call(self._remote(self.directory.append, op, args), CALL_SECONDS)
+        deadline = time.monotonic() + CALL_SECONDS
+        while True:
+            state = self._call(self._remote(self.directory.state), CALL_SECONDS)
+            if state and all(seq in r["results"] or r["applied"] >= seq for r in state.values()):
+                results = [r["results"][seq] for r in state.values() if seq in r["results"]]
+                if results:
+                    return results
+            if time.monotonic() > deadline:
+                raise AdapterError(f"adapter {args['name']!r}: not every replica applied the {op} within "
+                                   f"{CALL_SECONDS:g} s")
+            time.sleep(0.05)
+
+    # ------------------------------------------------------------------ operations
+    def replica_stats(self) -> dict:
+        """{replica id: its stats} of the replicas heard within the last few seconds."""
+        state = self._call(self._remote(self.directory.state), CALL_SECONDS)
+        return {rid: r["stats"] for rid, r in state.items() if r["age"] < STALE_SECONDS}
+
+    def stats(self) -> dict:
+        per = self.replica_stats()
+        total = {"queued": 0, "running": 0, "forwards": 0, "rows_last_forward": 0, "adapter_cache": {}}
+        for s in per.values():
+            for k in ("queued", "running", "forwards", "rows_last_forward"):
+                total[k] += s[k]
+            for k, v in s["adapter_cache"].items():
+                total["adapter_cache"][k] = total["adapter_cache"].get(k, 0) + v
+        total["alive"] = any(s["alive"] for s in per.values())
+        total["replicas"] = per
+        with self._lock:
+            total["routing"] = dict(self.routing, spread=self.spreader.spread)
+        total["metric_families"] = _families(per, total["routing"])
+        return total
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+def _families(per: dict, routing: dict) -> list:
+    """Per-replica gauges and counters and the ingress's routing decisions, for /metrics."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    queued = GaugeMetricFamily("impasto_replica_queue_depth", "requests waiting, per replica", labels=["replica"])
+    running = GaugeMetricFamily("impasto_replica_running_requests", "requests denoising, per replica",
+                                labels=["replica"])
+    models = GaugeMetricFamily("impasto_replica_multiplexed_models", "multiplexed ids loaded, per replica",
+                               labels=["replica"])
+    loads = CounterMetricFamily("impasto_replica_adapter_loads", "adapter files read, per replica", labels=["replica"])
+    hits = CounterMetricFamily("impasto_replica_affinity", "requests whose multiplexed id was (hit) or was not (miss) "
+                               "loaded on the replica they reached", labels=["replica", "result"])
+    for rid, s in per.items():
+        queued.add_metric([rid], s["queued"])
+        running.add_metric([rid], s["running"])
+        models.add_metric([rid], len(s["multiplexed"]))
+        loads.add_metric([rid], s["adapter_cache"].get("loads", 0))
+        hits.add_metric([rid, "hit"], s["affinity_hits"])
+        hits.add_metric([rid, "miss"], s["affinity_misses"])
+    routed = CounterMetricFamily("impasto_routing", "the ingress's routing decisions: affinity hit or miss, no "
+                                 "adapter, Ray's default routing, spread (a hot id sent under a suffix)",
+                                 labels=["decision"])
+    for decision in ("hit", "miss", "none", "default", "spread"):
+        routed.add_metric([decision], routing.get(decision, 0))
+    return [queued, running, models, loads, hits, routed]
+
+
+@serve.ingress()
+class Ingress:
+    """The HTTP ingress: create_app (impasto serve's own endpoints) over a RayBackend."""
+
+    async def __init__(self, replica, directory: str, settings: dict, replicas: int, spread_above: int,
+                       affinity: bool = True):
+        describe = await replica.describe.remote()
+        self.backend = RayBackend(replica, connect(directory), describe, replicas=replicas,
+                                  spread_above=spread_above, affinity=affinity)
+        self.settings = settings
+
+    def __serve_build_asgi_app__(self):
+        from ..app import Settings, create_app
+
+        return create_app(self.backend, Settings(**self.settings))
