@@ -1,7 +1,8 @@
 """impasto: one batched engine for personalized text-to-image diffusion.
 
-`pip install .` on a CPU machine installs pure Python. The optional native extension
-(csrc/ + bindings/) is built only when IMPASTO_BUILD_NATIVE=1 and torch has CUDA.
+`pip install .` installs pure Python and needs no compiler. The optional native extension
+(csrc/ + bindings/) is built only when IMPASTO_BUILD_NATIVE=1: its CPU part with the C++
+compiler, its CUDA part too where torch has CUDA and a CUDA toolkit is found.
 """
 
 import os
@@ -21,17 +22,38 @@ def _packages(root, prefix):
     return names
 
 
+# The native extension's flags, as kernels/native.py's JIT build uses them: -ffp-contract=off
+# keeps the guidance blend's rounding PyTorch's (no implied FMA); -fmad=false likewise on CUDA.
+NATIVE_CXX_FLAGS = ["-O3", "-ffp-contract=off", "-march=native", "-fopenmp-simd"]
+NATIVE_NVCC_FLAGS = ["-O3", "-std=c++17", "-fmad=false", "-gencode", "arch=compute_80,code=sm_80",
+                     "-gencode", "arch=compute_90,code=sm_90"]
+
+
+def _native_sources(cuda):
+    """csrc/*.cpp + bindings/ops.cpp; with cuda also csrc/*.cu + bindings/ops_cuda.cpp."""
+    cpp = sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp"))
+    files = cpp + [os.path.join("bindings", "ops.cpp")]
+    if cuda:
+        files += sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cu"))
+        files += [os.path.join("bindings", "ops_cuda.cpp")]
+    return files
+
+
 def _native_extensions():
+    """impasto._native when IMPASTO_BUILD_NATIVE=1: the CPU part always (g++), the CUDA part where
+    torch has CUDA and a toolkit is found. torch must be importable at build time, so install with
+    `IMPASTO_BUILD_NATIVE=1 pip install --no-build-isolation -e .`."""
     if os.environ.get("IMPASTO_BUILD_NATIVE") != "1":
         return [], {}
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    if not torch.cuda.is_available() and CUDA_HOME is None:
-        raise RuntimeError("IMPASTO_BUILD_NATIVE=1 needs a CUDA-enabled torch and CUDA_HOME")
-    sources = [os.path.join("bindings", f) for f in sorted(os.listdir("bindings")) if f.endswith(".cpp")]
-    sources += [os.path.join("csrc", f) for f in sorted(os.listdir("csrc")) if f.endswith(".cu")]
-    ext = CUDAExtension("impasto._native", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+    flags = {"cxx": list(NATIVE_CXX_FLAGS)}
+    if torch.version.cuda is not None and CUDA_HOME is not None:
+        flags["nvcc"] = list(NATIVE_NVCC_FLAGS)
+        ext = CUDAExtension("impasto._native", _native_sources(cuda=True), extra_compile_args=flags)
+    else:
+        ext = CppExtension("impasto._native", _native_sources(cuda=False), extra_compile_args=flags)
     return [ext], {"build_ext": BuildExtension}
 
 

@@ -1,6 +1,13 @@
 """N requests, N different LoRAs: impasto's one batched forward vs diffusers+PEFT best practice.
 
     .venv/bin/python benchmarks/bench_multi_lora.py [--n 1 4 16] [--steps 10] [--repeats 2]
+    .venv/bin/python benchmarks/bench_multi_lora.py --forward [--rows 8] [--repeats 16]
+
+--forward: one UNet forward of the 35 M-parameter SD-1.5-shaped UNet (bench_conditioning.py's
+MEDIUM, 32x32 latents, rank-16 LoRAs on to_q/to_k/to_v/to_out.0) over `rows` rows, side by side:
+plain; PEFT with one shared LoRA; impasto with the same shared LoRA in every row; impasto with a
+distinct LoRA per row; the arithmetic floor (LoRA FLOPs / UNet FLOPs) and a profiler breakdown of
+where impasto's LoRA time goes (the op's matmuls, its gathers and casts, the rest of the hook).
 
 Side by side in one run, same requests and seeds:
   (a) impasto `generate_batch` with every request naming its own LoRA (one UNet forward per step);
@@ -80,14 +87,161 @@ def run_diffusers(pipe, s: Setup):
     return time.perf_counter() - t
 
 
+def _median_ms(fn, repeats):
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3, min(ts) * 1e3
+
+
+def _lora_flops(unet, run):
+    """FLOPs of every targeted projection's rank-RANK update in one forward: 2*tokens*R*(K+N)."""
+    total, hooks = [0.0], []
+    for name, m in unet.named_modules():
+        if isinstance(m, torch.nn.Linear) and any(name.endswith(t) for t in TARGETS) and "attn" in name:
+            def hook(mod, args, out):
+                total[0] += 2.0 * args[0].numel() / mod.in_features * RANK * (mod.in_features + mod.out_features)
+            hooks.append(m.register_forward_hook(hook))
+    run()
+    for h in hooks:
+        h.remove()
+    return total[0]
+
+
+def _breakdown(run, repeats=2):
+    """Profiler attribution of one forward's LoRA time (ms per forward): the custom op's total, its
+    matmuls, its gathers/casts/masks, and the dispatch + checks around them."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    run()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            with record_function("forward"):
+                run()
+    events = prof.events()
+
+    def inside_op(e):  # an event under impasto::lora_apply_ (the UNet's own matmuls excluded)
+        p = e.cpu_parent
+        while p is not None:
+            if p.name == "impasto::lora_apply_":
+                return True
+            p = p.cpu_parent
+        return False
+
+    def total(names, nested=False):
+        return sum(e.cpu_time_total for e in events if e.name in names and (not nested or inside_op(e))) / 1e3 / repeats
+
+    op = total(["impasto::lora_apply_"])
+    mm = total(["aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::mm", "aten::addmm", "aten::addmm_"], nested=True)
+    gathers = total(["aten::index", "aten::where", "aten::mul", "aten::mul_", "aten::clone", "aten::copy_",
+                     "aten::_to_copy"], nested=True)
+    return dict(op_ms=op, forward_ms=total(["forward"]), matmul_ms=mm, gather_ms=gathers)
+
+
+def forward_main(args):
+    import impasto  # noqa: F401
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from impasto.adapters.lora import LoraRuntime
+    from impasto.adapters.lora_formats import read_lora
+    from impasto.tiny import build_random_model
+
+    medium = dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2,
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                  cross_attention_dim=256, attention_head_dim=8, sample_size=32, norm_num_groups=32)
+    rows = args.rows
+    with tempfile.TemporaryDirectory() as tmp:
+        global UNET
+        UNET = medium
+        model, paths = build(tmp, rows)
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").eval()
+        peft_unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").eval()
+        peft_unet.load_lora_adapter(os.path.dirname(paths[0]), weight_name=os.path.basename(paths[0]), adapter_name="a0", prefix="unet")
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(rows, 4, 32, 32, generator=gen)
+        enc = torch.randn(rows, 77, 256, generator=gen)
+        t = torch.full((rows,), 500)
+        names = {n for n, _ in unet.named_modules()}
+        files = {f"a{i}": read_lora(p, names) for i, p in enumerate(paths)}
+        rt = LoraRuntime(unet, slots_per_bucket=rows, max_adapters_per_row=1, device="cpu", dtype=torch.float32)
+
+        def fwd(u):
+            with torch.inference_mode():
+                return u(x, t, enc).sample
+
+        shared = rt.tables([[("a0", 1.0)]] * rows, files)
+        distinct = rt.tables([[(f"a{i}", 1.0)] for i in range(rows)], files)
+        def gathered(tables):  # the reference path before runs of rows: per-row gathers + bmm
+            from impasto.kernels import dispatch, lora as lk
+
+            reg = dispatch._REGISTRY["lora_apply"]
+            ref, reg[dispatch.Backend.REFERENCE] = reg[dispatch.Backend.REFERENCE], lk._lora_apply_gathered
+            try:
+                rt.set_tables(tables, rows)
+                return fwd(unet)
+            finally:
+                reg[dispatch.Backend.REFERENCE] = ref
+
+        runs = {
+            "plain": lambda: (rt.set_tables(None, rows), fwd(unet)),
+            "peft_shared": lambda: fwd(peft_unet),
+            "impasto_shared": lambda: (rt.set_tables(shared, rows), fwd(unet)),
+            "impasto_distinct": lambda: (rt.set_tables(distinct, rows), fwd(unet)),
+            "before_shared (gathered)": lambda: gathered(shared),
+            "before_distinct (gathered)": lambda: gathered(distinct),
+        }
+        # the same arithmetic: impasto's shared-LoRA output equals PEFT's
+        rt.set_tables(shared, rows)
+        torch.testing.assert_close(fwd(unet), fwd(peft_unet), rtol=1e-4, atol=1e-4)
+        rt.set_tables(None, rows)
+        with FlopCounterMode(display=False) as fc:
+            fwd(unet)
+        unet_flops = fc.get_total_flops()
+        lora_flops = _lora_flops(unet, lambda: fwd(unet))
+        res = {}
+        for _ in range(args.rounds):  # interleaved rounds: drift hits every variant alike
+            for k, fn in runs.items():
+                med, mn = _median_ms(fn, args.repeats)
+                res.setdefault(k, []).append((med, mn))
+        med = {k: statistics.median(m for m, _ in v) for k, v in res.items()}
+        mins = {k: min(m for _, m in v) for k, v in res.items()}
+        print(f"config: UNet {medium} ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M params), {rows} rows, "
+              f"32x32 latents, 77 text tokens, rank {RANK} on {TARGETS}, float32, {torch.get_num_threads()} threads, "
+              f"inference_mode, median of {args.repeats} x {args.rounds} interleaved rounds (min in brackets)")
+        print(f"arithmetic floor: LoRA {lora_flops / 1e9:.2f} GFLOP / UNet {unet_flops / 1e9:.2f} GFLOP "
+              f"= {lora_flops / unet_flops:.2%}")
+        print("| variant | ms | x plain | x PEFT shared |")
+        print("|---|---|---|---|")
+        for k in runs:
+            print(f"| {k} | {med[k]:.1f} ({mins[k]:.1f}) | {med[k] / med['plain']:.3f} ({mins[k] / mins['plain']:.3f}) | "
+                  f"{med[k] / med['peft_shared']:.3f} ({mins[k] / mins['peft_shared']:.3f}) |")
+        for k in ("impasto_shared", "impasto_distinct", "before_distinct (gathered)"):
+            b = _breakdown(runs[k])
+            hook = med[k] - med["plain"]
+            print(f"breakdown {k} (profiler, ms per forward): LoRA total over plain {hook:.1f}; "
+                  f"in impasto::lora_apply_ {b['op_ms']:.1f} (matmuls {b['matmul_ms']:.1f}, gathers/masks/copies "
+                  f"{b['gather_ms']:.1f}, the rest = checks + dispatch); profiled forward {b['forward_ms']:.1f}; "
+                  f"calls per forward {len(rt.pools)}")
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--forward", action="store_true", help="the UNet-forward comparison (see the docstring)")
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--n", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.forward:
+        return forward_main(args)
 
     import impasto
     from diffusers import StableDiffusionPipeline

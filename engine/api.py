@@ -60,6 +60,15 @@ class Request:
     num_images: int = 1
     output_type: str = "pil"
     timeout: float | None = None  # seconds from submit; past it the request ends with RequestTimeoutError
+    scheduler: str | None = None  # A1111 sampler or diffusers class name (engine/schedulers.py); None: the model's
+    seeds: list | None = None  # one seed per image (diffusers' generator list); overrides `seed`
+    image: Any = None  # img2img: the init image (PIL, HxWx3 array in [0, 1], or [3, H, W] tensor in [-1, 1])
+    strength: float = 0.8  # img2img: how much of the schedule the image is noised through, (0, 1]
+    init_image: Any = None  # alias of `image` (older diffusers / A1111 name)
+    clip_skip: int | None = None  # A1111's "Clip skip": 1 = last layer, 2 = penultimate (diffusers clip_skip=1)
+    prompt_syntax: str | None = None  # "plain" or "a1111" (weights, BREAK, <lora:NAME:W>); None: the engine's
+    callback: Any = None  # callback(step, total, preview) after every step, on the worker thread
+    preview: bool = False  # pass the callback a cheap RGB preview (latent -> RGB, [n, h, w, 3] in [0, 1])
     ip_adapter_image: Any = None  # reference image(s) for an encoder adapter: PIL, encoded bytes, or a list of them
 
 
@@ -73,6 +82,7 @@ class GenerationOutput:
     last step; forwards are shared with the other requests in flight), decode, and total.
     `error`: None, or the exception that failed this request.
     `seed`: the seed actually used (drawn at random when the request gave none).
+    `seeds`: the seed of each image (image i is what `seeds=[seeds[i]]` alone would make).
     `warnings`: what the engine changed in the request, e.g. a prompt cut to the token limit.
     """
 
@@ -81,6 +91,7 @@ class GenerationOutput:
     error: BaseException | None = None
     seed: int | None = None
     warnings: list = field(default_factory=list)
+    seeds: list | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +197,39 @@ def validate_request(req: Request) -> None:
             raise RequestError(f"{name}: expected a positive integer or None, got {v!r}")
     if req.timeout is not None and not (_finite(req.timeout) and req.timeout > 0):
         raise RequestError(f"timeout: expected a positive number of seconds or None, got {req.timeout!r}")
+    validate_usage(req)
+
+
+PROMPT_SYNTAXES = ("plain", "a1111")
+
+
+def _seed_ok(s) -> bool:
+    return isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**64
+
+
+def validate_usage(req: Request) -> None:
+    """Check the sampler, seeds, init image, clip skip, syntax and callback fields."""
+    from .schedulers import resolve
+
+    if req.scheduler is not None:
+        resolve(req.scheduler)
+    if req.seeds is not None:
+        if not isinstance(req.seeds, (list, tuple)) or not all(_seed_ok(s) for s in req.seeds):
+            raise RequestError(f"seeds: expected a list of integers in [0, 2**64), got {req.seeds!r}")
+        if len(req.seeds) != req.num_images:
+            raise RequestError(f"seeds: {len(req.seeds)} seeds for num_images={req.num_images}; give one per image")
+    if req.image is not None and req.init_image is not None:
+        raise RequestError("image and init_image: give one (init_image is an alias of image)")
+    if not (_finite(req.strength) and 0.0 < req.strength <= 1.0):
+        raise RequestError(f"strength: expected a number in (0, 1], got {req.strength!r}")
+    if req.clip_skip is not None and not _positive_int(req.clip_skip):
+        raise RequestError(f"clip_skip: expected a positive integer (1 = the last layer) or None, got {req.clip_skip!r}")
+    if req.prompt_syntax is not None and req.prompt_syntax not in PROMPT_SYNTAXES:
+        raise RequestError(f"prompt_syntax: expected one of {PROMPT_SYNTAXES} or None, got {req.prompt_syntax!r}")
+    if req.callback is not None and not callable(req.callback):
+        raise RequestError(f"callback: expected a callable (step, total, preview) or None, got {req.callback!r}")
+    if not isinstance(req.preview, bool):
+        raise RequestError(f"preview: expected True or False, got {req.preview!r}")
 
 
 MAX_REFERENCE_IMAGES = 8  # images in one request's ip_adapter_image

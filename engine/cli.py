@@ -14,37 +14,121 @@ def _parse_adapter(text: str):
     return (name, float(scale)) if scale else name
 
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check_output(path: str, n: int) -> None:
+    """Refuse an output path that cannot be written, before any image is made."""
+    import os
+
+    from impasto import RequestError
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+        raise RequestError(f"-o {path}: expected an image file name ending in one of {', '.join(IMAGE_EXTENSIONS)}")
+    if not os.path.isdir(folder):
+        raise RequestError(f"-o {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise RequestError(f"-o {path}: the folder {folder} is not writable")
+    if os.path.isdir(path):
+        raise RequestError(f"-o {path}: is a folder; give an image file name")
+
+
+def _quiet_libraries() -> None:
+    """transformers' "Loading weights" bars and diffusers' notices, off unless --verbose."""
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def _pairs(specs, what: str, convert=str) -> dict:
+    from impasto import RequestError
+
+    out = {}
+    for spec in specs or ():
+        name, eq, value = spec.partition("=")
+        if not eq or not name:
+            raise RequestError(f"{what} {spec!r}: expected NAME=VALUE")
+        try:
+            out[name] = convert(value)
+        except ValueError:
+            raise RequestError(f"{what} {spec!r}: {value!r} is not a number") from None
+    return out
+
+
 def _generate(args) -> int:
+    import torch
+
     import impasto
     from impasto import tiny
-    from impasto.serve.a1111 import infotext, parse_prompt, sampler_name, save_png
+    from impasto.prompts import parse_lora_tags
+    from impasto.serve.a1111 import infotext, save_png
 
+    n = args.grid or args.num_images
+    seeds = None
+    if args.seeds:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            raise impasto.RequestError(f"--seeds {args.seeds!r}: expected integers separated by commas") from None
+        n = len(seeds) if not (args.grid or args.num_images != 1) else n
+    _check_output(args.output, n)
+    if not args.verbose:
+        _quiet_libraries()
+    init_image = None
+    if args.init_image:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            init_image = Image.open(args.init_image).convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise impasto.RequestError(f"--init-image {args.init_image}: not a readable image ({e})") from None
+    tokens = _pairs(args.token, "--token")
+    styles = _pairs(args.style, "--style", float)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        engine = impasto.Engine.from_pretrained(args.model, scheduler=args.scheduler, progress=not args.quiet)
+        engine = impasto.Engine.from_pretrained(args.model, progress=not args.quiet, device=args.device,
+                                                dtype=getattr(torch, args.dtype) if args.dtype else None)
     for w in caught:
         if str(w.message) == tiny.RANDOM_WARNING:
             print(tiny.RANDOM_WARNING, file=sys.stderr)
     from impasto.adapters.families import FAMILIES, detect_family
 
+    if args.register_dir:
+        for path, err in engine.adapters.register_dir(args.register_dir).items():
+            print(f"impasto: skipped {path}: {err}", file=sys.stderr)
     for spec in args.register or ():
         name, _, path = spec.partition("=")
         reads_images = args.image_encoder and FAMILIES[detect_family(path)].image_input
-        engine.adapters.register(name, path, **({"image_encoder": args.image_encoder} if reads_images else {}))
+        kw = {"image_encoder": args.image_encoder} if reads_images else {}
+        if name in tokens:
+            kw["token"] = tokens[name]
+        engine.adapters.register(name, path, **kw)
     # reference images for an encoder adapter, as encoded bytes: the engine decodes and checks them
     ip_images = [_read_bytes(p) for p in args.ip_adapter_image or ()] or None
-    parsed = parse_prompt(args.prompt)  # <lora:NAME:W> in the prompt, as A1111 and `impasto serve` read it
-    adapters = [_parse_adapter(a) for a in args.adapter or ()] + list(parsed.adapters)
+    adapters = [_parse_adapter(a) for a in args.adapter or ()]
+    guidance = impasto.Guidance(cfg=args.guidance, styles=styles) if styles else args.guidance
     out = engine.generate(
-        parsed.prompt,
+        args.prompt,
         adapters=adapters,
-        guidance=args.guidance,
+        guidance=guidance,
         negative_prompt=args.negative_prompt,
         steps=args.steps,
         seed=args.seed,
+        seeds=seeds,
         height=args.height,
         width=args.width,
-        num_images=args.grid or args.num_images,
+        num_images=n,
+        scheduler=args.scheduler,
+        image=init_image,
+        strength=args.strength,
+        clip_skip=args.clip_skip,
+        prompt_syntax=args.prompt_syntax,
         ip_adapter_image=ip_images,
     )
     images = out.images
@@ -52,20 +136,44 @@ def _generate(args) -> int:
         images = [_contact_sheet(images)]
     paths = [args.output] if len(images) == 1 else [_numbered(args.output, i) for i in range(len(images))]
     size = out.images[0].size
-    parameters = infotext(prompt=parsed.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                          sampler=sampler_name(type(engine.base.scheduler).__name__), cfg_scale=args.guidance,
-                          seed=out.seed, width=size[0], height=size[1], model=_model_name(args.model),
-                          adapters=[(a, 1.0) if isinstance(a, str) else a for a in adapters])
-    for image, path in zip(images, paths):
+    parsed = parse_lora_tags(args.prompt) if args.prompt_syntax == "a1111" else None
+    from impasto import schedulers
+
+    sampler = schedulers.a1111_name(schedulers.build(args.scheduler, engine.base.scheduler.config,
+                                                     engine.base.scheduler))
+    for i, (image, path) in enumerate(zip(images, paths)):
+        extra = {}
+        if args.clip_skip and args.clip_skip > 1:
+            extra["Clip skip"] = args.clip_skip
+        if init_image is not None:
+            extra["Denoising strength"] = args.strength
+        parameters = infotext(prompt=parsed.prompt if parsed else args.prompt, negative_prompt=args.negative_prompt,
+                              steps=args.steps, sampler=sampler, cfg_scale=args.guidance,
+                              seed=out.seeds[i] if not args.grid else out.seed, width=size[0], height=size[1],
+                              model=_model_name(args.model), styles=styles or None,
+                              adapters=[(a, 1.0) if isinstance(a, str) else a for a in adapters]
+                              + list(parsed.adapters if parsed else ()), extra=extra)
         if path.lower().endswith(".png"):
-            save_png(image, path, parameters)  # the A1111 `parameters` chunk: PNG Info reads it
+            save_png(image, path, parameters)  # the A1111 `parameters` chunk: PNG Info and `impasto info` read it
         else:
             image.save(path)
     t = out.timings
     print(
-        f"wrote {', '.join(paths)} (seed {out.seed}; plan {t['plan']:.2f}s, denoise {t['denoise']:.2f}s, "
-        f"decode {t['decode']:.2f}s, total {t['total']:.2f}s)"
+        f"wrote {', '.join(paths)} (seed {', '.join(map(str, out.seeds))}; plan {t['plan']:.2f}s, "
+        f"denoise {t['denoise']:.2f}s, decode {t['decode']:.2f}s, total {t['total']:.2f}s)"
     )
+    return 0
+
+
+def _info(args) -> int:
+    """Print the A1111 `parameters` text an image carries (what `impasto generate` wrote)."""
+    from impasto import RequestError
+    from impasto.serve.a1111 import read_parameters
+
+    text = read_parameters(args.image)
+    if text is None:
+        raise RequestError(f"{args.image}: the image carries no A1111 'parameters' text")
+    print(text)
     return 0
 
 
@@ -129,22 +237,39 @@ def _contact_sheet(images):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="impasto", description=__doc__)
+    from impasto import __version__
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter  # every option's default in --help
+    p = argparse.ArgumentParser(prog="impasto", description=__doc__, formatter_class=fmt)
+    p.add_argument("--version", action="version", version=f"impasto {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate images for one prompt")
+    g = sub.add_parser("generate", help="generate images for one prompt", formatter_class=fmt)
     g.add_argument("prompt")
     g.add_argument("-o", "--output", default="out.png", help="image path (numbered when several)")
     g.add_argument("--model", default="tiny", help='"tiny" or a local diffusers SD-layout folder')
-    g.add_argument("--scheduler", default=None, help='a diffusers scheduler class, e.g. "DPMSolverMultistepScheduler"')
-    g.add_argument("--steps", type=int, default=30)
-    g.add_argument("--guidance", type=float, default=7.5)
-    g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--height", type=int, default=None)
-    g.add_argument("--width", type=int, default=None)
-    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--scheduler", default=None,
+                   help='an A1111 sampler ("Euler a", "DPM++ 2M Karras") or diffusers class name; default: the model\'s')
+    g.add_argument("--steps", type=int, default=30, help="denoising steps")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    g.add_argument("--negative-prompt", default=None, help="what the image should not show")
+    g.add_argument("--seed", type=int, default=None, help="default: drawn at random (printed)")
+    g.add_argument("--height", type=int, default=None, help="default: the model's (or the init image's)")
+    g.add_argument("--width", type=int, default=None, help="default: the model's (or the init image's)")
+    g.add_argument("--num-images", type=int, default=1, help="images of the prompt")
+    g.add_argument("--seeds", default=None, metavar="S1,S2,...", help="one seed per image (sets --num-images)")
+    g.add_argument("--init-image", default=None, metavar="PATH", help="img2img: start from this image")
+    g.add_argument("--strength", type=float, default=0.8, help="img2img: how far the image is noised, (0, 1]")
+    g.add_argument("--clip-skip", type=int, default=None, help="A1111 clip skip: 2 = the penultimate layer")
+    g.add_argument("--prompt-syntax", choices=("a1111", "plain"), default="a1111",
+                   help="a1111: (word:1.3), [word], BREAK and <lora:NAME:W> tags; plain: the prompt is text")
+    g.add_argument("--style", action="append", metavar="NAME=W", help="style guidance with a style adapter")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
+    g.add_argument("--dtype", choices=DTYPES, default=None, help="default: float32 on cpu, float16 on cuda")
     g.add_argument("--grid", type=int, default=None, help="make N images and write one contact sheet")
     g.add_argument("--register", action="append", metavar="NAME=PATH", help="register an adapter file")
+    g.add_argument("--register-dir", default=None, metavar="DIR", help="register every adapter in DIR")
+    g.add_argument("--token", action="append", metavar="NAME=TOKEN",
+                   help="the placeholder (e.g. <corgi>) of the adapter registered as NAME")
     g.add_argument("--adapter", action="append", metavar="NAME[=SCALE]", help="apply a registered adapter")
     g.add_argument("--ip-adapter-image", action="append", metavar="PATH",
                    help="a reference image for the request's encoder (IP-Adapter) adapter; repeat for several")
@@ -152,8 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CLIPVisionModelWithProjection folder of encoder adapters given to --register "
                         "(default: the model folder's image_encoder/)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.add_argument("-v", "--verbose", action="store_true", help="show the libraries' own logs and bars")
     g.set_defaults(func=_generate)
-    s = sub.add_parser("serve", help="serve the OpenAI- and A1111-compatible HTTP API over one engine")
+    i = sub.add_parser("info", help="print the generation parameters stored in an image", formatter_class=fmt)
+    i.add_argument("image")
+    i.set_defaults(func=_info)
+    s = sub.add_parser("serve", help="serve the OpenAI- and A1111-compatible HTTP API over one engine",
+                       formatter_class=fmt)
     s.add_argument("--model", default="tiny", help='"tiny" or a local diffusers SD-layout folder')
     s.add_argument("--adapters", required=True, metavar="DIR",
                    help="the adapter root: every adapter in it is registered; uploads are written there")
@@ -169,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ray", action="store_true", help="run on Ray Serve (RAY_ADDRESS's cluster, else a local one)")
     s.add_argument("--replicas", type=int, default=2, help="with --ray: replicas, each with its own engine")
     s.set_defaults(func=_serve)
-    c = sub.add_parser("covariance", help="compute a base model's text-encoding C⁻¹ for Perfusion (rank1)")
+    c = sub.add_parser("covariance", help="compute a base model's text-encoding C⁻¹ for Perfusion (rank1)",
+                       formatter_class=fmt)
     c.add_argument("--model", default="tiny", help='"tiny" or a local diffusers SD-layout folder')
     c.add_argument("--captions", required=True, help="a text file, one caption per line")
     c.add_argument("--adapter-root", default=None, help="where engine state lives (default: the user cache)")

@@ -38,6 +38,7 @@ from .api import (
 )
 from .attention import cross_attention_layers, install_planned_attention, uninstall_planned_attention
 from .batch import BatchState
+from . import images as image_io
 from .errors import AdapterNameError, ImpastoError, RequestError
 from .loading import BaseModel, load_base_model
 from .plan import PLACEHOLDER
@@ -51,7 +52,7 @@ LIMITS = dict(
     max_batch_rows=64,  # rows of one UNet forward (a request's rows: images x branches)
     max_styles=4,
     max_queue=1024,  # requests waiting for admission; beyond it submit raises EngineBusyError
-    max_prompt_chunks=1,  # 77-token chunks of a prompt (long-prompt chunking raises the cap later)
+    max_prompt_chunks=3,  # 77-token chunks of a prompt (A1111 chunking, engine/prompts.py): 225 tokens
 )
 
 
@@ -71,6 +72,11 @@ class Prepared:
     negative_prompt: str = ""
     warnings: list = field(default_factory=list)
     uncond_key: tuple | None = None  # the uncond branch's adapters where a family's differ there (encoder)
+    seeds: list | None = None  # one per image, when the request gave them
+    init: object = None  # img2img: the init image, float32 [1, 3, height, width] in [-1, 1]
+    clip_skip: int = 1
+    syntax: str = "plain"
+    chunks: int = 1  # 77-token chunks every branch is encoded to: the longest branch's, capped
 
     @property
     def has_uncond(self) -> bool:
@@ -122,6 +128,7 @@ class Engine:
         slots_per_bucket: int = 16,
         progress: bool = False,
         compile=False,
+        prompt_syntax: str = "plain",
         **limits,
     ):
         """compile: False, True (torch.compile's default backend) or a backend name such as
@@ -130,7 +137,9 @@ class Engine:
         adapters never recompiles. device_pool_bytes, when given, sets the slots per bucket to
         what fits the budget (overriding slots_per_bucket). limits: the operator limits of
         `LIMITS` (max_pixels, max_steps, max_num_images, max_batch_rows, max_styles, max_queue,
-        max_prompt_chunks), each a positive integer."""
+        max_prompt_chunks), each a positive integer. prompt_syntax: "plain" (diffusers: the prompt
+        is text) or "a1111" (A1111 emphasis, BREAK and `<lora:NAME:W>` tags, engine/prompts.py),
+        the default of requests that do not set their own."""
         unknown = set(limits) - set(LIMITS)
         if unknown:
             raise TypeError(f"Engine: unknown keyword(s) {sorted(unknown)}; limits are {sorted(LIMITS)}")
@@ -138,6 +147,10 @@ class Engine:
         for name, v in self.limits.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        if prompt_syntax not in ("plain", "a1111"):
+            raise ValueError(f"prompt_syntax: expected 'plain' or 'a1111', got {prompt_syntax!r}")
+        self.prompt_syntax = prompt_syntax
+        self._preview_map = None  # latent -> RGB map, fitted on first use (engine/images.py)
         self.base = base
         self.device = torch.device(device)
         self.dtype = dtype
@@ -235,12 +248,15 @@ class Engine:
         output_type="pil",
         timeout=None,
         ip_adapter_image=None,
+        **usage,
     ) -> GenerationOutput:
         """Generate images for one prompt; raises the request's error instead of returning it.
-        ip_adapter_image: the reference image(s) of the request's encoder adapter (PIL or bytes)."""
+        ip_adapter_image: the reference image(s) of the request's encoder adapter (PIL or bytes).
+        `usage`: the other Request fields (scheduler, seeds, image / init_image, strength,
+        clip_skip, prompt_syntax, callback, preview)."""
         req = Request(prompt, adapters=adapters, guidance=guidance, negative_prompt=negative_prompt, steps=steps,
                       seed=seed, height=height, width=width, num_images=num_images, output_type=output_type,
-                      timeout=timeout, ip_adapter_image=ip_adapter_image)
+                      timeout=timeout, ip_adapter_image=ip_adapter_image, **usage)
         self._not_on_worker("generate")
         return self.submit(req).result()
 
@@ -333,6 +349,14 @@ class Engine:
         lim = self.limits
         guidance = normalize_guidance(req.guidance)
         adapters = normalize_adapters(req.adapters)
+        syntax = req.prompt_syntax or self.prompt_syntax
+        prompt_text = req.prompt
+        if syntax == "a1111":  # <lora:NAME:W> tags name adapters, after the request's own
+            from .prompts import parse_lora_tags
+
+            parsed = parse_lora_tags(req.prompt)
+            prompt_text = parsed.prompt
+            adapters = adapters + normalize_adapters(list(parsed.adapters))
         per_row = len(adapters) + (1 if guidance.styles else 0)  # a style row adds its style LoRA
         if per_row > self.max_adapters_per_row:
             raise RequestError(
@@ -348,7 +372,12 @@ class Engine:
         if req.num_images > lim["max_num_images"]:
             raise RequestError(f"num_images: {req.num_images} is above max_num_images ({lim['max_num_images']})")
         default = self.base.unet.config.sample_size * self.base.vae_scale_factor
-        height, width = req.height or default, req.width or default
+        init_image = req.image if req.image is not None else req.init_image
+        if init_image is not None:  # img2img: the output has the image's size unless asked otherwise
+            default_h, default_w = image_io.image_size(init_image, "image")
+        else:
+            default_h = default_w = default
+        height, width = req.height or default_h, req.width or default_w
         if height * width > lim["max_pixels"]:
             raise RequestError(f"height x width: {height}x{width} = {height * width} pixels, max_pixels is "
                                f"{lim['max_pixels']}")
@@ -363,15 +392,31 @@ class Engine:
             styles.append((name, info.suffix))
         adapters = self.adapters.resolve(adapters)
         # textual-inversion embeddings apply wherever their token is a word of a prompt (A1111)
-        adapters = adapters + self.adapters.implicit((req.prompt, req.negative_prompt or ""), {a.name for a in adapters})
-        self._check_adapters(adapters, req)
+        adapters = adapters + self.adapters.implicit((prompt_text, req.negative_prompt or ""), {a.name for a in adapters})
+        self._check_adapters(adapters, req, prompt_text)
         adapters, uncond_key = self._attach_images(adapters, req)
         warnings = []
-        prompt = self._bound_text("prompt", req.prompt, warnings)
+        prompt = self._bound_text("prompt", prompt_text, warnings)
         negative = self._bound_text("negative_prompt", req.negative_prompt or "", warnings)
-        seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**63)
+        seeds = list(req.seeds) if req.seeds is not None else None
+        seed = seeds[0] if seeds else req.seed if req.seed is not None else random.SystemRandom().randrange(2**63)
+        layers = self.base.text_encoder.config.num_hidden_layers
+        clip_skip = req.clip_skip or 1
+        if clip_skip > layers:
+            raise RequestError(f"clip_skip: {clip_skip} is more than the text encoder's {layers} layers")
+        init = None
+        if init_image is not None:
+            if int(req.steps * req.strength) < 1:
+                raise RequestError(f"strength: {req.strength} x steps {req.steps} leaves no denoising step "
+                                   f"(needs strength x steps >= 1)")
+            init = image_io.preprocess(self.image_processor, init_image, height, width, "image")
         prep = Prepared(index, req, guidance, adapters, height, width, seed, tuple(styles), prompt, negative, warnings,
-                        uncond_key)
+                        uncond_key, seeds, init, clip_skip, syntax)
+        from .prompts import count_chunks
+
+        need = max(count_chunks(self.base.tokenizer, text, set(re.findall(PLACEHOLDER, text)),
+                                weighted=syntax == "a1111") for text, _ in prep.branches())
+        prep.chunks = min(need, lim["max_prompt_chunks"])
         if prep.rows > lim["max_batch_rows"]:
             raise RequestError(f"num_images x branches: {prep.rows} UNet rows, max_batch_rows is {lim['max_batch_rows']}")
         for bucket, n in self.lora_slot_need([prep]).items():
@@ -415,6 +460,12 @@ class Engine:
                             f"(max_prompt_chunks={self.limits['max_prompt_chunks']})")
         return text
 
+    def preview_map(self):
+        """The latent -> RGB preview map of this engine's VAE (fitted once, engine/images.py)."""
+        if self._preview_map is None:
+            self._preview_map = image_io.fit_preview(self.base.vae)
+        return self._preview_map
+
     def lora_slot_need(self, preps) -> dict[int, int]:
         """Distinct LoRA adapters per rank bucket that `preps` need in the slot pools together."""
         need: dict[int, set] = {}
@@ -434,7 +485,7 @@ class Engine:
             except Exception:  # noqa: BLE001 - reported by the request's own load
                 pass
 
-    def _check_adapters(self, adapters, req: Request) -> None:
+    def _check_adapters(self, adapters, req: Request, prompt: str | None = None) -> None:
         """Every placeholder in a request's prompts is defined by exactly one of its adapters
         (the family rules were checked by `adapters.resolve`)."""
         defined = {}
@@ -446,7 +497,8 @@ class Engine:
                         f"adapters: {a.name!r} and {defined[placeholder]!r} both define the placeholder {placeholder!r}"
                     )
                 defined[placeholder] = a.name
-        for where, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt or "")):
+        prompt = req.prompt if prompt is None else prompt  # the prompt with its <lora:...> tags taken out
+        for where, text in (("prompt", prompt), ("negative_prompt", req.negative_prompt or "")):
             for placeholder in re.findall(PLACEHOLDER, text):
                 if placeholder not in defined:
                     raise AdapterNameError(f"{where}: placeholder {placeholder!r} is defined by none of this request's adapters")

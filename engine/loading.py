@@ -54,8 +54,24 @@ def load_base_model(path: str, *, device, dtype, scheduler=None) -> BaseModel:
     import diffusers
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    if os.path.isfile(path):  # say what the file is rather than "does not exist"
+        kind = os.path.splitext(path)[1].lower()
+        what = ("a single-file checkpoint (A1111 / ComfyUI layout)" if kind in (".safetensors", ".ckpt", ".pt", ".bin")
+                else "a file")
+        raise ModelLoadError(f"{path!r} is {what}; single-file checkpoints are not supported yet: give a diffusers "
+                             f"folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/)")
     if not os.path.isdir(path):
         raise ModelLoadError(f"model folder {path!r} does not exist (impasto never downloads models)")
+    index = os.path.join(path, "model_index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                pipeline = json.load(f).get("_class_name", "")
+        except (OSError, ValueError, AttributeError):
+            pipeline = ""
+        if "XL" in pipeline or os.path.isdir(os.path.join(path, "text_encoder_2")):
+            raise ModelLoadError(f"{path}: an SDXL model ({pipeline or 'text_encoder_2/'}); SDXL is not supported yet "
+                                 f"(SD 1.x / 2.x layouts only)")
     for name in COMPONENTS:
         if not os.path.isdir(os.path.join(path, name)):
             raise ModelLoadError(f"{path}: component {name!r} is missing (expected the folder {name}/)")

@@ -15,12 +15,12 @@ text and adapters are planned once and shared.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass, field
 
 import torch
 
+from . import prompts
 from .adapters.families import FAMILIES, Use
 from .errors import RequestError
 
@@ -31,6 +31,9 @@ class Branch:
 
     text: str
     adapters: tuple = ()  # ((name, scale, ((option, value), ...)), ...)
+    chunks: int = 1  # 77-token chunks the text is encoded to (engine/prompts.py)
+    clip_skip: int = 1  # A1111's clip skip: 1 = the last layer
+    weighted: bool = False  # A1111 emphasis: (word:1.3), [word], BREAK
 
 
 @dataclass
@@ -41,13 +44,15 @@ class Plan:
     `embeds`: Shape [U, L, D], the text encodings of the U unique branches;
     `kv`: attn2 name -> (K, V), each Shape [U, L, inner];
     `image`: per unique branch, None or its ImageKV (decoupled cross-attention image tokens:
-    scale and attn2 name -> (K', V'), each Shape [L_img, inner]); [] when no branch has one.
+    scale and attn2 name -> (K', V'), each Shape [L_img, inner]); [] when no branch has one;
+    `lengths[u]`: the keys of branch u (77 * its chunks); positions beyond are zero padding.
     """
 
     index: list[int]
     embeds: torch.Tensor
     kv: dict
     image: list = field(default_factory=list)
+    lengths: list = None
 
 
 def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: dict, device, dtype, te_lora=None) -> Plan:
@@ -71,11 +76,13 @@ def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: di
     te_rows = [[(u.name, u.scale) for u in row if u.name in te_files] for row in uses]
     texts = [b.text for b in unique]
     key_texts = [functools.reduce(lambda text, u: u.family.key_text(text, u), row, b.text) for b, row in zip(unique, uses)]
-    with te_lora.activate(te_rows, te_files) if te_lora is not None else contextlib.nullcontext():
-        embeds = encode_with_tokens(base.tokenizer, base.text_encoder, texts, tokens, device).to(dtype)
-        key_embeds = embeds
-        if key_texts != texts:
-            key_embeds = encode_with_tokens(base.tokenizer, base.text_encoder, key_texts, tokens, device).to(dtype)
+    specs = [(b.chunks, b.clip_skip, b.weighted) for b in unique]
+    encode = functools.partial(prompts.encode_prompts, base.tokenizer, base.text_encoder, tokens=tokens,
+                               device=device, te_rows=te_rows, te_lora=te_lora, te_files=te_files)
+    embeds, lengths = _stack(encode([(t, *spec) for t, spec in zip(texts, specs)]), dtype)
+    key_embeds = embeds
+    if key_texts != texts:  # same chunks as the text, so the keys line up with the values
+        key_embeds, _ = _stack(encode([(t, *spec) for t, spec in zip(key_texts, specs)]), dtype)
     edits = []
     for family in FAMILIES.values():
         rows = [[u for u in row if u.family is family] for row in uses]
@@ -99,7 +106,16 @@ def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: di
                         if image[u] is not None:
                             raise RequestError("adapters: two families give one branch image tokens")
                         image[u] = x
-    return Plan(index, embeds, kv, image if any(x is not None for x in image) else [])
+    return Plan(index, embeds, kv, image if any(x is not None for x in image) else [], lengths)
+
+
+def _stack(rows: list, dtype) -> tuple[torch.Tensor, list]:
+    """Rows of Shape [L_u, D] -> (Shape [U, max L_u, D] zero-padded, [L_u, ...])."""
+    lengths = [r.shape[0] for r in rows]
+    out = rows[0].new_zeros(len(rows), max(lengths), rows[0].shape[1], dtype=dtype)
+    for u, r in enumerate(rows):
+        out[u, : r.shape[0]] = r
+    return out, lengths
 
 
 PLACEHOLDER = r"<[^<>\s]+>"  # how learned-token placeholders look in a prompt: <corgi>, <new1>

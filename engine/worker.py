@@ -28,6 +28,8 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from . import images as image_io
+from . import schedulers
 from .api import GenerationOutput
 from .errors import (
     EngineBusyError,
@@ -57,10 +59,11 @@ class Job:
         self._future: Future = Future()
         self._cancel = threading.Event()
         self._steps_done = 0
+        self._steps_total = None  # the scheduler's forwards, once planned (img2img starts later)
 
     @property
     def progress(self) -> tuple[int, int]:
-        return self._steps_done, getattr(self.request, "steps", 0)
+        return self._steps_done, self._steps_total or getattr(self.request, "steps", 0)
 
     def done(self) -> bool:
         return self._future.done()
@@ -114,7 +117,8 @@ class _Running:
         self.q, self.job, self.prep, self.ctx, self.key = q, q.job, q.prep, q.ctx, q.key
         self.id = next(self.serial)  # identifies layouts; never reused, unlike id()
         self.pins = contextlib.ExitStack()
-        self.out = GenerationOutput(seed=q.prep.seed, warnings=list(q.prep.warnings))
+        self.out = GenerationOutput(seed=q.prep.seed, warnings=list(q.prep.warnings),
+                                    seeds=list(q.prep.seeds or [q.prep.seed] * q.prep.request.num_images))
         self.i = 0
         self.timesteps = None  # set once planned
         self.bar = None
@@ -296,14 +300,16 @@ class Worker:
             first.append(len(branches))
             branches += r.prep.branches()
         files = {n: f for r in group for n, f in r.all_files.items()}
-        plan = build_plan([Branch(text, adapters) for text, adapters in branches], e.base, e.attn2, e.lora,
-                          e.adapters, files, e.device, e.dtype, e.te_lora)
+        specs = [(r.prep.chunks, r.prep.clip_skip, r.prep.syntax == "a1111") for r in group for _ in r.prep.branches()]
+        plan = build_plan([Branch(text, adapters, *spec) for (text, adapters), spec in zip(branches, specs)], e.base,
+                          e.attn2, e.lora, e.adapters, files, e.device, e.dtype, e.te_lora)
         t_plan = time.perf_counter() - t_plan
         for r, b0 in zip(group, first):
             n, branches = r.prep.request.num_images, len(r.branch_rows)  # one LoRA row per branch (_load)
             row_branch = torch.tensor([plan.index[b0 + b] for b in range(branches) for _ in range(n)], device=e.device)
-            r.embeds = plan.embeds[row_branch]
-            r.kv = {name: (k[row_branch], v[row_branch]) for name, (k, v) in plan.kv.items()}
+            L = plan.lengths[plan.index[b0]]  # every branch of a request has its chunks (engine/prompts.py)
+            r.embeds = plan.embeds[row_branch, :L]
+            r.kv = {name: (k[row_branch, :L], v[row_branch, :L]) for name, (k, v) in plan.kv.items()}
             r.images = [plan.image[plan.index[b0 + b]] if plan.image else None for b in range(branches) for _ in range(n)]
             r.row_adapters = [row for row in r.branch_rows for _ in range(n)]
             r.rows, r.n, r.branches = len(r.row_adapters), n, branches
@@ -311,15 +317,32 @@ class Worker:
             r.out.timings["plan"] = t_plan
 
     def _setup(self, r: _Running) -> None:
-        """A request's own scheduler instance and initial latents (diffusers' seeding)."""
-        e, prep, base = self.e, r.prep, self.e.base
-        r.scheduler = type(base.scheduler).from_config(base.scheduler.config)
-        r.scheduler.set_timesteps(prep.request.steps, device=e.device)
+        """A request's own scheduler instance (its sampler) and initial latents, seeded as
+        diffusers seeds them: one generator, or one per image (`seeds`); img2img starts at the
+        strength's timestep from the encoded, noised image (StableDiffusionImg2ImgPipeline)."""
+        e, prep, base, req = self.e, r.prep, self.e.base, r.prep.request
+        r.scheduler = schedulers.build(req.scheduler, base.scheduler.config, base.scheduler)
+        r.scheduler.set_timesteps(req.steps, device=e.device)
         r.timesteps = r.scheduler.timesteps
-        shape = (base.unet.config.in_channels, prep.height // base.vae_scale_factor, prep.width // base.vae_scale_factor)
-        gen = torch.Generator("cpu").manual_seed(prep.seed)
-        r.latents = randn_tensor((r.n, *shape), generator=gen, device=e.device, dtype=e.dtype) * r.scheduler.init_noise_sigma
-        r.step_kwargs = _step_kwargs(r.scheduler, [gen] * r.n)
+        shape = (base.vae.config.latent_channels, prep.height // base.vae_scale_factor,
+                 prep.width // base.vae_scale_factor)
+        if prep.seeds is not None:
+            gens = [torch.Generator("cpu").manual_seed(s) for s in prep.seeds]
+        else:
+            gens = torch.Generator("cpu").manual_seed(prep.seed)
+        if prep.init is not None:
+            t_start = req.steps - min(int(req.steps * req.strength), req.steps)
+            r.timesteps = r.timesteps[t_start * r.scheduler.order:]
+            if hasattr(r.scheduler, "set_begin_index"):
+                r.scheduler.set_begin_index(t_start * r.scheduler.order)
+            z0 = image_io.encode(base.vae, prep.init.to(e.device, e.dtype), gens, r.n)
+            noise = randn_tensor(z0.shape, generator=gens, device=e.device, dtype=e.dtype)
+            r.latents = r.scheduler.add_noise(z0, noise, r.timesteps[:1].repeat(r.n))
+        else:
+            r.latents = randn_tensor((r.n, *shape), generator=gens, device=e.device, dtype=e.dtype)
+            r.latents = r.latents * r.scheduler.init_noise_sigma
+        r.step_kwargs = _step_kwargs(r.scheduler, gens if isinstance(gens, list) else [gens] * r.n)
+        r.job._steps_total = len(r.timesteps)
         g = prep.guidance
         r.layout = (r.n, g.cfg, prep.has_uncond, tuple(float(w) for w in g.styles.values()), g.rescale)
         if e.progress:
@@ -404,6 +427,16 @@ class Worker:
         r.job._steps_done = r.i
         if r.bar is not None:
             r.bar.update(1)
+        callback = r.prep.request.callback
+        if callback is not None:
+            try:
+                preview = None
+                if r.prep.request.preview:
+                    preview = image_io.latent_preview(r.latents, self.e.base.vae.config.scaling_factor,
+                                                      self.e.preview_map())
+                callback(r.i, len(r.timesteps), preview)
+            except Exception as e:  # noqa: BLE001 - the caller's callback fails its own request only
+                raise _request_error(r.job, e, "callback") from e
 
     # ------------------------------------------------------------------ retire
     def _retire(self, r: _Running) -> None:

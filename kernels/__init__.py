@@ -17,6 +17,7 @@ else:
     from .guidance import BranchTable, RequestBranches, build_branch_table, guidance_blend, guidance_blend_ref
     from .lora import LoraMeta, lora_apply, lora_delta, lora_delta_ref, lora_meta
     from .rank1 import rank1_edit, rank1_edit_ref
+    from . import native  # registers the native backend's entries (the library loads on demand)
 
     __all__ = [
         "Backend",
@@ -31,6 +32,7 @@ else:
         "lora_delta",
         "lora_delta_ref",
         "lora_meta",
+        "native",
         "not_supported_reasons",
         "RequestBranches",
         "rank1_edit",

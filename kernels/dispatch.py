@@ -4,7 +4,8 @@ Backends:
     reference  plain PyTorch; the ground truth of every test and the CPU path.
     triton     Triton kernels; on CUDA, or on CPU tensors under the Triton interpreter
                (TRITON_INTERPRET=1, which tests use).
-    native     the compiled extension (csrc/ + bindings/); no op is registered on it yet.
+    native     the compiled extension (csrc/ + bindings/, loaded by kernels/native.py): CPU
+               kernels, and CUDA kernels where it was built with a CUDA toolkit.
 
 Choice, first match wins:
     1. the op's `backend=` argument,
@@ -12,7 +13,8 @@ Choice, first match wins:
        per thread and per asyncio task),
     3. the environment variable IMPASTO_BACKEND (read at every call, so tests can set it),
     4. the device default, chosen once per device type: `triton` on CUDA when it can run there,
-       otherwise `reference`.
+       otherwise `reference`; on CPU, `native` for the ops in NATIVE_CPU_DEFAULT (those the
+       benchmark showed faster than the reference) when the extension is loaded.
 
 A backend that cannot run an op raises `BackendNotSupportedError` listing every backend's
 reasons, after xformers' `not_supported_reasons` (xformers/ops/fmha/dispatch.py).
@@ -78,13 +80,11 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-@functools.cache
-def _native_built() -> bool:
-    # impasto.kernels never imports the engine; only the parent package is searched here.
-    try:
-        return importlib.util.find_spec("impasto._native") is not None
-    except ModuleNotFoundError:
-        return False
+# Ops whose native CPU kernel beat the reference in benchmarks/bench_native.py (RESULTS.md,
+# "Native CPU kernels"); the CPU default for them when the extension is loaded.
+# guidance_blend: 1.3-2.2x the reference; lora_apply (0.2-0.8x: the reference's BLAS wins) and
+# rank1_edit (0.7x fp32, 1.1-1.5x bf16) stay on the reference.
+NATIVE_CPU_DEFAULT: frozenset[str] = frozenset({"guidance_blend"})
 
 
 def platform_reasons(backend, device_type: str) -> list[str]:
@@ -101,10 +101,9 @@ def platform_reasons(backend, device_type: str) -> list[str]:
         elif device_type not in ("cpu", "cuda"):
             reasons.append(f"triton does not run on device type {device_type!r}")
     elif backend is Backend.NATIVE:
-        if device_type != "cuda":
-            reasons.append(f"the native extension is CUDA-only, got device type {device_type!r}")
-        if not _native_built():
-            reasons.append("the native extension impasto._native is not built (IMPASTO_BUILD_NATIVE=1)")
+        from . import native  # imports dispatch itself; loaded by impasto.kernels
+
+        reasons += native.reasons(device_type)
     return reasons
 
 
@@ -150,6 +149,8 @@ def select(op: str, device: torch.device | str, dtype: torch.dtype | None = None
     chosen = requested_backend(backend)
     if chosen is None:
         chosen = default_backend(device_type)
+        if device_type == "cpu" and op in NATIVE_CPU_DEFAULT and not not_supported_reasons(op, Backend.NATIVE, "cpu", dtype):
+            chosen = Backend.NATIVE
     if not not_supported_reasons(op, chosen, device_type, dtype):
         return chosen
     lines = [f"backend {chosen.value!r} cannot run {op!r} on {device_type} with dtype {dtype}:"]

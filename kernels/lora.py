@@ -377,10 +377,50 @@ def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32) if upcast else dtype
 
 
+def _segments(slots: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(slot, first row, end row) for each run of consecutive rows sharing one slot (M = 1)."""
+    ids = slots[:, 0].tolist()
+    runs, start = [], 0
+    for r in range(1, len(ids) + 1):
+        if r == len(ids) or ids[r] != ids[start]:
+            if ids[start] >= 0:
+                runs.append((ids[start], start, r))
+            start = r
+    return runs
+
+
+def _lora_apply_segments(y, x, A_pool, B_pool, slots, scales) -> None:
+    """One adapter per row (M = 1), fp32/fp64 on CPU: per run of rows sharing a slot, two plain
+    matmuls on the run's tokens straight from the pool, accumulated into y in place. A shared
+    adapter is then PEFT's own arithmetic ([rows*T, K] @ A, @ B), and distinct ones need no
+    per-layer gather of A and B. Pairs with slot -1 are never read, so free slots' contents
+    (NaN included) never reach y."""
+    rows, T, K = x.shape
+    N = y.shape[2]
+    for slot, r0, r1 in _segments(slots):
+        n = r1 - r0
+        h = torch.mm(x[r0:r1].reshape(n * T, K), A_pool[slot]).view(n, T, -1)  # [n, T, R]
+        h.mul_(scales[r0:r1, :1, None])
+        ys = y[r0:r1]
+        if ys.is_contiguous():
+            ys.view(n * T, N).addmm_(h.view(n * T, -1), B_pool[slot])
+        else:
+            ys.baddbmm_(h, B_pool[slot].expand(n, *B_pool.shape[1:]))
+
+
 @dispatch.register("lora_apply", "reference", dtypes=_REFERENCE_DTYPES)
 def _lora_apply_reference(y, x, A_pool, B_pool, slots, scales, meta: LoraMeta) -> None:
     if int(meta.stats[0]) == 0:
         return  # no adapter anywhere: y is not touched
+    if slots.shape[1] == 1 and y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64):
+        return _lora_apply_segments(y, x, A_pool, B_pool, slots, scales)
+    _lora_apply_gathered(y, x, A_pool, B_pool, slots, scales, meta)
+
+
+def _lora_apply_gathered(y, x, A_pool, B_pool, slots, scales, meta: LoraMeta) -> None:
+    """Any table: every row's M adapters' weights gathered side by side, two batched matmuls."""
+    if int(meta.stats[0]) == 0:
+        return
     h, B = _shrink_ref(x, A_pool, B_pool, slots, scales, upcast=True)  # [rows, T, M*R], [rows, M*R, N]
     if int(meta.stats[4]) == y.shape[0] and y.dtype == h.dtype:
         y.baddbmm_(h, B)  # every row has an adapter: accumulate in place, one pass over y

@@ -42,3 +42,4 @@ def pytest_configure(config):
     """CI prints the 20 slowest tests (the README's test command stays plain `pytest -q tests`)."""
     if config.option.durations is None:
         config.option.durations = 20
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (runs wherever torch sees one)")

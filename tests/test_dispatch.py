@@ -74,10 +74,14 @@ def test_dtype_rejection_names_the_dtype(_fake_op):
     assert _fake_op == ["reference"]
 
 
-def test_native_is_rejected_with_reasons():
+def test_native_is_rejected_with_reasons(monkeypatch):
     reasons = not_supported_reasons(OP, "native", "cpu")
-    assert any("CUDA-only" in r for r in reasons)
     assert any("no native implementation" in r for r in reasons)
+    from impasto.kernels import native  # not loaded: that is a reason too, for every op
+
+    monkeypatch.setitem(native._state, "origin", None)
+    monkeypatch.setattr(native, "load", lambda: False)
+    assert any("native extension is" in r for r in not_supported_reasons("lora_apply", "native", "cpu"))
 
 
 def test_unknown_backend_names_the_known_ones(monkeypatch):

@@ -206,9 +206,13 @@ def test_generate_from_a_done_callback_is_refused(eng):
     assert _eventually(lambda: errors) and "worker thread" in str(errors[0])
 
 
-def test_backend_override_reaches_the_worker_and_stays_in_its_context(eng):
+def test_backend_override_reaches_the_worker_and_stays_in_its_context(eng, monkeypatch):
+    from impasto.kernels import native
+
+    monkeypatch.setitem(native._state, "origin", None)  # as if not built: every op on it is refused
+    monkeypatch.setattr(native, "load", lambda: False)
     req = _req("a red star", seed=1, steps=1)
-    with use_backend("native"):  # not built here: every op on it is refused
+    with use_backend("native"):
         out = eng.generate_batch([req])[0]
     assert isinstance(out.error, impasto.RequestFailedError) and "native" in str(out.error)
     assert eng.generate_batch([req])[0].error is None  # the override did not leak
@@ -348,7 +352,7 @@ def test_full_queue_is_engine_busy(tiny_dir):
 def test_huge_prompt_is_cut_and_reported(eng):
     out = eng.generate("red " * 2_500_000, steps=1, seed=1, output_type="latent")
     assert any("cut from 10000000" in w for w in out.warnings)
-    assert any("truncated to the first 75" in w for w in out.warnings)
+    assert any(f"truncated to the first {75 * eng.limits['max_prompt_chunks']}" in w for w in out.warnings)
     assert not eng.generate("red star", steps=1, seed=1, output_type="latent").warnings
 
 

@@ -8,63 +8,9 @@ from __future__ import annotations
 
 import io
 import json
-import re
-from dataclasses import dataclass
 
-from ..errors import RequestError
-
-# A1111's extra-network syntax: <kind:arg1:arg2...>. `lyco` is an alias of `lora` since A1111 1.5.
-EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
-LORA_KINDS = ("lora", "lyco")
-
-
-class NotSupportedError(RequestError):
-    """A request names a feature that impasto has not landed yet (answered 422)."""
-
-
-@dataclass(frozen=True)
-class PromptAdapters:
-    """A prompt with its `<lora:...>` tags taken out: the text the model sees and the adapters."""
-
-    prompt: str
-    adapters: tuple  # ((name, scale), ...) in prompt order
-
-
-def parse_prompt(prompt: str) -> PromptAdapters:
-    """Take A1111 `<lora:NAME>` / `<lora:NAME:W>` tags out of `prompt`.
-
-    Semantics:
-      "a corgi <lora:corgi:0.8> on grass" -> PromptAdapters("a corgi on grass", (("corgi", 0.8),))
-      the default multiplier is 1.0 (A1111's extra_networks_default_multiplier); whitespace
-      runs left by a removed tag collapse to one space (CLIP's tokenizer does the same).
-
-    Raises NotSupportedError for what A1111 accepts but impasto cannot do yet: separate text
-    encoder / UNet multipliers (`<lora:n:0.5:0.8>`), step ranges (`start=`, `end=`) and other
-    network kinds (`<hypernet:...>`); RequestError for a multiplier that is not a number.
-    """
-    adapters = []
-
-    def take(m: re.Match) -> str:
-        kind, args = m.group(1).lower(), m.group(2).split(":")
-        if kind not in LORA_KINDS:
-            raise NotSupportedError(f"prompt: <{m.group(1)}:...> networks are not supported (only <lora:NAME:W>)")
-        name, rest = args[0].strip(), [a.strip() for a in args[1:]]
-        named = [a for a in rest if "=" in a]
-        if named:
-            raise NotSupportedError(f"prompt: <lora:{name}:...> options {named} (step-scheduled adapters) are not "
-                                    f"supported yet")
-        if len(rest) > 1:
-            raise NotSupportedError(f"prompt: <lora:{name}:{':'.join(rest)}>: separate text-encoder and UNet "
-                                    f"multipliers are not supported yet; give one multiplier")
-        try:
-            scale = float(rest[0]) if rest and rest[0] else 1.0
-        except ValueError:
-            raise RequestError(f"prompt: <lora:{name}:{rest[0]}>: the multiplier is not a number") from None
-        adapters.append((name, scale))
-        return " "
-
-    text = EXTRA_NETWORK.sub(take, prompt)
-    return PromptAdapters(" ".join(text.split()), tuple(adapters))
+from ..prompts import EXTRA_NETWORK, LORA_KINDS, NotSupportedError, PromptAdapters  # noqa: F401 - re-exported
+from ..prompts import parse_lora_tags as parse_prompt  # noqa: F401 - the one parser: engine, CLI and server
 
 
 def lora_tags(adapters) -> str:
@@ -96,6 +42,7 @@ def infotext(
     model: str,
     adapters=(),
     styles=None,
+    extra=None,
 ) -> str:
     """The A1111 `parameters` text of one image.
 
@@ -118,6 +65,7 @@ def infotext(
         "Size": f"{width}x{height}",
         "Model": model,
     }
+    params.update(extra or {})  # e.g. "Clip skip": 2, "Denoising strength": 0.6 (A1111's names)
     if styles:
         params["Style guidance"] = ", ".join(f"{n}: {_number(w)}" for n, w in styles.items())
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in params.items()))
@@ -134,6 +82,20 @@ def png_bytes(image, parameters: str) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
+
+
+def read_parameters(path) -> str | None:
+    """The `parameters` text of the PNG at `path` (None when it has none); a file that is not an
+    image is a RequestError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ..errors import RequestError
+
+    try:
+        with Image.open(path) as im:
+            return im.info.get("parameters")
+    except (OSError, UnidentifiedImageError) as e:
+        raise RequestError(f"{path}: not a readable image ({e})") from None
 
 
 def save_png(image, path, parameters: str) -> None:
