@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -279,5 +280,93 @@ def main():
                   f"{ta['denoise']:.3f} | {max(ta['denoise'] - tc['denoise'], 0):.3f} | {ta['decode']:.3f} |")
 
 
+# --- the shared-file layouts (LoCon, LoHa, LoKr, DoRA) next to plain LoRA -------------------------
+
+CONVS = ["conv1", "conv2"]  # every resnet's 3x3 convs
+
+
+def layout_configs():
+    """Layout -> PEFT config of one adapter (what each tool's users train at about this size)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    return {
+        "lora": LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS, init_lora_weights=False),
+        "locon": LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS + CONVS, init_lora_weights=False),
+        "loha": LoHaConfig(r=RANK // 2, alpha=RANK // 2, target_modules=TARGETS + CONVS, init_weights=False),
+        "lokr": LoKrConfig(r=RANK // 2, alpha=RANK // 2, target_modules=TARGETS + CONVS, init_weights=False),
+        "dora": LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS, use_dora=True, init_lora_weights=False),
+    }
+
+
+def layouts_main():
+    """N requests, each naming its own adapter of one layout, in one generate_batch; cost over the
+    same requests without adapters and over plain LoRA, in one run.
+
+        .venv/bin/python benchmarks/bench_multi_lora.py --layouts [--n 4] [--steps 5] [--repeats 2]
+    """
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layouts", action="store_true")
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    import impasto
+    from diffusers import UNet2DConditionModel
+    from peft import get_peft_model
+
+    from impasto.tiny import build_random_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = os.path.join(tmp, "model")
+        build_random_model(model, seed=0, unet_config=UNET)
+        engine = impasto.Engine.from_pretrained(model, slots_per_bucket=args.n)
+        configs = layout_configs()
+        for layout, config in configs.items():
+            for i in range(args.n):
+                torch.manual_seed(i)
+                peft_model = get_peft_model(UNet2DConditionModel.from_pretrained(model, subfolder="unet"), config)
+                with torch.no_grad():  # small random factors: a trained adapter's size, not zeros
+                    for name, p in peft_model.named_parameters():
+                        if any(k in name for k in ("lora_A", "lora_B", "hada_", "lokr_")):
+                            p.copy_(torch.randn_like(p) * 0.05)
+                folder = os.path.join(tmp, f"{layout}{i}")
+                peft_model.save_pretrained(folder)
+                engine.adapters.register(f"{layout}{i}", folder)
+        print(f"config: UNet {UNET}, {args.n} requests each naming its own adapter, PEFT files: "
+              + "; ".join(f"{k}: {type(c).__name__} r={c.r} on {sorted(c.target_modules)}" for k, c in configs.items())
+              + f"; DDIM, cfg 7.5, {args.steps} steps, {args.size}x{args.size} px, float32, "
+              f"{torch.get_num_threads()} threads, median of {args.repeats} after a warm-up")
+
+        def run(layout):
+            reqs = [impasto.Request(f"a red star number {i}", adapters=[f"{layout}{i}"] if layout else [], seed=i,
+                                    steps=args.steps, height=args.size, width=args.size, output_type="np")
+                    for i in range(args.n)]
+            t, c = time.perf_counter(), time.process_time()
+            outs = engine.generate_batch(reqs)
+            assert all(o.error is None for o in outs), [o.error for o in outs]
+            return time.perf_counter() - t, time.process_time() - c
+
+        layouts = [None, *configs]
+        for layout in layouts:
+            run(layout)  # warm-up
+        times = {layout: [] for layout in layouts}
+        for _ in range(args.repeats):  # interleaved, so load drift hits every layout alike
+            for layout in layouts:
+                times[layout].append(run(layout))
+        # process CPU time: what the layout costs, less sensitive than wall time to other processes
+        wall = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
+        cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
+        print("\n| layout | img/s (wall) | CPU s per batch | cost over no adapters (CPU ratio) | cost over plain LoRA "
+              "(CPU ratio) | over no adapters (wall ratio) |")
+        print("|---|---|---|---|---|---|")
+        print(f"| none | {args.n / wall[None]:.2f} | {cpu[None]:.2f} | 1.00x | - | 1.00x |")
+        for layout in configs:
+            print(f"| {layout} | {args.n / wall[layout]:.2f} | {cpu[layout]:.2f} | {cpu[layout] / cpu[None]:.2f}x | "
+                  f"{cpu[layout] / cpu['lora']:.2f}x | {wall[layout] / wall[None]:.2f}x |")
+
+
 if __name__ == "__main__":
-    main()
+    layouts_main() if "--layouts" in sys.argv[1:] else main()

@@ -185,6 +185,7 @@ class Engine:
         self.lora = runtime(base.unet, fixed_targets=fixed, key="unet")
         self.te_lora = runtime(base.text_encoder, key="text_encoder")
         self.adapters.runtimes = (self.lora, self.te_lora)
+        self.adapters.tokenizer = base.tokenizer
         self.unet = base.unet
         if compile:
             self.unet = torch.compile(base.unet, backend="inductor" if compile is True else compile, dynamic=False)
@@ -390,6 +391,8 @@ class Engine:
                 raise AdapterNameError(f"guidance.styles: {name!r} is a {info.family} adapter, not a style adapter")
             styles.append((name, info.suffix))
         adapters = self.adapters.resolve(adapters)
+        # textual-inversion embeddings apply wherever their token is a word of a prompt (A1111)
+        adapters = adapters + self.adapters.implicit((prompt_text, req.negative_prompt or ""), {a.name for a in adapters})
         self._check_adapters(adapters, req, prompt_text)
         adapters, uncond_key = self._attach_images(adapters, req)
         warnings = []

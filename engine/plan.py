@@ -124,7 +124,13 @@ def _stack(rows: list, dtype) -> tuple[torch.Tensor, list]:
 PLACEHOLDER = r"<[^<>\s]+>"  # how learned-token placeholders look in a prompt: <corgi>, <new1>
 
 
-def tokenize_with_placeholders(tokenizer, text: str, placeholders) -> tuple[list[int], list[tuple[int, str]]]:
+def _as_word(p: str) -> str:
+    import re
+
+    return (r"(?<!\w)" if re.match(r"\w", p) else "") + re.escape(p) + (r"(?!\w)" if re.search(r"\w$", p) else "")
+
+
+def tokenize_with_placeholders(tokenizer, text: str, placeholders, widths=None) -> tuple[list[int], list[tuple[int, str]]]:
     """Tokenize `text` as diffusers does once each placeholder is a single added token.
 
     The tokenizer is never grown: each placeholder occupies one position, holding the id of the
@@ -135,15 +141,16 @@ def tokenize_with_placeholders(tokenizer, text: str, placeholders) -> tuple[list
 
     max_len = tokenizer.model_max_length
     if placeholders:
-        pattern = "(" + "|".join(re.escape(p) for p in sorted(placeholders, key=len, reverse=True)) + ")"
+        # a word-like token (a textual-inversion "easyneg") matches only as a whole word
+        pattern = "(" + "|".join(_as_word(p) for p in sorted(placeholders, key=len, reverse=True)) + ")"
         pieces = re.split(pattern, text)
     else:
         pieces = [text]
     ids, marks = [], []
     for i, piece in enumerate(pieces):
-        if i % 2 == 1:  # a placeholder
+        if i % 2 == 1:  # a placeholder: one position per vector of its embedding
             marks.append((len(ids) + 1, piece))  # +1: BOS comes first
-            ids.append(tokenizer.unk_token_id)
+            ids += [tokenizer.unk_token_id] * (widths or {}).get(piece, 1)
         elif piece:
             ids += tokenizer(piece, add_special_tokens=False).input_ids
     ids = ids[: max_len - 2]  # truncation, as tokenizer(truncation=True) keeps BOS and EOS
@@ -158,13 +165,15 @@ def encode_with_tokens(tokenizer, text_encoder, texts: list[str], tokens: list[d
     """Semantics: out[i] = text_encoder(texts[i]) with each placeholder p of tokens[i] encoded as
     one token whose input embedding is tokens[i][p] (textual-inversion style, per row).
 
-    texts: B strings; tokens: B dicts placeholder -> embedding, Shape [D_emb].
+    texts: B strings; tokens: B dicts placeholder -> embedding, Shape [D_emb], or [n, D_emb] for a
+    multi-vector embedding, which occupies n consecutive positions (diffusers expands it so).
     Returns Shape [B, L, D]. Other rows and the text encoder's tables are untouched.
     grad: autograd on, so gradients reach token embeddings that require them (training).
     """
     rows, injections = [], []
     for b, (text, tok) in enumerate(zip(texts, tokens)):
-        ids, marks = tokenize_with_placeholders(tokenizer, text, list(tok))
+        widths = {p: e.shape[0] for p, e in tok.items() if e.dim() == 2}  # multi-vector embeddings
+        ids, marks = tokenize_with_placeholders(tokenizer, text, list(tok), widths)
         rows.append(ids)
         injections += [(b, pos, tok[p]) for pos, p in marks]
     input_ids = torch.tensor(rows, device=device)
@@ -173,7 +182,8 @@ def encode_with_tokens(tokenizer, text_encoder, texts: list[str], tokens: list[d
     def inject(module, args, output):
         output = output.clone()
         for b, pos, vec in injections:
-            output[b, pos] = vec.to(device=output.device, dtype=output.dtype)
+            vec = vec.reshape(-1, output.shape[-1])[: output.shape[1] - 1 - pos]  # truncation keeps EOS
+            output[b, pos : pos + vec.shape[0]] = vec.to(device=output.device, dtype=output.dtype)
         return output
 
     handle = emb.register_forward_hook(inject) if injections else None

@@ -163,7 +163,13 @@ class Chunk:
     marks: list
 
 
-def chunk_prompt(tokenizer, text: str, placeholders=(), *, weighted: bool = False) -> list[Chunk]:
+def _as_word(p: str) -> str:
+    """The regex of placeholder `p`: a word-like token (a textual-inversion "easyneg") matches only
+    as a whole word; "<corgi>" anywhere."""
+    return (r"(?<!\w)" if re.match(r"\w", p) else "") + re.escape(p) + (r"(?!\w)" if re.search(r"\w$", p) else "")
+
+
+def chunk_prompt(tokenizer, text: str, placeholders=(), *, weighted: bool = False, widths=None) -> list[Chunk]:
     """Semantics: A1111's `tokenize_line` (emphasis "Original" when `weighted`, "None" otherwise):
     the prompt as chunks of 77 = [BOS, <=75 tokens, EOS, PAD...] with per-token multipliers; a
     placeholder of `placeholders` (a learned token, engine/plan.py) is one position holding the
@@ -173,7 +179,7 @@ def chunk_prompt(tokenizer, text: str, placeholders=(), *, weighted: bool = Fals
     comma = tokenizer.get_vocab().get(",</w>")
     pattern = None
     if placeholders:
-        pattern = "(" + "|".join(re.escape(p) for p in sorted(placeholders, key=len, reverse=True)) + ")"
+        pattern = "(" + "|".join(_as_word(p) for p in sorted(placeholders, key=len, reverse=True)) + ")"
     chunks: list[Chunk] = []
     cur: list = []  # [(id, weight, placeholder or None)]
     last_comma = -1
@@ -193,8 +199,9 @@ def chunk_prompt(tokenizer, text: str, placeholders=(), *, weighted: bool = Fals
             continue
         tokens = []
         for i, part in enumerate(re.split(pattern, piece) if pattern else [piece]):
-            if i % 2 == 1:
-                tokens.append((tokenizer.unk_token_id, part))
+            if i % 2 == 1:  # n positions for an n-vector embedding (widths), as diffusers expands it
+                tokens += [(tokenizer.unk_token_id, part if k == 0 else (part, k))
+                           for k in range((widths or {}).get(part, 1))]
             elif part:
                 tokens += [(t, None) for t in tokenizer(part, add_special_tokens=False).input_ids]
         for token, placeholder in tokens:
@@ -225,7 +232,8 @@ def encode_prompts(tokenizer, text_encoder, prompts: list, tokens: list, device,
     truncated or padded with empty chunks to exactly c_i; every chunk encoded on its own through
     the text encoder (clip_skip k > 1: the k-th last hidden state through the final layer norm,
     diffusers' clip_skip = k - 1); when weighted, z = z * w then z * (mean(z_before) / mean(z))
-    per chunk; the chunks concatenated. tokens[i]: placeholder -> input embedding, Shape [D_emb].
+    per chunk; the chunks concatenated. tokens[i]: placeholder -> input embedding, Shape [D_emb]
+    (or [n, D_emb]: n consecutive positions).
     te_rows / te_lora / te_files: the text-encoder LoRA rows of each prompt (engine/plan.py),
     applied to every chunk of that prompt. All chunks of all prompts run in ONE encoder call.
     grad: autograd on (training), so gradients reach token embeddings that require them.
@@ -234,10 +242,13 @@ def encode_prompts(tokenizer, text_encoder, prompts: list, tokens: list, device,
 
     rows, meta, injections = [], [], []
     for i, ((text, n_chunks, clip_skip, weighted), tok) in enumerate(zip(prompts, tokens)):
-        chunks = chunk_prompt(tokenizer, text, list(tok), weighted=weighted)[:n_chunks]
+        widths = {p: e.shape[0] for p, e in tok.items() if e.dim() == 2}  # multi-vector embeddings
+        chunks = chunk_prompt(tokenizer, text, list(tok), weighted=weighted, widths=widths)[:n_chunks]
         chunks += [empty_chunk(tokenizer)] * (n_chunks - len(chunks))
         for c in chunks:
-            injections += [(len(rows), pos, tok[p]) for pos, p in c.marks]
+            for pos, p in c.marks:  # p: a placeholder, or (placeholder, k) for its k-th vector
+                name, k = (p, 0) if isinstance(p, str) else p
+                injections.append((len(rows), pos, tok[name].reshape(-1, tok[name].shape[-1])[k]))
             rows.append(c.ids)
             meta.append((i, clip_skip, weighted, c.weights))
     input_ids = torch.tensor(rows, device=device)

@@ -347,29 +347,21 @@ def _edit(path, fn):
 KQ = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
 
 
-def case_dora(tmp_path):
-    return _peft_file(tmp_path, r=2, lora_alpha=2, use_dora=True, target_modules=["to_q"]), AdapterUnsupportedError, "DoRA", "lora_magnitude_vector"
-
-
 def case_dora_kohya(tmp_path):
     return _kohya_file(tmp_path, {KQ + ".dora_scale": torch.ones(1, 64)}), AdapterUnsupportedError, "DoRA", "dora_scale"
 
 
-def case_loha(tmp_path):
-    extra = {f"{KQ}.hada_{w}": torch.randn(2, 64) for w in ("w1_a", "w1_b", "w2_a", "w2_b")}
+def case_loha_incomplete(tmp_path):
+    extra = {f"{KQ}.hada_{w}": torch.randn(2, 64) for w in ("w1_a", "w1_b", "w2_a")}
     path = tmp_path / "k.safetensors"
     save_file(dict(extra, **{KQ + ".alpha": torch.tensor(1.0)}), path)
-    return path, AdapterUnsupportedError, "LoHa", "hada_w1_a"
+    return path, AdapterFormatError, "LoHa", "hada_w1_a"
 
 
-def case_lokr(tmp_path):
+def case_lokr_both_halves(tmp_path):
     path = tmp_path / "k.safetensors"
-    save_file({KQ + ".lokr_w1": torch.randn(8, 8), KQ + ".lokr_w2": torch.randn(8, 8)}, path)
-    return path, AdapterUnsupportedError, "LoKr", "lokr_w1"
-
-
-def case_conv3x3(tmp_path):
-    return _peft_file(tmp_path, r=2, lora_alpha=2, target_modules=["conv1"]), AdapterUnsupportedError, "3x3-conv", "conv1.lora_A.weight"
+    save_file({KQ + ".lokr_w1": torch.randn(8, 8), KQ + ".lokr_w1_a": torch.randn(8, 2), KQ + ".lokr_w2": torch.randn(8, 8)}, path)
+    return path, AdapterFormatError, "LoKr", "lokr_w1"
 
 
 def case_unknown_key(tmp_path):
@@ -414,7 +406,7 @@ def case_missing_up(tmp_path):
     return _edit(path, lambda s: s.pop(KQ + ".lora_up.weight")), AdapterFormatError, "no up", KQ + ".lora_down.weight"
 
 
-REFUSALS = [case_dora, case_dora_kohya, case_loha, case_lokr, case_conv3x3, case_unknown_key, case_other_base,
+REFUSALS = [case_dora_kohya, case_loha_incomplete, case_lokr_both_halves, case_unknown_key, case_other_base,
             case_rank_mismatch, case_truncated, case_corrupt_header, case_missing, case_missing_up]
 
 

@@ -39,6 +39,7 @@ import torch
 from impasto.kernels import lora_apply, lora_delta, lora_meta
 
 from ..errors import AdapterError, AdapterShapeError, AdapterValueError
+from .lora_variants import VARIANTS, variant_delta, variant_tables
 
 RANK_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -107,7 +108,7 @@ def validate_lora_header(header, targets: dict, max_rank: int, all_targets: dict
     (when the engine serves a subset, a module in all_targets but not targets gets its own message).
     """
     path = header.path
-    if not header.layers and not header.text_encoder_keys:
+    if not header.layers and not header.text_encoder_keys and not getattr(header, "variants", None):
         raise AdapterShapeError(f"{path}: no LoRA layers found")
     for module, info in header.layers.items():
         if module not in targets:
@@ -227,6 +228,14 @@ class LoraRuntime:
     def load(self, name: str, lora, pinned: set[str]) -> None:
         """Copy adapter `name` (a LoraFile) into a slot of its bucket, in place, unless resident."""
         where = f"{getattr(lora, 'path', '?')}: adapter {name!r}"
+        variants = getattr(lora, "variants", None) or {}
+        for module in variants:  # LoCon / LoHa / LoKr / DoRA: no slot, their own path of the hook
+            if self.fixed:
+                raise AdapterShapeError(f"{where}: {variants[module].kind} layer on {module!r}: the fixed LoRA pools "
+                                        "serve only low-rank linear pairs")
+            self._hook_module(module)
+        if not lora.layers and variants:
+            return
         if not lora.layers:
             raise AdapterError(f"{where} has no layers for this model")
         rank = max(layer.rank for layer in lora.layers.values())
@@ -297,14 +306,19 @@ class LoraRuntime:
         metadata per rank bucket (reused by every module and every step), or None when no row
         names an adapter (lazy mode).
         """
+        variant_rows = [[(n, w) for n, w in row if getattr(files[n], "variants", None)] for row in row_adapters]
+        for name in sorted({n for row in variant_rows for n, _ in row}):
+            self.load(name, files[name], pinned=set())  # hooks their modules (they hold no slot)
+        variants = variant_tables(self.modules, variant_rows, files, self.device) if any(variant_rows) else None
         # adapters with no layers in this model (a text-encoder-only LoRA seen by the UNet) skip
         row_adapters = [[(n, w) for n, w in row if files[n].layers] for row in row_adapters]
         names = {n for row in row_adapters for n, _ in row}
         if not names and not self.fixed:
-            return None
+            return {VARIANTS: variants} if variants else None
         for name in sorted(names):
             self.load(name, files[name], pinned=names)
-        return self._fixed_table(row_adapters) if self.fixed else self._packed_tables(row_adapters, names)
+        tables = self._fixed_table(row_adapters) if self.fixed else self._packed_tables(row_adapters, names)
+        return {**tables, VARIANTS: variants} if variants else tables
 
     def set_tables(self, tables, rows: int) -> None:
         """What the hooks apply from now on: `tables` for a batch of `rows` rows (None: nothing)."""
@@ -374,6 +388,9 @@ class LoraRuntime:
                 return None
             tables, rows = active
             pools = self.pools.get(name, {})
+            uses = (tables.get(VARIANTS) or {}).get(name)
+            if uses:  # from the base output, before the pool path adds to it in place
+                output = output + variant_delta(module, args[0], output, uses)
             for bucket, table in tables.items():
                 if bucket in pools:
                     output = self._apply(module, args[0], output, *pools[bucket], table, rows)

@@ -54,9 +54,10 @@ Scale, per layout (verified against diffusers 0.42.1 + peft 0.21.2 in tests/test
 
 Refusals, each naming the file and the key: text-encoder keys (``lora_te_``, ``lora_te1_``,
 ``lora_te2_``, ``text_encoder.``, ``text_encoder_2.``, ``te_``...) are not refused here: they come
-back untouched in ``text_encoder_layers`` for the engine to decide. DoRA, LoHa, LoKr, LoCon
-Tucker, 3x3-conv LoRA, LoRA with bias and other PEFT variants raise AdapterUnsupportedError naming
-the kind; unknown keys, truncated or corrupt files, missing files and PEFT files without their
+back untouched in ``text_encoder_layers`` for the engine to decide. LoCon (kxk conv LoRA), LoHa,
+LoKr and DoRA layers come back in ``variants`` (lora_variants.py: their keys, math and per-row
+path); LyCORIS DoRA (``dora_scale``), LoCon Tucker, LoRA with bias and other PEFT variants raise
+AdapterUnsupportedError naming the kind; unknown keys, truncated or corrupt files, missing files and PEFT files without their
 config raise AdapterFormatError; a module the base UNet does not have raises AdapterShapeError;
 a down/up rank mismatch raises AdapterShapeError; NaN/Inf or non-float weights raise
 AdapterValueError (checked by ``read_lora``, not by ``read_lora_header``). Files are opened
@@ -88,6 +89,7 @@ from typing import Iterable
 
 import torch
 from ..errors import AdapterFormatError, AdapterShapeError, AdapterUnsupportedError, AdapterValueError
+from . import lora_variants
 from .files import ALPHA_BOUND, WeightsFile, checked, opened
 
 logger = logging.getLogger(__name__)
@@ -127,17 +129,7 @@ _TEXT_ENCODER_PREFIXES = (
 
 # Substrings that mark an adapter kind impasto refuses by name (checked before anything else).
 _UNSUPPORTED_MARKERS = (
-    ("lora_magnitude_vector", "DoRA"),
-    ("dora_scale", "DoRA"),
-    ("hada_w1_a", "LoHa"),
-    ("hada_w1_b", "LoHa"),
-    ("hada_w2_a", "LoHa"),
-    ("hada_w2_b", "LoHa"),
-    ("hada_t1", "LoHa"),
-    ("hada_t2", "LoHa"),
-    ("lokr_w1", "LoKr"),
-    ("lokr_w2", "LoKr"),
-    ("lokr_t2", "LoKr"),
+    ("dora_scale", "LyCORIS DoRA (dora_scale)"),
     ("lora_mid", "LoCon with Tucker decomposition (lora_mid)"),
     ("oft_blocks", "OFT"),
     ("oft_diag", "OFT"),
@@ -150,7 +142,6 @@ _UNSUPPORTED_MARKERS = (
 
 # LoraConfig fields that turn PEFT's LoRA into a different computation (peft 0.21.2 lora variants).
 _UNSUPPORTED_CONFIG_FIELDS = (
-    ("use_dora", "DoRA"),
     ("lora_bias", "LoRA with bias (lora_bias=True)"),
     ("velora_config", "VeLoRA"),
     ("alora_invocation_tokens", "aLoRA"),
@@ -169,11 +160,14 @@ _SUFFIX_ROLES = (
     (".lora.up.weight", "up", True),
     (".lora_A.weight", "down", False),
     (".lora_B.weight", "up", False),
-)
+    (".lora_magnitude_vector.weight", "magnitude", False),  # PEFT DoRA as diffusers keeps it
+    (".lora_magnitude_vector", "magnitude", False),  # PEFT DoRA (get_peft_model_state_dict)
+) + tuple((suffix, suffix[1:], False) for suffix in lora_variants.ROLE_SUFFIXES)  # PEFT LoHa / LoKr
 # Old attention-processor layout: "<attn>.processor.to_q_lora.down.weight" -> module "<attn>.to_q".
 _PROCESSOR_KEY = re.compile(r"^(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)\.weight$")
 _PROCESSOR_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
-_KOHYA_SUFFIXES = ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha"))
+_KOHYA_SUFFIXES = ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha")) + tuple(
+    (suffix, suffix[1:]) for suffix in lora_variants.ROLE_SUFFIXES)  # LyCORIS LoHa / LoKr, kohya names
 _SGM_BLOCK_NAMES = ("input_blocks_", "middle_block_", "output_blocks_", "label_emb_", "time_embed_")
 
 
@@ -215,6 +209,7 @@ class LoraFileHeader:
     metadata: dict[str, str]  # the safetensors header metadata ({} for .bin)
     nbytes: int  # bytes of the UNet layers' A and B tensors as stored
     notes: list[str] = field(default_factory=list)  # what was read differently from the obvious
+    variants: dict = field(default_factory=dict)  # module -> lora_variants.VariantLayerInfo (LoCon, LoHa, LoKr, DoRA)
 
 
 @dataclass
@@ -227,6 +222,7 @@ class LoraFile:
     text_encoder_layers: dict[str, torch.Tensor]  # raw key -> tensor, untouched, for the engine
     metadata: dict[str, str]  # the safetensors header metadata (str -> str; {} for .bin)
     notes: list[str] = field(default_factory=list)
+    variants: dict = field(default_factory=dict)  # module -> lora_variants.VariantLayer, served by their own path
 
 
 def _resolve_path(path) -> tuple[str, str | None]:
@@ -351,6 +347,10 @@ class _Parsed:
 
 def _parse_keys(path: str, keys: list[str], unet_module_names: set[str]) -> _Parsed:
     te_keys = [k for k in keys if _is_text_encoder_key(k)]
+    for k in te_keys:
+        if k.endswith(lora_variants.ROLE_SUFFIXES) or "magnitude" in k:
+            kind = "LoHa" if ".hada_" in k else "LoKr" if ".lokr_" in k else "DoRA"
+            raise AdapterUnsupportedError(f"{path}: {kind} on the text encoder is not supported (key {k!r})")
     unet_keys = [k for k in keys if not _is_text_encoder_key(k)]
     for k in unet_keys:
         _refuse_unsupported(path, k)
@@ -403,13 +403,14 @@ def _parse_keys(path: str, keys: list[str], unet_module_names: set[str]) -> _Par
 
     ignored_alpha = []
     for module, slot in sorted(entries.items()):
-        if "down" not in slot or "up" not in slot:
+        variant = set(slot) - {"down", "up", "alpha", "magnitude"}  # LoHa / LoKr roles: checked by classify
+        if not variant and ("down" not in slot or "up" not in slot):
             have = slot.get("down") or slot.get("up") or slot.get("alpha")
             missing = "up (B)" if "down" in slot else "down (A)"
             raise AdapterFormatError(f"{path}: module {module!r} has no {missing} weight (have {have!r})")
         if module not in unet_module_names:
             raise AdapterShapeError(
-                f"{path}: adapter made for another base model: no module {module!r} (key {slot['down']!r})"
+                f"{path}: adapter made for another base model: no module {module!r} (key {next(iter(slot.values()))!r})"
             )
         if "alpha" in slot and fmt != "kohya":
             ignored_alpha.append(slot.pop("alpha"))
@@ -432,11 +433,12 @@ def _get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str:
 class _ConfigScale:
     """PEFT's per-module r and scaling from a LoraConfig dict."""
 
-    def __init__(self, config: dict, path: str, where: str):
+    def __init__(self, config: dict, path: str, where: str, peft_type: str = "LORA"):
         self.path, self.where = path, where
-        peft_type = config.get("peft_type", "LORA")
-        if str(peft_type).upper() != "LORA":
-            raise AdapterUnsupportedError(f"{path}: {where} declares peft_type {peft_type!r}; only LoRA is supported")
+        declared = config.get("peft_type", "LORA")
+        if str(declared).upper() != peft_type:
+            raise AdapterUnsupportedError(f"{path}: {where} declares peft_type {declared!r}, the file holds {peft_type} "
+                                          "keys (impasto reads PEFT's LORA, LOHA and LOKR)")
         for name, kind in _UNSUPPORTED_CONFIG_FIELDS:
             if config.get(name):
                 raise AdapterUnsupportedError(f"{path}: {kind} adapters are not supported ({where} field {name!r})")
@@ -444,14 +446,14 @@ class _ConfigScale:
             raise AdapterUnsupportedError(f"{path}: MiCA adapters are not supported ({where} init_lora_weights='mica')")
         try:
             self.r = int(config.get("r", 8))
-            self.alpha = float(config.get("lora_alpha", 8))
+            self.alpha = float(config.get("lora_alpha" if peft_type == "LORA" else "alpha", 8))
             self.rank_pattern = dict(config.get("rank_pattern") or {})
             self.alpha_pattern = dict(config.get("alpha_pattern") or {})
             self.use_rslora = bool(config.get("use_rslora", False))
         except (TypeError, ValueError) as e:
             raise AdapterFormatError(f"{path}: malformed LoRA config in {where}: {e}") from e
 
-    def scale(self, module: str, rank: int, key: str) -> float:
+    def scale(self, module: str, rank: int, key: str, *, rank_in_file: bool = True) -> float:
         try:
             r = self.rank_pattern.get(_get_pattern_key(self.rank_pattern.keys(), module), self.r)
             alpha = self.alpha_pattern.get(_get_pattern_key(self.alpha_pattern.keys(), module), self.alpha)
@@ -459,6 +461,8 @@ class _ConfigScale:
             raise AdapterFormatError(f"{self.path}: {self.where}: malformed rank_pattern / alpha_pattern: {e}") from None
         if not isinstance(r, int) or isinstance(r, bool):
             raise AdapterFormatError(f"{self.path}: {self.where} gives module {module!r} rank {r!r:.40}, not an integer")
+        if not rank_in_file:  # LoKr with both halves full: PEFT still scales by alpha / r
+            rank = int(r)
         if int(r) != rank:
             raise AdapterFormatError(
                 f"{self.path}: {self.where} gives module {module!r} rank {r}, but {key!r} has rank {rank}"
@@ -526,6 +530,45 @@ def _layer_scales(path, parsed: _Parsed, src: WeightsFile, peft_config: dict | N
     return {m: rule.scale(m, ranks[m], parsed.entries[m]["down"]) for m in parsed.entries}
 
 
+def _variant_scales(path, fmt: str, entries: dict, kinds: dict, src: WeightsFile, peft_config) -> dict[str, float]:
+    """LoHa / LoKr scale c per module, as their tools apply it: LyCORIS (kohya names) alpha / r from
+    the module's `.alpha` (no alpha or 0: alpha = r; LoKr with both halves full: 1); PEFT
+    (LoHaConfig / LoKrConfig) alpha / r from adapter_config.json, rank_pattern / alpha_pattern."""
+    shapes = {m: {role: src.shape(k) for role, k in e.items() if role != "alpha"} for m, e in entries.items()}
+    ranks = {m: lora_variants.rank_of(kinds[m], shapes[m]) for m in entries}
+    if fmt == "kohya":
+        alpha_keys = [e["alpha"] for e in entries.values() if "alpha" in e]
+        alphas = {k: v for k, v in src.tensors(alpha_keys).items()}
+        out = {}
+        for m, e in entries.items():
+            if ranks[m] == 0:
+                out[m] = 1.0
+                continue
+            alpha = 0.0
+            if "alpha" in e:
+                value = alphas[e["alpha"]]
+                if value.numel() != 1:
+                    raise AdapterFormatError(f"{path}: alpha {e['alpha']!r} must be a scalar, has shape {tuple(value.shape)}")
+                alpha = check_alpha(path, f"alpha {e['alpha']!r}", float(value.float().item()), ranks[m])
+            out[m] = (alpha if alpha != 0.0 else ranks[m]) / ranks[m]
+        return out
+    if fmt != "peft":
+        first = next(iter(entries.values()))
+        raise AdapterUnsupportedError(f"{path}: LoHa / LoKr keys in a {fmt} layout (key {next(iter(first.values()))!r}); "
+                                      "impasto reads them as LyCORIS (lora_unet_ names) or PEFT write them")
+    if peft_config is None:
+        raise AdapterFormatError(f"{path}: PEFT adapter weights without {PEFT_CONFIG_NAME} beside them: alpha is unknown")
+    out = {}
+    for kind in ("loha", "lokr"):
+        mods = [m for m in entries if kinds[m] == kind]
+        if mods:
+            rule = _ConfigScale(peft_config, path, PEFT_CONFIG_NAME, peft_type=kind.upper())
+            for m in mods:
+                key = next(iter(v for r, v in entries[m].items() if r != "alpha"))
+                out[m] = rule.scale(m, ranks[m], key, rank_in_file=ranks[m] > 0)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Shapes.
 # ---------------------------------------------------------------------------------------------
@@ -565,14 +608,38 @@ def _read_header(path, unet_module_names) -> tuple[LoraFileHeader, WeightsFile]:
     # Only PEFT's loader reads adapter_config.json; diffusers' loaders ignore one beside their files.
     peft_config = _read_peft_config(config_path) if parsed.format == "peft" and config_path else None
     notes: list[str] = []
-    scales = _layer_scales(weights_path, parsed, src, peft_config, notes)
+    shapes = {k: src.shape(k) for k in src.keys()}
+    kinds = {m: lora_variants.classify(weights_path, m, slot, shapes) for m, slot in parsed.entries.items()}
+    # plain pairs, 3x3-conv LoRA and DoRA take LoRA's scale rule; LoHa / LoKr their own
+    lora_like = {m: e for m, e in parsed.entries.items() if kinds[m] in (None, "conv", "dora")}
+    scales = {}
+    if lora_like:
+        scales = _layer_scales(weights_path, _Parsed(parsed.format, lora_like, parsed.text_encoder_keys,
+                                                     parsed.ignored_alpha_keys), src, peft_config, notes)
+    hadamard = {m: e for m, e in parsed.entries.items() if kinds[m] in ("loha", "lokr")}
+    if hadamard:
+        scales.update(_variant_scales(weights_path, parsed.format, hadamard, kinds, src, peft_config))
     layers = {
         m: _layer_info(weights_path, m, parsed.entries[m], src, scales[m]) for m in sorted(parsed.entries)
+        if kinds[m] is None
     }
+    variants = {}
+    for m in sorted(parsed.entries):
+        if kinds[m] is None:
+            continue
+        keys = {role: k for role, k in parsed.entries[m].items() if role != "alpha"}
+        for key in keys.values():
+            if not src.dtype(key).is_floating_point:
+                raise AdapterValueError(f"{weights_path}: {key!r} has dtype {src.dtype(key)}; weights must be floating point")
+        sh = {role: tuple(shapes[k]) for role, k in keys.items()}
+        variants[m] = lora_variants.VariantLayerInfo(
+            kind=kinds[m], keys=keys, shapes=sh, rank=lora_variants.rank_of(kinds[m], sh), scale=scales[m],
+            nbytes=sum(src.nbytes(k) for k in keys.values()))
     nbytes = sum(src.nbytes(i.down_key) + src.nbytes(i.up_key) for i in layers.values())
+    nbytes += sum(v.nbytes for v in variants.values())
     header = LoraFileHeader(
         path=weights_path, format=parsed.format, layers=layers, text_encoder_keys=parsed.text_encoder_keys,
-        metadata=src.metadata, nbytes=nbytes, notes=notes,
+        metadata=src.metadata, nbytes=nbytes, notes=notes, variants=variants,
     )
     return header, src
 
@@ -606,6 +673,7 @@ def read_lora(path, unet_module_names: Iterable[str], *, dtype: torch.dtype = to
     header, src = _read_header(path, unet_module_names)
     p = header.path
     keys = [k for info in header.layers.values() for k in (info.down_key, info.up_key)]
+    keys += [k for v in header.variants.values() for k in v.keys.values()]
     raw = src.tensors(keys + header.text_encoder_keys)
     layers = {}
     for module, info in header.layers.items():
@@ -620,9 +688,20 @@ def read_lora(path, unet_module_names: Iterable[str], *, dtype: torch.dtype = to
                 raise AdapterValueError(f"{p}: {key!r} contains {bad} (as {dtype})")
             pair.append(t)
         layers[module] = LoraLayer(down=pair[0], up=pair[1], scale=info.scale)
+    variants = {}
+    for module, v in header.variants.items():
+        tensors = {}
+        for role, key in v.keys.items():
+            t = raw[key].to(dtype=dtype).contiguous()
+            if not bool(torch.isfinite(t).all()):
+                bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+                raise AdapterValueError(f"{p}: {key!r} contains {bad} (as {dtype})")
+            tensors[role] = t
+        variants[module] = lora_variants.VariantLayer(kind=v.kind, tensors=tensors, rank=v.rank, scale=v.scale)
     te = {k: raw[k] for k in header.text_encoder_keys}
     return LoraFile(
-        path=p, format=header.format, layers=layers, text_encoder_layers=te, metadata=header.metadata, notes=header.notes
+        path=p, format=header.format, layers=layers, text_encoder_layers=te, metadata=header.metadata, notes=header.notes,
+        variants=variants,
     )
 
 

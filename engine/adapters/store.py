@@ -61,6 +61,8 @@ class AdapterStore:
         self.all_targets = lora_targets(unet)
         self.targets = self.all_targets if targets is None else targets
         self.te_targets = lora_targets(text_encoder) if text_encoder is not None else {}
+        self.text_encoder = text_encoder  # embeddings check their width against its input embeddings
+        self.tokenizer = None  # set by the engine: embedding tokens may not be words of its vocabulary
         self._infos: dict[str, AdapterInfo] = {}
         self._host: OrderedDict = OrderedDict()  # name -> (loaded file, nbytes), LRU order
         self._lock = threading.RLock()
@@ -278,6 +280,14 @@ class AdapterStore:
             seen.add(a.name)
             self.check_use(a)
         return adapters
+
+    def implicit(self, texts, named) -> list[Adapter]:
+        """The adapters of `implicit` families (embeddings) that `texts` mention and that are not
+        in `named`, each at scale 1: a request uses them without naming them."""
+        with self._lock:
+            infos = [i for i in self._infos.values() if i.name not in named]
+        return [Adapter(i.name) for i in infos
+                if (f := FAMILIES.get(i.family)) is not None and f.implicit and f.mentioned(i, texts)]
 
     def check_use(self, adapter: Adapter) -> None:
         """Raise RequestError / AdapterNameError when a request may not name `adapter` as it

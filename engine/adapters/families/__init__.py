@@ -10,7 +10,7 @@ none of them names a family.
 Adding a family is one module holding a `Family` subclass and one line,
 `register_family(MyFamily())`.
 
-Order. `FAMILIES` is in registration order: lora, style, kv, rank1, encoder, then later ones. The plan
+Order. `FAMILIES` is in registration order: lora, style, kv, rank1, encoder, embedding, then later ones. The plan
 applies the families' K/V edits in that order. `detect_family` asks the newest family first, so
 a family registered later claims its files before the built-ins do, and lora, registered
 first, takes whatever no other family claims.
@@ -60,6 +60,7 @@ class Family:
     name: str = ""
     lora_like: bool = False  # its UNet weights go through the per-row LoRA slot pools
     image_input: bool = False  # its adapters read the request's ip_adapter_image (encoder)
+    implicit: bool = False  # used by every request whose text `mentioned` it, named or not (embedding)
 
     # ------------------------------------------------------------------ files
     def detect(self, path: str, metadata: dict) -> bool:
@@ -91,9 +92,13 @@ class Family:
         """This adapter's entries in the per-row UNet LoRA tables: [(name, scale)] or []."""
         return []
 
+    def mentioned(self, info: AdapterInfo, texts) -> bool:
+        """For an `implicit` family: whether a request with these prompt texts uses the adapter."""
+        return False
+
     # ------------------------------------------------------------------ plan
     def tokens(self, info: AdapterInfo, file) -> dict:
-        """Learned tokens: {placeholder as prompts write it: input embedding, Shape [D_emb]}."""
+        """Learned tokens: {placeholder as prompts write it: input embedding, Shape [D_emb] or [n, D_emb]}."""
         return {}
 
     def key_text(self, text: str, use: Use) -> str:
@@ -175,6 +180,7 @@ from .style import StyleFamily  # noqa: E402
 from .kv import KvFamily  # noqa: E402
 from .rank1 import Rank1Family  # noqa: E402
 from .encoder import EncoderFamily  # noqa: E402
+from .embedding import EmbeddingFamily  # noqa: E402
 
-for _builtin in (LoraFamily(), StyleFamily(), KvFamily(), Rank1Family(), EncoderFamily()):
+for _builtin in (LoraFamily(), StyleFamily(), KvFamily(), Rank1Family(), EncoderFamily(), EmbeddingFamily()):
     register_family(_builtin)

@@ -8,7 +8,7 @@ import torch
 
 from ...api import AdapterInfo
 from ...errors import AdapterError, AdapterShapeError, AdapterValueError
-from .. import files, lora_formats
+from .. import files, lora_formats, lora_variants
 from ..lora import validate_lora_header
 from ..lora_formats import read_lora, read_lora_header
 from . import Family
@@ -37,6 +37,8 @@ class LoraFamily(Family):
     def register(self, store, name, path, *, suffix, token) -> AdapterInfo:
         header = read_lora_header(path, module_names(store))
         validate_lora_header(header, store.targets, store.max_rank, store.all_targets)
+        if header.variants:
+            lora_variants.validate(header, store)
         if header.text_encoder_keys:
             _text_encoder_entries(store, header.path, header.text_encoder_keys, header.metadata)
         if suffix is None and self.suffix_key:
@@ -46,8 +48,10 @@ class LoraFamily(Family):
             path=path,
             family=self.name,
             format=header.format,
-            rank=max((layer.rank for layer in header.layers.values()), default=0),
-            targets=tuple(sorted(header.layers)),
+            # the pool rank (slot buckets are sized by it); a file without pool layers: its variants' rank
+            rank=max((layer.rank for layer in header.layers.values()),
+                     default=max((v.rank for v in header.variants.values()), default=0)),
+            targets=tuple(sorted({*header.layers, *header.variants})),
             nbytes=header.nbytes,
             token=token,
             suffix=suffix,
@@ -55,14 +59,14 @@ class LoraFamily(Family):
 
     def load(self, store, info) -> lora_formats.LoraFile:
         lora = read_lora(info.path, module_names(store), dtype=store.dtype or torch.float32)
-        if set(lora.layers) != set(info.targets):
+        if {*lora.layers, *lora.variants} != set(info.targets):
             raise AdapterError(f"{info.path}: file changed since registration (targets differ)")
         lora.text_encoder = _text_encoder_lora(store, lora)
         return lora
 
     def lora_rows(self, name, scale, file) -> list[tuple[str, float]]:
         # a text-encoder-only file has no UNet rows (the plan applies its text-encoder part)
-        return [(name, scale)] if file.layers else []
+        return [(name, scale)] if file.layers or file.variants else []
 
     def text_encoder_lora(self, file):
         return file.text_encoder
