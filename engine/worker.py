@@ -44,46 +44,24 @@ from .guidance import BranchLayout, blend, branch_table
 from .plan import Branch, build_plan
 
 
-class Job:
-    """A submitted request: a handle any thread can wait on, poll or cancel.
+class JobResult:
+    """The waiting half of a job, shared by the local Job and the serve backends' remote jobs:
+    a Future the owner resolves once with the request's GenerationOutput."""
 
-    `result(timeout)` returns the GenerationOutput or raises the request's error (as `generate`
-    does); `done()`; `cancel()` (takes effect at the next step boundary); `progress` is
-    (steps_done, steps_total); `add_done_callback(fn)` calls fn(job) once done, on the worker
-    thread (or at once if already done).
-    """
+    label = "request"  # how timeout errors name the job
 
-    def __init__(self, request, index: int = 0):
-        self.request = request
-        self.index = index
+    def __init__(self):
         self._future: Future = Future()
-        self._cancel = threading.Event()
-        self._steps_done = 0
-        self._steps_total = None  # the scheduler's forwards, once planned (img2img starts later)
-
-    @property
-    def progress(self) -> tuple[int, int]:
-        return self._steps_done, self._steps_total or getattr(self.request, "steps", 0)
 
     def done(self) -> bool:
         return self._future.done()
-
-    def cancel(self) -> bool:
-        """Ask the worker to drop this request at its next step boundary; False if already done."""
-        if self.done():
-            return False
-        self._cancel.set()
-        return True
-
-    def cancelled(self) -> bool:
-        return self.done() and isinstance(self._future.result().error, RequestCancelledError)
 
     def output(self, timeout=None) -> GenerationOutput:
         """The GenerationOutput, failed or not (its `.error` set instead of raised)."""
         try:
             return self._future.result(timeout)
         except FutureTimeout:
-            raise TimeoutError(f"request {self.index} is not done after {timeout} s") from None
+            raise TimeoutError(f"{self.label} is not done after {timeout} s") from None
 
     def result(self, timeout=None) -> GenerationOutput:
         out = self.output(timeout)
@@ -98,6 +76,38 @@ class Job:
         if not self._future.done():
             self._future.set_result(out)
 
+
+class Job(JobResult):
+    """A submitted request: a handle any thread can wait on, poll or cancel.
+
+    `result(timeout)` returns the GenerationOutput or raises the request's error (as `generate`
+    does); `done()`; `cancel()` (takes effect at the next step boundary); `progress` is
+    (steps_done, steps_total); `add_done_callback(fn)` calls fn(job) once done, on the worker
+    thread (or at once if already done).
+    """
+
+    def __init__(self, request, index: int = 0):
+        super().__init__()
+        self.request = request
+        self.index = index
+        self.label = f"request {index}"
+        self._cancel = threading.Event()
+        self._steps_done = 0
+        self._steps_total = None  # the scheduler's forwards, once planned (img2img starts later)
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        return self._steps_done, self._steps_total or getattr(self.request, "steps", 0)
+
+    def cancel(self) -> bool:
+        """Ask the worker to drop this request at its next step boundary; False if already done."""
+        if self.done():
+            return False
+        self._cancel.set()
+        return True
+
+    def cancelled(self) -> bool:
+        return self.done() and isinstance(self._future.result().error, RequestCancelledError)
 
 class _Queued:
     """A validated request waiting for admission."""

@@ -12,12 +12,12 @@ import asyncio
 import collections
 import threading
 import time
-from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from ray import serve
 
 from ...api import GenerationOutput
+from ...worker import JobResult
 from ...errors import AdapterError, EngineClosedError, RequestCancelledError
 from .directory import STALE_SECONDS, connect
 from .routing import Spreader
@@ -26,13 +26,13 @@ SUBMIT_SECONDS = 60.0  # the longest a submit waits for a replica to accept (one
 CALL_SECONDS = 30.0  # adapters(), stats(), and each replica's share of a registration
 
 
-class RemoteJob:
+class RemoteJob(JobResult):
     """A request running on a replica, as create_app sees a Job (worker.Job's semantics):
     progress, done(), cancel(), output(timeout), result(timeout), add_done_callback(fn)."""
 
     def __init__(self, request, backend):
+        super().__init__()
         self.request, self._backend = request, backend
-        self._future: Future = Future()
         self._steps = 0
         self._stream = None
         self._cancelled = False
@@ -42,9 +42,6 @@ class RemoteJob:
     def progress(self) -> tuple[int, int]:
         return self._steps, getattr(self.request, "steps", 0)
 
-    def done(self) -> bool:
-        return self._future.done()
-
     def cancel(self) -> bool:
         if self.done():
             return False
@@ -53,25 +50,6 @@ class RemoteJob:
         if stream is not None:
             self._backend._loop.call_soon_threadsafe(stream.cancel)
         return True
-
-    def output(self, timeout=None) -> GenerationOutput:
-        try:
-            return self._future.result(timeout)
-        except FutureTimeout:
-            raise TimeoutError(f"request is not done after {timeout} s") from None
-
-    def result(self, timeout=None) -> GenerationOutput:
-        out = self.output(timeout)
-        if out.error is not None:
-            raise out.error
-        return out
-
-    def add_done_callback(self, fn) -> None:
-        self._future.add_done_callback(lambda _: fn(self))
-
-    def _resolve(self, out: GenerationOutput) -> None:
-        if not self._future.done():
-            self._future.set_result(out)
 
 
 class RayBackend:
