@@ -47,6 +47,9 @@ def run(args, *, out=sys.stdout) -> int:
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
+    # listen before announcing the address: a bound socket that is not yet listening refuses
+    # connections, and uvicorn only listens once its loop has started
+    sock.listen(2048)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=args.grace_seconds,
                             access_log=False)
