@@ -11,28 +11,17 @@ import time
 
 import numpy as np
 import pytest
-import safetensors.torch
-import torch
 from PIL import Image
 
-import impasto
 from impasto.api import Adapter, Request
 from impasto.serve.ray.directory import Directory
 from impasto.serve.ray.routing import Spreader, adapter_of, routing_key
+from test_serve import OUT, Q, _lora, ref  # noqa: F401  (ref: the fixture, over this module's adapter_dir)
 
-Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-OUT = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
 USER, ADMIN = "user-key-0123456789abcdef", "admin-key-0123456789abcdef"
 NAMES = [f"a{i}" for i in range(6)]
 APP = "impasto"
 DIRECTORY = "impasto-directory-test"
-
-
-def _lora(path, seed, key=Q):
-    g = torch.Generator().manual_seed(seed)
-    safetensors.torch.save_file({f"unet.{key}.lora_A.weight": torch.randn(4, 32, generator=g),
-                                 f"unet.{key}.lora_B.weight": torch.randn(32, 4, generator=g)}, str(path))
-    return str(path)
 
 
 def _wait(cond, seconds):
@@ -119,17 +108,6 @@ def adapter_dir(tmp_path_factory):
     for i, name in enumerate(NAMES):
         _lora(d / f"{name}.safetensors", 100 + i, key=Q if i % 2 else OUT)
     return d
-
-
-@pytest.fixture(scope="module")
-def ref(tiny_dir, adapter_dir):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    e = impasto.Engine.from_pretrained(tiny_dir, device="cpu")
-    assert not e.adapters.register_dir(str(adapter_dir))
-    yield e
-    e.close()
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
