@@ -22,11 +22,10 @@ def _diff(a, b):
     return float(np.abs(np.asarray(a) - np.asarray(b)).max())
 
 
-def custom_diffusion(tiny_dir, folder, seed, scale=0.3):
-    """A fine-tune as train_custom_diffusion.py leaves it: processors on every attention layer
-    (attn1 with train_kv=False), saved by diffusers' save_attn_procs, the token by save_new_embed."""
-    unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet")
-    torch.manual_seed(seed)
+def custom_diffusion_processors(unet, kv_state):
+    """CustomDiffusionAttnProcessor2_0 on every attention layer as train_custom_diffusion.py sets
+    them up (attn1 with train_kv=False); kv_state(name, attn) gives each attn2 processor's state
+    dict (called after the processor is built)."""
     procs = {}
     for name in unet.attn_processors:
         attn = unet.get_submodule(name.removesuffix(".processor"))
@@ -36,12 +35,23 @@ def custom_diffusion(tiny_dir, folder, seed, scale=0.3):
             continue
         proc = CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out=False, hidden_size=attn.to_k.out_features,
                                                cross_attention_dim=attn.to_k.in_features)
-        proc.load_state_dict({"to_k_custom_diffusion.weight": attn.to_k.weight,
-                              "to_v_custom_diffusion.weight": attn.to_v.weight})
-        with torch.no_grad():
-            for lin in (proc.to_k_custom_diffusion, proc.to_v_custom_diffusion):
-                lin.weight.add_(scale * torch.randn_like(lin.weight))
+        proc.load_state_dict(kv_state(name, attn))
         procs[name] = proc
+    return procs
+
+
+def custom_diffusion(tiny_dir, folder, seed, scale=0.3):
+    """A fine-tune as train_custom_diffusion.py leaves it: processors on every attention layer
+    (attn1 with train_kv=False), saved by diffusers' save_attn_procs, the token by save_new_embed."""
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet")
+    torch.manual_seed(seed)
+
+    def perturbed(name, attn):
+        with torch.no_grad():
+            return {f"{p}_custom_diffusion.weight": w + scale * torch.randn_like(w)
+                    for p, w in (("to_k", attn.to_k.weight), ("to_v", attn.to_v.weight))}
+
+    procs = custom_diffusion_processors(unet, perturbed)
     unet.set_attn_processor(procs)
     os.makedirs(folder, exist_ok=True)
     unet.save_attn_procs(folder, weight_name=WEIGHTS, safe_serialization=True)

@@ -2,7 +2,6 @@
 implementation on the same batch, noise and timesteps; reproducibility, resume, joint training,
 the written folder in diffusers' processors and the engine, bad inputs."""
 
-import copy
 import os
 
 import numpy as np
@@ -19,6 +18,7 @@ from impasto.tiny import world
 from impasto.train import TrainInputError, custom_diffusion
 from impasto.train.core import Trainer, masked_loss
 from impasto.train.custom_diffusion import WEIGHTS_NAME, CustomDiffusion, concept_examples
+from test_kv_serving import custom_diffusion_processors
 
 STEPS = 3
 
@@ -213,17 +213,8 @@ def test_written_folder_loads_in_diffusers_and_the_engine(tiny_dir, eng, run_a):
     weights = load_file(os.path.join(run_a.path, WEIGHTS_NAME))
     pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    procs = {}
-    for name in pipe.unet.attn_processors:
-        attn = pipe.unet.get_submodule(name.removesuffix(".processor"))
-        if name.endswith("attn1.processor"):
-            procs[name] = CustomDiffusionAttnProcessor2_0(train_kv=False, train_q_out=False,
-                                                          hidden_size=attn.to_q.out_features)
-            continue
-        proc = CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out=False, hidden_size=attn.to_k.out_features,
-                                               cross_attention_dim=attn.to_k.in_features)
-        proc.load_state_dict({k.removeprefix(name + "."): v for k, v in weights.items() if k.startswith(name + ".")})
-        procs[name] = proc
+    procs = custom_diffusion_processors(
+        pipe.unet, lambda name, _: {k.removeprefix(name + "."): v for k, v in weights.items() if k.startswith(name + ".")})
     pipe.unet.set_attn_processor(procs)
     pipe.load_textual_inversion(os.path.join(run_a.path, "<new1>.safetensors"), token="<new1>")
     prompt = "a <new1> star on a blue background"
