@@ -71,3 +71,4 @@ class Spreader:
                 self.in_flight[name] = n
             else:
                 self.in_flight.pop(name, None)
+
