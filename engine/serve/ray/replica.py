@@ -204,6 +204,7 @@ class Replica:
         """Report to the directory and apply the registrations this replica has not applied."""
         while True:
             try:
+                self._expire()
                 results, self.results = self.results, {}
                 entries = await self.directory.report.remote(self.id, self.applied, results, self.stats())
                 for seq, op, args in entries:

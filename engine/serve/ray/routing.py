@@ -71,4 +71,3 @@ class Spreader:
                 self.in_flight[name] = n
             else:
                 self.in_flight.pop(name, None)
-
