@@ -26,7 +26,7 @@ from ray import serve
 from ...api import GenerationOutput
 from ...worker import JobResult
 from ...errors import AdapterError, EngineClosedError, RequestCancelledError
-from .directory import STALE_SECONDS, connect
+from .directory import STALE_SECONDS, SYNC_SECONDS, connect
 from .routing import Spreader
 
 JOB_SEPARATOR, KEY_SEPARATOR = "_", "-"  # job id: REPLICA-KEY per image, joined by "_"
@@ -72,16 +72,31 @@ class RayBackend:
     through the directory; stats() sums the replicas' stats and adds per-replica and routing
     metric families for /metrics."""
 
-    def __init__(self, handle, directory, describe: dict, *, replicas: int, spread_above: int, affinity: bool = True):
+    def __init__(self, handle, directory, describe: dict, *, replicas: int, spread_above: int, affinity: bool = True,
+                 ingress_id: str = "ingress"):
         self.handle, self.directory, self.affinity = handle, directory, affinity
         self.model_name, self.sampler = describe["model_name"], describe["sampler"]
         self.limits, self.default_size = describe["limits"], tuple(describe["default_size"])
         self.spreader = Spreader(replicas, spread_above)
+        self.ingress_id = ingress_id
         self.routing = collections.Counter()  # hit / miss / none (no adapter) / default (affinity off)
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="impasto-ray-backend", daemon=True)
         self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._report_routing(), self._loop)
+
+    async def _report_routing(self) -> None:
+        """Add this ingress's routing counters to the directory every SYNC_SECONDS (for the
+        /metrics of whichever ingress replica answers)."""
+        while True:
+            with self._lock:
+                mine = dict(self.routing, spread=self.spreader.spread)
+            try:
+                await self.directory.count.remote(self.ingress_id, mine)
+            except Exception:  # noqa: BLE001 - the directory restarting: next period
+                pass
+            await asyncio.sleep(SYNC_SECONDS)
 
     def _call(self, coro, timeout: float):
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -259,7 +274,9 @@ class RayBackend:
         total["alive"] = any(s["alive"] for s in per.values())
         total["replicas"] = per
         with self._lock:
-            total["routing"] = dict(self.routing, spread=self.spreader.spread)
+            mine = dict(self.routing, spread=self.spreader.spread)
+        # every ingress replica's decisions, whichever one Ray's proxy asked for /metrics
+        total["routing"] = self._call(self._remote(self.directory.count, self.ingress_id, mine), CALL_SECONDS)
         total["metric_families"] = _families(per, total["routing"])
         return total
 
@@ -303,7 +320,8 @@ class Ingress:
                        affinity: bool = True):
         describe = await replica.describe.remote()
         self.backend = RayBackend(replica, connect(directory), describe, replicas=replicas,
-                                  spread_above=spread_above, affinity=affinity)
+                                  spread_above=spread_above, affinity=affinity,
+                                  ingress_id=serve.get_replica_context().replica_id.unique_id)
         self.settings = settings
 
     def __serve_build_asgi_app__(self):
