@@ -39,7 +39,7 @@ from .api import (
 from .attention import cross_attention_layers, install_planned_attention, uninstall_planned_attention
 from .batch import BatchState
 from . import images as image_io
-from .errors import AdapterNameError, ImpastoError, RequestError
+from .errors import AdapterError, AdapterNameError, ImpastoError, RequestError
 from .loading import BaseModel, load_base_model
 from .plan import PLACEHOLDER
 from .worker import Job, Worker, _Queued
@@ -279,6 +279,25 @@ class Engine:
         share every UNet forward."""
         self._not_on_worker("generate_batch")
         return [job.output() for job in self._submit(list(requests), raise_errors=False)]
+
+    def warm(self, name: str, *, wait: float = 0.0) -> bool:
+        """Semantics: read adapter `name` into the host cache (raises its AdapterError) and,
+        if the worker reaches a step boundary within `wait` seconds, copy its UNet LoRA layers
+        into a free (or least recently used, unpinned) slot, as admission would. True when it
+        is resident in the slot pool afterwards; False leaves the copy to its request's
+        admission. Never waits longer than `wait` for the worker."""
+        file = self.adapters.load(name)
+        names = {n for n, _ in self.adapters.family(name).lora_rows(name, 1.0, file)}
+        if not names or not self._worker.boundary.acquire(timeout=wait):
+            return False
+        try:
+            for n in sorted(names):
+                self.lora.load(n, file, pinned=names)
+            return True
+        except AdapterError:  # every slot pinned by running requests
+            return False
+        finally:
+            self._worker.boundary.release()
 
     def stats(self) -> dict:
         """The worker's counters: queued and running requests, UNet forwards so far, rows of the
