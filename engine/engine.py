@@ -23,7 +23,7 @@ from diffusers.image_processor import VaeImageProcessor
 
 from impasto.kernels import dispatch
 
-from . import tiny
+from . import schedulers, tiny
 from .adapters.lora import LoraRuntime, attention_targets, runtime_buckets, slots_for_budget
 from .adapters.store import AdapterStore
 from .api import (
@@ -361,6 +361,26 @@ class Engine:
             self._prefetch.submit(self._prefetch_adapters, set().union(*(q.prep.adapter_names() for q in items)))
         return jobs
 
+    def _check_last_timestep(self, scheduler, steps: int, train_steps: int) -> None:
+        """A RequestError where `steps` of this request's scheduler reach a timestep the base was
+        not trained on: "leading" spacing with steps_offset 1 gives timestep 1000 at 1000 steps,
+        which DDIM-like schedulers index out of range in their first step."""
+        sched = schedulers.build(scheduler, self.base.scheduler.config, self.base.scheduler)
+        sched.set_timesteps(steps)
+        top = int(sched.timesteps.max())
+        if top < train_steps:
+            return
+        most = steps - 1
+        while most > 1:
+            sched.set_timesteps(most)
+            if int(sched.timesteps.max()) < train_steps:
+                break
+            most -= 1
+        cfg = sched.config
+        raise RequestError(f"steps: {steps} steps of {type(sched).__name__} ({cfg.get('timestep_spacing')!r} spacing, "
+                           f"steps_offset {cfg.get('steps_offset', 0)}) reach timestep {top}, past the base's last "
+                           f"training timestep {train_steps - 1}; use at most {most} steps")
+
     def _prepare(self, index: int, req: Request) -> Prepared:
         if not isinstance(req, Request):
             raise RequestError(f"requests[{index}]: expected impasto.Request, got {type(req).__name__}")
@@ -388,6 +408,8 @@ class Engine:
         if req.steps > min(lim["max_steps"], train_steps):
             which = "max_steps" if lim["max_steps"] < train_steps else "the scheduler's training timesteps"
             raise RequestError(f"steps: {req.steps} is above {which} ({min(lim['max_steps'], train_steps)})")
+        if req.steps > train_steps // 2:  # only then can a spacing's steps_offset pass the last timestep
+            self._check_last_timestep(req.scheduler, req.steps, train_steps)
         if req.num_images > lim["max_num_images"]:
             raise RequestError(f"num_images: {req.num_images} is above max_num_images ({lim['max_num_images']})")
         default = self.base.unet.config.sample_size * self.base.vae_scale_factor
