@@ -86,7 +86,7 @@ class EncoderAdapter(Method):
         px = encoder_format.pixels(self.processor, [Image.fromarray(np.asarray(im)) for im in images])
         e = self.model(pixel_values=px.to(device=device, dtype=next(self.model.parameters()).dtype)).image_embeds
         keep = torch.from_numpy(~np.asarray(drop, bool)).to(device)[:, None]
-        return (e.float() * keep).float()
+        return e.float() * keep
 
     def hooks(self, engine):
         @contextlib.contextmanager
