@@ -89,6 +89,17 @@ def test_short_training_teaches_the_held_out_object(shipped, tmp_path):
     more often than in the base model's images of the class word."""
     from impasto.train import custom_diffusion
 
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two OpenMP threads on a busy 2-core machine run many times slower
+    try:
+        _short_run(shipped, tmp_path, custom_diffusion)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _short_run(shipped, tmp_path, custom_diffusion):
     cs = ev.concept_set("sparkle")
     r = custom_diffusion(shipped, cs.images, class_word=cs.class_word, masks=cs.masks, steps=SHORT_STEPS,
                          lr=SHORT_LR, batch_size=4, aug=False, seed=0, output=tmp_path / "sparkle", progress=False)
