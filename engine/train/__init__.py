@@ -12,6 +12,7 @@ is written.
 from .core import Batch, Example, Method, TrainResult, Trainer, engine_forward, masked_loss, train
 from .custom_diffusion import CustomDiffusion, custom_diffusion
 from .finetune import FullFineTune, full_finetune
+from .pair import PairCustomization, pair
 from .data import TrainInputError, augment, load_images, load_masks
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "Example",
     "FullFineTune",
     "Method",
+    "PairCustomization",
     "TrainInputError",
     "TrainResult",
     "Trainer",
@@ -30,5 +32,6 @@ __all__ = [
     "load_images",
     "load_masks",
     "masked_loss",
+    "pair",
     "train",
 ]
