@@ -32,12 +32,12 @@ from . import images as image_io
 from . import schedulers
 from .api import GenerationOutput
 from .errors import (
-    RequestError,
     EngineBusyError,
     EngineClosedError,
     ImpastoError,
     NumericalError,
     RequestCancelledError,
+    RequestError,
     RequestFailedError,
     RequestTimeoutError,
 )

@@ -168,7 +168,10 @@ class PairTrainer(Trainer):
     update, then (from `style_start`) the style update, each with its own AdamW step."""
 
     def __init__(self, engine, method: PairCustomization, content_image, style_image, *, content_prompt: str,
-                 style_prompt: str, steps: int, style_start: int, lr: float, seed: int, weight_decay: float = 1e-4):
+                 style_prompt: str, steps: int, style_start: int, lr: float, seed: int, weight_decay: float = 1e-4,
+                 content_updates: bool = True):
+        """content_updates=False: no content update (B_c stays 0), the style LoRA alone learns
+        the style image: the single-image LoRA baseline, same parametrization, rank and steps."""
         super().__init__(engine, method, [Example(content_image, content_prompt)], steps=steps, lr=lr, batch_size=1,
                          seed=seed, max_grad_norm=0.0, weight_decay=weight_decay, aug=False)
         if not isinstance(style_start, int) or isinstance(style_start, bool) or not 0 <= style_start < steps:
@@ -177,6 +180,7 @@ class PairTrainer(Trainer):
         self.content_image, self.style_image = content_image, style_image
         self.content_prompt, self.style_prompt = content_prompt, style_prompt
         self.style_losses: list[float] = []
+        self.content_updates = content_updates
 
     def make_batch(self) -> Batch:
         """Latents of [content, style] (posterior samples), one ε and one t shared by both rows."""
@@ -196,8 +200,12 @@ class PairTrainer(Trainer):
         i = 0 if phase == CONTENT else 1
         lat, noise, t = batch.latents[i:i + 1], batch.noise[i:i + 1], batch.timesteps[i:i + 1]
         x_t = self.noise_scheduler.add_noise(lat, noise, t)
-        with self.engine._worker.boundary, self.method.active(self.engine, phase):
-            pred = engine_forward(self.engine, self.method, [batch.texts[i]], x_t, t).float()
+        e = self.engine
+        with e._worker.boundary, self.method.active(e, phase):
+            # the serving LoRA tables of the last layout must not apply to the training rows
+            e.lora.set_tables(None, 0)
+            e.state.owner = None
+            pred = engine_forward(e, self.method, [batch.texts[i]], x_t, t).float()
         return torch.nn.functional.mse_loss(pred, noise.float(), reduction="mean")
 
     def _update(self, loss: torch.Tensor, what: str) -> float:
@@ -210,11 +218,12 @@ class PairTrainer(Trainer):
 
     def train_step(self) -> float:
         batch = self.make_batch()
-        self.losses.append(self._update(self.phase_loss(batch, CONTENT), "content"))
+        if self.content_updates:
+            self.losses.append(self._update(self.phase_loss(batch, CONTENT), "content"))
         if self.step >= self.style_start:
             self.style_losses.append(self._update(self.phase_loss(batch, STYLE), "style"))
         self.step += 1
-        return self.losses[-1]
+        return (self.losses or self.style_losses)[-1]
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -234,7 +243,7 @@ def checkpoint_folder(output: str) -> str:
 
 def pair(base, content_image, style_image, *, content_prompt, style_prompt=None, content_rank=8, style_rank=8,
          steps=750, style_start=250, lr=1e-5, seed=0, basis_seed=BASIS_SEED, suffix=None, output, progress=True,
-         resume=False, checkpoint_every=0, weight_decay=1e-4, device=None, dtype=None):
+         resume=False, checkpoint_every=0, weight_decay=1e-4, device=None, dtype=None, content_updates=True):
     """Train a style LoRA from one (content, style) image pair; see the module docstring.
 
     base: "tiny", a model folder or an Engine. content_image, style_image: a path or PIL image
@@ -245,6 +254,8 @@ def pair(base, content_image, style_image, *, content_prompt, style_prompt=None,
     `checkpoint_folder(output)`, and resume=True continues from the latest one, bit for bit.
     Defaults are the official script's (ranks scaled to the model: r_c + r_s must fit the
     narrowest attention input). Returns a TrainResult; .files["style"] is the adapter file.
+    content_updates=False trains the single-image LoRA baseline (the style image alone, the
+    style LoRA from step 0; content_image unused, style_start ignored).
     """
     from .custom_diffusion import resolve_engine
 
@@ -271,7 +282,8 @@ def pair(base, content_image, style_image, *, content_prompt, style_prompt=None,
         method.output_file, method.suffix = output, suffix
         trainer = PairTrainer(engine, method, square(content, size), square(style, size),
                               content_prompt=content_prompt, style_prompt=style_prompt, steps=steps,
-                              style_start=style_start, lr=lr, seed=seed, weight_decay=weight_decay)
+                              style_start=style_start if content_updates else 0, lr=lr, seed=seed,
+                              weight_decay=weight_decay, content_updates=content_updates)
         result = train(trainer, checkpoint_folder(output), checkpoint_every=checkpoint_every, resume=resume,
                        progress=progress)
         result.path = output
