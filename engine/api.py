@@ -16,16 +16,34 @@ OUTPUT_TYPES = ("pil", "np", "latent")
 @dataclass(frozen=True)
 class Adapter:
     """One adapter named by a request: `Adapter("corgi", scale=0.8)` or with family options
-    (Perfusion: `Adapter("teddy", beta=0.7, tau=0.02, global_lock=False)`)."""
+    (Perfusion: `Adapter("teddy", beta=0.7, tau=0.02, global_lock=False)`).
+
+    `start`, `end`: the part of the schedule the adapter is active in, as fractions: step i of
+    n is active iff start <= i / n < end (`Adapter("detail", 0.8, start=0.5)`: the second half
+    only). UNet LoRAs and `kv` adapters only; the others act once before the first step.
+    """
 
     name: str
     scale: float = 1.0
     options: dict = field(default_factory=dict)
+    start: float = 0.0
+    end: float = 1.0
 
-    def __init__(self, name: str, scale: float = 1.0, **options: Any):
+    def __init__(self, name: str, scale: float = 1.0, *, start: float = 0.0, end: float = 1.0, **options: Any):
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "options", dict(options))
+        object.__setattr__(self, "start", start)
+        object.__setattr__(self, "end", end)
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the adapter is active over only part of the schedule."""
+        return (self.start, self.end) != (0.0, 1.0)
+
+    def active(self, i: int, n: int) -> bool:
+        """Whether the adapter acts in step i of n."""
+        return self.start <= i / n < self.end
 
 
 @dataclass(frozen=True)
@@ -146,6 +164,9 @@ def normalize_adapters(adapters) -> list[Adapter]:
             raise RequestError(f"adapters[{i}]: adapter name {a.name!r} must be a string matching [A-Za-z0-9._-]+")
         if not _finite(a.scale):
             raise RequestError(f"adapters[{i}] ({a.name}): scale must be a finite number, got {a.scale!r}")
+        if not (_finite(a.start) and _finite(a.end) and 0.0 <= a.start < a.end <= 1.0):
+            raise RequestError(f"adapters[{i}] ({a.name}): start and end must be fractions of the schedule with "
+                               f"0 <= start < end <= 1, got start={a.start!r}, end={a.end!r}")
         out.append(a)
     return out
 

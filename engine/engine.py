@@ -91,15 +91,23 @@ class Prepared:
         """Every adapter the request uses: its own and its styles'."""
         return {a.name for a in self.adapters} | {name for name, _ in self.styles}
 
-    def adapter_key(self) -> tuple:
-        """The request's adapters as a hashable ((name, scale, options), ...), applied to every branch."""
-        return tuple((a.name, float(a.scale), tuple(sorted(a.options.items()))) for a in self.adapters)
+    def adapter_key(self, off=frozenset()) -> tuple:
+        """The request's adapters as a hashable ((name, scale, options), ...), applied to every
+        branch; those in `off` at scale 0 (how a step-scheduled adapter's K/V delta is planned)."""
+        return tuple((a.name, 0.0 if a.name in off else float(a.scale), tuple(sorted(a.options.items())))
+                     for a in self.adapters)
 
-    def branches(self) -> list[tuple[str, tuple]]:
+    @property
+    def scheduled(self) -> list:
+        """The adapters active over only part of the schedule (Adapter start/end)."""
+        return [a for a in self.adapters if a.scheduled]
+
+    def branches(self, off=frozenset()) -> list[tuple[str, tuple]]:
         """(text, adapters) per branch: [uncond], cond, then one per style, whose text gets the
-        style's suffix and whose adapters add the style LoRA at scale 1."""
-        base = self.adapter_key()
-        uncond = base if self.uncond_key is None else self.uncond_key
+        style's suffix and whose adapters add the style LoRA at scale 1. `off`: adapter_key's."""
+        base = self.adapter_key(off)
+        uncond = base if self.uncond_key is None else tuple(
+            (n, 0.0 if n in off else s, o) for n, s, o in self.uncond_key)
         out = ([(self.negative_prompt, uncond)] if self.has_uncond else []) + [(self.prompt, base)]
         for name, suffix in self.styles:
             text = self.prompt + (" " + suffix if suffix else "")
@@ -432,6 +440,7 @@ class Engine:
                 raise AdapterNameError(f"guidance.styles: {name!r} is a {info.family} adapter, not a style adapter")
             styles.append((name, info.suffix))
         adapters = self.adapters.resolve(adapters)
+        self._check_schedules(adapters)
         # textual-inversion embeddings apply wherever their token is a word of a prompt (A1111)
         adapters = adapters + self.adapters.implicit((prompt_text, req.negative_prompt or ""), {a.name for a in adapters})
         self._check_adapters(adapters, req, prompt_text)
@@ -465,6 +474,17 @@ class Engine:
                 raise RequestError(f"adapters: {n} LoRAs of rank bucket {bucket} in one request, the engine has "
                                    f"{self.lora.S} slots per bucket (slots_per_bucket / device_pool_bytes)")
         return prep
+
+    SCHEDULABLE = ("lora", "kv")  # families whose effect is per step: a scale table, a K/V delta
+
+    def _check_schedules(self, adapters) -> None:
+        """start/end only where the adapter acts in every step (UNet LoRA, kv); refused for the
+        families whose effect is computed once before the first step."""
+        for a in adapters:
+            family = self.adapters.family(a.name)
+            if a.scheduled and family.name not in self.SCHEDULABLE:
+                raise RequestError(f"adapters: {a.name!r} ({family.name}) takes no start/end: its effect is computed "
+                                   f"once before the first step (step-scheduled: {', '.join(self.SCHEDULABLE)})")
 
     def _attach_images(self, adapters, req: Request):
         """(adapters with the request's decoded ip_adapter_image given to its encoder adapter as

@@ -13,6 +13,7 @@ is written.
 from .core import Batch, Example, Method, TrainResult, Trainer, engine_forward, masked_loss, train
 from .custom_diffusion import CustomDiffusion, custom_diffusion
 from .finetune import FullFineTune, full_finetune
+from .pair import PairCustomization, pair
 from .data import TrainInputError, augment, load_images, load_masks
 from .encoder import EncoderAdapter, encoder  # noqa: E402 - after .core, which it builds on
 
@@ -23,6 +24,7 @@ __all__ = [
     "Example",
     "FullFineTune",
     "Method",
+    "PairCustomization",
     "TrainInputError",
     "TrainResult",
     "Trainer",
@@ -34,5 +36,6 @@ __all__ = [
     "load_images",
     "load_masks",
     "masked_loss",
+    "pair",
     "train",
 ]

@@ -36,6 +36,7 @@ def add_train_parser(sub) -> None:
     cd.add_argument("--noaug", action="store_true", help="no random-rescale augmentation")
     cd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     cd.set_defaults(func=_custom_diffusion)
+    add_pair_parser(methods)
     add_encoder_parser(methods)
 
 
@@ -95,4 +96,42 @@ def _custom_diffusion(args) -> int:
         print(f"  {role}: {path} ({os.path.getsize(path):,} bytes)")
     print(f"wrote {r.nbytes:,} bytes to {os.path.abspath(r.path)}; serve it with "
           f"engine.adapters.register(name, {r.path!r})", file=sys.stdout)
+    return 0
+
+
+def add_pair_parser(methods) -> None:
+    """`impasto train pair --model tiny --content a.png --style b.png -o style.safetensors`."""
+    p = methods.add_parser("pair", help="Pair Customization: a style LoRA from one (content, styled) pair (Jones et al.)")
+    p.add_argument("--model", default="tiny", help='"tiny" or a local diffusers SD-layout folder')
+    p.add_argument("--content", required=True, help="the content image")
+    p.add_argument("--style", required=True, help="the same content, styled")
+    p.add_argument("--content-prompt", default="a photo", help="a caption of the content image")
+    p.add_argument("--style-prompt", default=None, help="default: the content prompt + ' ' + the suffix")
+    p.add_argument("--suffix", default=None, help='the style\'s text, written as impasto.style_suffix ("in sks style")')
+    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write the style LoRA to")
+    p.add_argument("--content-rank", type=int, default=8)
+    p.add_argument("--style-rank", type=int, default=8)
+    p.add_argument("--steps", type=int, default=750, help="steps (official: 750)")
+    p.add_argument("--style-start", type=int, default=250, help="the first step of the style update (official: 250)")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate, constant (official: 1e-5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--basis-seed", type=int, default=123846, help="seed of the orthonormal basis of the A matrices")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_pair)
+
+
+def _pair(args) -> int:
+    from .pair import pair
+
+    r = pair(args.model, args.content, args.style, content_prompt=args.content_prompt, style_prompt=args.style_prompt,
+             suffix=args.suffix, content_rank=args.content_rank, style_rank=args.style_rank, steps=args.steps,
+             style_start=args.style_start, lr=args.lr, seed=args.seed, basis_seed=args.basis_seed, output=args.output,
+             progress=not args.quiet, resume=args.resume, checkpoint_every=args.checkpoint_every)
+    last = lambda xs: xs[-1] if xs else float("nan")  # noqa: E731
+    print(f"trained {r.steps} steps in {r.seconds:.1f} s, final content loss {last(r.losses):.4f}, "
+          f"style loss {last(r.style_losses):.4f}")
+    print(f"wrote the style LoRA ({r.nbytes:,} bytes) to {os.path.abspath(r.path)}; serve it with "
+          f"engine.adapters.register(name, {r.path!r}, family='style') and Guidance(styles={{name: 3.0}})")
     return 0
