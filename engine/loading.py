@@ -28,6 +28,11 @@ class BaseModel:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def inpainting(self) -> bool:
+        """An inpainting UNet: its input is [latents, mask, masked-image latents] (2C + 1 channels)."""
+        return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
+
 
 def resolve_scheduler(scheduler, folder_scheduler):
     """None -> the folder's; a diffusers scheduler instance; or a class name such as
@@ -97,9 +102,11 @@ def load_base_model(path: str, *, device, dtype, scheduler=None) -> BaseModel:
             f"{path}: text_encoder hidden_size {text_encoder.config.hidden_size} != "
             f"unet cross_attention_dim {unet.config.cross_attention_dim}"
         )
-    if vae.config.latent_channels != unet.config.in_channels:
+    C = vae.config.latent_channels
+    if unet.config.in_channels not in (C, 2 * C + 1):  # 2C + 1: an inpainting UNet
         raise ModelLoadError(
-            f"{path}: vae latent_channels {vae.config.latent_channels} != unet in_channels {unet.config.in_channels}"
+            f"{path}: unet in_channels {unet.config.in_channels} fits neither vae latent_channels {C} nor an "
+            f"inpainting UNet's 2 x {C} + 1"
         )
     for m in (unet, vae, text_encoder):
         m.to(device).eval().requires_grad_(False)
