@@ -88,6 +88,16 @@ def _generate(args) -> int:
             init_image = Image.open(args.init_image).convert("RGB")
         except (OSError, UnidentifiedImageError) as e:
             raise impasto.RequestError(f"--init-image {args.init_image}: not a readable image ({e})") from None
+    mask_image = None
+    if args.mask:
+        if not args.init_image:
+            raise impasto.RequestError("--mask: inpainting needs --init-image (the image to repaint)")
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            mask_image = Image.open(args.mask).convert("L")
+        except (OSError, UnidentifiedImageError) as e:
+            raise impasto.RequestError(f"--mask {args.mask}: not a readable image ({e})") from None
     tokens = _pairs(args.token, "--token")
     styles = _pairs(args.style, "--style", float)
     with warnings.catch_warnings(record=True) as caught:
@@ -126,6 +136,7 @@ def _generate(args) -> int:
         num_images=n,
         scheduler=args.scheduler,
         image=init_image,
+        mask_image=mask_image,
         strength=args.strength,
         clip_skip=args.clip_skip,
         prompt_syntax=args.prompt_syntax,
@@ -145,8 +156,8 @@ def _generate(args) -> int:
         extra = {}
         if args.clip_skip and args.clip_skip > 1:
             extra["Clip skip"] = args.clip_skip
-        if init_image is not None:
-            extra["Denoising strength"] = args.strength
+        if init_image is not None:  # the engine's default: 0.8, or 1.0 when inpainting (diffusers')
+            extra["Denoising strength"] = args.strength or (1.0 if mask_image is not None else 0.8)
         parameters = infotext(prompt=parsed.prompt if parsed else args.prompt, negative_prompt=args.negative_prompt,
                               steps=args.steps, sampler=sampler, cfg_scale=args.guidance,
                               seed=out.seeds[i] if not args.grid else out.seed, width=size[0], height=size[1],
@@ -258,7 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=1, help="images of the prompt")
     g.add_argument("--seeds", default=None, metavar="S1,S2,...", help="one seed per image (sets --num-images)")
     g.add_argument("--init-image", default=None, metavar="PATH", help="img2img: start from this image")
-    g.add_argument("--strength", type=float, default=0.8, help="img2img: how far the image is noised, (0, 1]")
+    g.add_argument("--strength", type=float, default=None,
+                   help="img2img / inpainting: how far the image is noised, (0, 1]; default: 0.8, 1.0 with --mask")
+    g.add_argument("--mask", default=None, metavar="PATH",
+                   help="inpainting: repaint the white part of this mask image of --init-image")
     g.add_argument("--clip-skip", type=int, default=None, help="A1111 clip skip: 2 = the penultimate layer")
     g.add_argument("--prompt-syntax", choices=("a1111", "plain"), default="a1111",
                    help="a1111: (word:1.3), [word], BREAK and <lora:NAME:W> tags; plain: the prompt is text")
