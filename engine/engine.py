@@ -212,10 +212,13 @@ class Engine:
         device=None,
         dtype=None,
         scheduler=None,
+        config=None,
         **kwargs,
     ) -> "Engine":
-        """Load a local diffusers SD-layout folder, or "tiny" (the miniature model shipped with
-        impasto). No network, ever; a missing or malformed component raises ModelLoadError.
+        """Load a local diffusers SD-layout folder, an original-layout SD 1.x single-file
+        checkpoint ("model.safetensors", A1111 / ComfyUI; `config`: a diffusers folder whose
+        configs describe it, default SD 1.5's shipped with impasto), or "tiny" (the miniature model
+        shipped with impasto). No network, ever; a missing or malformed component raises ModelLoadError.
         Other keywords are the constructor's (adapter_root, host_cache_bytes, device_pool_bytes,
         max_rank, max_adapters_per_row, slots_per_bucket, progress, compile, and the limits)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -226,7 +229,7 @@ class Engine:
             path, trained = tiny.tiny_model_dir()
             if not trained:
                 tiny.warn_random()
-        base = load_base_model(path, device=device, dtype=dtype, scheduler=scheduler)
+        base = load_base_model(path, device=device, dtype=dtype, scheduler=scheduler, config=config)
         return cls(base, device=device, dtype=dtype, **kwargs)
 
     # ------------------------------------------------------------------ public API
