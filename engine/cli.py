@@ -103,7 +103,8 @@ def _generate(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         engine = impasto.Engine.from_pretrained(args.model, progress=not args.quiet, device=args.device,
-                                                dtype=getattr(torch, args.dtype) if args.dtype else None)
+                                                dtype=getattr(torch, args.dtype) if args.dtype else None,
+                                                config=args.config)
     for w in caught:
         if str(w.message) == tiny.RANDOM_WARNING:
             print(tiny.RANDOM_WARNING, file=sys.stderr)
@@ -201,7 +202,8 @@ def _read_bytes(path: str) -> bytes:
 def _model_name(model: str) -> str:
     import os
 
-    return os.path.basename(os.path.normpath(model))
+    name = os.path.basename(os.path.normpath(model))
+    return os.path.splitext(name)[0] if os.path.isfile(model) else name  # A1111 names a checkpoint by its stem
 
 
 def _serve(args) -> int:
@@ -257,7 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate images for one prompt", formatter_class=fmt)
     g.add_argument("prompt")
     g.add_argument("-o", "--output", default="out.png", help="image path (numbered when several)")
-    g.add_argument("--model", default="tiny", help='"tiny" or a local diffusers SD-layout folder')
+    g.add_argument("--model", default="tiny",
+                   help='"tiny", a local diffusers SD-layout folder or an SD 1.x single file (.safetensors)')
+    g.add_argument("--config", default=None, metavar="FOLDER",
+                   help="for a single-file --model: a diffusers folder whose configs describe it (default: SD 1.5's)")
     g.add_argument("--scheduler", default=None,
                    help='an A1111 sampler ("Euler a", "DPM++ 2M Karras") or diffusers class name; default: the model\'s')
     g.add_argument("--steps", type=int, default=30, help="denoising steps")

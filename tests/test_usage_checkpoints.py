@@ -213,3 +213,20 @@ def test_unreadable_and_mismatched_files(tiny_dir, original, tmp_path):
         impasto.Engine.from_pretrained(str(path), config=str(tmp_path / "nowhere"), device="cpu")
     with pytest.raises(impasto.ModelLoadError, match="is for single-file checkpoints"):
         impasto.Engine.from_pretrained(tiny_dir, config=tiny_dir, device="cpu")
+
+
+def test_cli_generates_from_a_single_file(tiny_dir, original, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from impasto.cli import main
+
+    path = tmp_path / "my-model.safetensors"
+    safetensors.torch.save_file(original, str(path))
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    common = ["--steps", "2", "--seed", "3", "-q"]
+    assert main(["generate", "a red star", "-o", str(a), "--model", str(path), "--config", tiny_dir, *common]) == 0
+    assert main(["generate", "a red star", "-o", str(b), "--model", tiny_dir, *common]) == 0
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    assert "Model: my-model" in Image.open(a).info["parameters"]  # A1111 names a checkpoint by its stem
+    capsys.readouterr()
