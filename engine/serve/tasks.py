@@ -35,7 +35,7 @@ class Image:
     styles: tuple = ()  # ((name, weight), ...)
     timeout: float | None = None
     sampler: str | None = None  # an A1111 sampler name (engine/schedulers.py); None: the model's
-    syntax: str | None = None  # "a1111": emphasis weights and BREAK (the A1111 endpoint); None: plain text
+    syntax: str | None = None  # "a1111": emphasis weights and BREAK (the A1111 endpoint); None: the engine's
     clip_skip: int | None = None
 
     def request(self) -> Request:
