@@ -174,3 +174,35 @@ def test_inpainting_base_serves_text_and_img2img_requests_in_the_same_forward(in
 def test_bad_masks_are_refused_at_submit(engine, kwargs, match):
     with pytest.raises(impasto.RequestError, match=match):
         engine.submit(impasto.Request("x", **kwargs))
+
+
+def test_an_8_channel_vae_takes_a_17_channel_inpainting_unet(tmp_path):
+    """The miniature model's layout (8 latent channels): its inpainting UNet takes 2 x 8 + 1 = 17
+    channels. diffusers' pipeline hard-codes 9, so this checks the rows the UNet is given: the
+    latents, then the mask on the latent grid, then the masked image's 8 latent channels."""
+    from diffusers import AutoencoderKL
+
+    from impasto.tiny import VAE_CONFIG, build_random_model
+
+    path = build_random_model(str(tmp_path / "m"), seed=1, unet_config={"in_channels": 17, "out_channels": 8})
+    torch.manual_seed(2)
+    AutoencoderKL(**{**VAE_CONFIG, "latent_channels": 8}).save_pretrained(str(tmp_path / "m" / "vae"))
+    mask = _mask()
+    with impasto.Engine.from_pretrained(path, device="cpu") as e:
+        assert e.base.inpainting
+        seen = []
+        handle = e.base.unet.register_forward_hook(lambda m, i, o: seen.append(i[0].clone()))
+        try:
+            outs = e.generate_batch([impasto.Request("a star", image=_image(), mask_image=mask, seed=1, steps=2,
+                                                     output_type="latent"),
+                                     impasto.Request("a disc", seed=2, steps=2, output_type="latent")])
+        finally:
+            handle.remove()
+        alone = e.generate("a star", image=_image(), mask_image=mask, seed=1, steps=2, output_type="latent").images
+    assert all(x.shape == (4, 17, 16, 16) for x in seen)
+    grid = torch.nn.functional.interpolate(e.mask_processor.preprocess(mask), size=(16, 16))
+    for x in seen:
+        assert torch.equal(x[:2, 8:9], grid.expand(2, 1, 16, 16))  # the masked request's two branches
+        assert torch.equal(x[2:, 8:9], torch.ones(2, 1, 16, 16))  # no mask: repaint everything
+        assert torch.equal(x[:2, 9:], x[:1, 9:].expand(2, 8, 16, 16))  # the same masked image in both branches
+    assert float((outs[0].images - alone).abs().max()) <= TOL
