@@ -34,6 +34,7 @@ class Image:
     adapters: tuple = ()  # ((name, scale), ...)
     styles: tuple = ()  # ((name, weight), ...)
     timeout: float | None = None
+    ip_adapter_image: tuple = ()  # encoded reference images (bytes) for an encoder adapter
     sampler: str | None = None  # an A1111 sampler name (engine/schedulers.py); None: the model's
     syntax: str | None = None  # "a1111": emphasis weights and BREAK (the A1111 endpoint); None: the engine's
     clip_skip: int | None = None
@@ -42,7 +43,8 @@ class Image:
         guidance = Guidance(cfg=self.cfg, styles=dict(self.styles)) if self.styles else self.cfg
         return Request(self.prompt, adapters=list(self.adapters), guidance=guidance,
                        negative_prompt=self.negative_prompt, steps=self.steps, seed=self.seed,
-                       height=self.height, width=self.width, timeout=self.timeout, scheduler=self.sampler,
+                       height=self.height, width=self.width, timeout=self.timeout,
+                       ip_adapter_image=list(self.ip_adapter_image) or None, scheduler=self.sampler,
                        prompt_syntax=self.syntax, clip_skip=self.clip_skip)
 
     def infotext(self, model: str, sampler: str) -> str:

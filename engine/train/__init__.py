@@ -3,6 +3,7 @@
     custom_diffusion(base, images, placeholder=, class_word=, ...) -> TrainResult
     custom_diffusion(..., train_kv=False)      textual inversion (the token row only)
     full_finetune(base, images, ...)           DreamBooth-style full UNet fine-tuning (a baseline)
+    encoder(base, steps=, ...)                 an IP-Adapter-layout encoder adapter on the seen world
 
 One loop (core.Trainer / core.train) for every method; a method (core.Method) says what is
 trainable, which in-memory adapters each row's conditioning plan folds in, and how the result
@@ -13,10 +14,12 @@ from .core import Batch, Example, Method, TrainResult, Trainer, engine_forward, 
 from .custom_diffusion import CustomDiffusion, custom_diffusion
 from .finetune import FullFineTune, full_finetune
 from .data import TrainInputError, augment, load_images, load_masks
+from .encoder import EncoderAdapter, encoder  # noqa: E402 - after .core, which it builds on
 
 __all__ = [
     "Batch",
     "CustomDiffusion",
+    "EncoderAdapter",
     "Example",
     "FullFineTune",
     "Method",
@@ -25,6 +28,7 @@ __all__ = [
     "Trainer",
     "augment",
     "custom_diffusion",
+    "encoder",
     "engine_forward",
     "full_finetune",
     "load_images",
