@@ -71,7 +71,7 @@ setup(
     python_requires=">=3.10",
     packages=sorted(package_dir),
     package_dir=package_dir,
-    package_data={"impasto.tiny": ["tokenizer/*", "model/**/*"]},
+    package_data={"impasto.tiny": ["tokenizer/*", "model/**/*"], "impasto": ["configs/**/*"]},
     install_requires=[
         "torch==2.13.0",
         "triton==3.7.1",

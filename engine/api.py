@@ -81,8 +81,9 @@ class Request:
     scheduler: str | None = None  # A1111 sampler or diffusers class name (engine/schedulers.py); None: the model's
     seeds: list | None = None  # one seed per image (diffusers' generator list); overrides `seed`
     image: Any = None  # img2img: the init image (PIL, HxWx3 array in [0, 1], or [3, H, W] tensor in [-1, 1])
-    strength: float = 0.8  # img2img: how much of the schedule the image is noised through, (0, 1]
+    strength: float | None = None  # how much of the schedule the image is noised through, (0, 1]; None: 0.8, inpainting 1.0
     init_image: Any = None  # alias of `image` (older diffusers / A1111 name)
+    mask_image: Any = None  # inpainting: white (1) = repaint; PIL, HxW array or [H, W] tensor in [0, 1]; needs `image`
     clip_skip: int | None = None  # A1111's "Clip skip": 1 = last layer, 2 = penultimate (diffusers clip_skip=1)
     prompt_syntax: str | None = None  # "plain" or "a1111" (weights, BREAK, <lora:NAME:W>); None: the engine's
     callback: Any = None  # callback(step, total, preview) after every step, on the worker thread
@@ -241,7 +242,9 @@ def validate_usage(req: Request) -> None:
             raise RequestError(f"seeds: {len(req.seeds)} seeds for num_images={req.num_images}; give one per image")
     if req.image is not None and req.init_image is not None:
         raise RequestError("image and init_image: give one (init_image is an alias of image)")
-    if not (_finite(req.strength) and 0.0 < req.strength <= 1.0):
+    if req.mask_image is not None and req.image is None and req.init_image is None:
+        raise RequestError("mask_image: inpainting needs the image to repaint; give image= as well")
+    if req.strength is not None and not (_finite(req.strength) and 0.0 < req.strength <= 1.0):
         raise RequestError(f"strength: expected a number in (0, 1], got {req.strength!r}")
     if req.clip_skip is not None and not _positive_int(req.clip_skip):
         raise RequestError(f"clip_skip: expected a positive integer (1 = the last layer) or None, got {req.clip_skip!r}")

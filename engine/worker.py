@@ -395,7 +395,8 @@ class Worker:
     def _setup(self, r: _Running) -> None:
         """A request's own scheduler instance (its sampler) and initial latents, seeded as
         diffusers seeds them: one generator, or one per image (`seeds`); img2img starts at the
-        strength's timestep from the encoded, noised image (StableDiffusionImg2ImgPipeline)."""
+        strength's timestep from the encoded, noised image (StableDiffusionImg2ImgPipeline);
+        inpainting as StableDiffusionInpaintPipeline (engine/images.py `start_inpainting`)."""
         e, prep, base, req = self.e, r.prep, self.e.base, r.prep.request
         r.scheduler = schedulers.build(req.scheduler, base.scheduler.config, base.scheduler)
         r.scheduler.set_timesteps(req.steps, device=e.device)
@@ -406,11 +407,20 @@ class Worker:
             gens = [torch.Generator("cpu").manual_seed(s) for s in prep.seeds]
         else:
             gens = torch.Generator("cpu").manual_seed(prep.seed)
-        if prep.init is not None:
-            t_start = req.steps - min(int(req.steps * req.strength), req.steps)
+        r.inpainting = None
+        inpaint = prep.mask is not None or base.inpainting  # an inpainting base: every request (mask all ones)
+        if prep.init is not None or inpaint:
+            t_start = req.steps - min(int(req.steps * prep.strength), req.steps)
             r.timesteps = r.timesteps[t_start * r.scheduler.order:]
             if hasattr(r.scheduler, "set_begin_index"):
                 r.scheduler.set_begin_index(t_start * r.scheduler.order)
+        if inpaint:  # StableDiffusionInpaintPipeline; a text-only request repaints a blank image everywhere (A1111)
+            init = prep.init if prep.init is not None else torch.zeros(1, 3, prep.height, prep.width)
+            mask = prep.mask if prep.mask is not None else torch.ones(1, 1, prep.height, prep.width)
+            r.latents, r.inpainting = image_io.start_inpainting(
+                base.vae, r.scheduler, init, mask, gens, r.n, shape, r.timesteps[:1], prep.strength,
+                base.inpainting, e.device, e.dtype)
+        elif prep.init is not None:
             z0 = image_io.encode(base.vae, prep.init.to(e.device, e.dtype), gens, r.n)
             noise = randn_tensor(z0.shape, generator=gens, device=e.device, dtype=e.dtype)
             r.latents = r.scheduler.add_noise(z0, noise, r.timesteps[:1].repeat(r.n))
@@ -483,6 +493,8 @@ class Worker:
         for r in group:
             t = r.timesteps[r.i]
             x = r.scheduler.scale_model_input(r.latents, t)
+            if r.inpainting is not None and r.inpainting.concat is not None:  # inpainting UNet: + mask, image
+                x = torch.cat([x, r.inpainting.concat], 1)
             inputs.append(x.repeat(r.branches, *([1] * (x.dim() - 1))))
             steps.append(t.reshape(1).expand(r.rows))
         with torch.inference_mode():
@@ -500,6 +512,8 @@ class Worker:
         with torch.inference_mode():
             t = r.timesteps[r.i]
             r.latents = r.scheduler.step(noise, t, r.latents, **r.step_kwargs, return_dict=False)[0]
+            if r.inpainting is not None and r.inpainting.image is not None:  # regular UNet: keep what is known
+                r.latents = image_io.blend_known(r.scheduler, r.inpainting, r.latents, r.timesteps, r.i)
         r.i += 1
         r.job._steps_done = r.i
         if r.bar is not None:
