@@ -3,6 +3,7 @@
     custom_diffusion(base, images, placeholder=, class_word=, ...) -> TrainResult
     custom_diffusion(..., train_kv=False)      textual inversion (the token row only)
     full_finetune(base, images, ...)           DreamBooth-style full UNet fine-tuning (a baseline)
+    perfusion(base, images, super_word=, ...)   Perfusion: key-locked gated rank-1 (a rank1 file)
 
 One loop (core.Trainer / core.train) for every method; a method (core.Method) says what is
 trainable, which in-memory adapters each row's conditioning plan folds in, and how the result
@@ -12,6 +13,7 @@ is written.
 from .core import Batch, Example, Method, TrainResult, Trainer, engine_forward, masked_loss, train
 from .custom_diffusion import CustomDiffusion, custom_diffusion
 from .finetune import FullFineTune, full_finetune
+from .perfusion import Perfusion, perfusion
 from .data import TrainInputError, augment, load_images, load_masks
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "Example",
     "FullFineTune",
     "Method",
+    "Perfusion",
     "TrainInputError",
     "TrainResult",
     "Trainer",
@@ -30,5 +33,6 @@ __all__ = [
     "load_images",
     "load_masks",
     "masked_loss",
+    "perfusion",
     "train",
 ]
