@@ -181,6 +181,51 @@ def ensure_covariance(engine, captions=None) -> None:
         raise TrainInputError(f"C⁻¹ has shape {tuple(C_inv.shape)}, this base's text encoder is {width} wide")
 
 
+def perfusion_trainer(engine, images, *, placeholder: str = "<sks>", super_word: str | None = None, masks=None,
+                      prompt_template: str | None = None, steps: int = 250, lr_embedding: float = 0.006,
+                      lr_value: float = 0.03, batch_size: int = 4, beta: float = 0.75, tau: float = 0.1,
+                      ema: float = 0.99, global_lock: bool = False, key_lock: bool = True, seed: int = 0,
+                      hflip: bool = False, max_grad_norm: float = 0.0, weight_decay: float = 1e-2,
+                      serve_beta: float | None = None, serve_tau: float | None = None, captions=None) -> Trainer:
+    """Check every input and build the loop's Trainer for one concept on `engine` (what
+    `perfusion` runs; the tests replay its batches)."""
+    for name, v in (("lr_embedding", lr_embedding), ("lr_value", lr_value)):
+        _check_real(name, v, lo=0)
+    _check_real("beta", beta)
+    _check_real("tau", tau, lo=0, lo_open=True)
+    _check_real("ema", ema, lo=0, hi_open=1)
+    if serve_beta is not None:
+        _check_real("serve_beta", serve_beta)
+    if serve_tau is not None:
+        _check_real("serve_tau", serve_tau, lo=0, lo_open=True)
+    for name, v in (("key_lock", key_lock), ("global_lock", global_lock), ("hflip", hflip)):
+        if not isinstance(v, bool):
+            raise TrainInputError(f"{name}: expected True or False, got {v!r}")
+    check_placeholder(engine, placeholder)
+    if super_word is None:
+        raise TrainInputError("super_word: the concept's category word is required (e.g. 'circle')")
+    token_id(engine, super_word, "super_word")
+    ensure_covariance(engine, captions)
+    template = prompt_template or DEFAULT_TEMPLATE
+    if "{placeholder}" not in template:
+        raise TrainInputError(f"prompt_template: {template!r} must contain {{placeholder}}")
+    prompt = template.format(placeholder=placeholder, super_word=super_word)
+    size = engine.base.unet.config.sample_size * engine.base.vae_scale_factor
+    ims = load_images(images)
+    ms = load_masks(masks, len(ims))
+    examples = []
+    for i, im in enumerate(ims):
+        m = None
+        if ms is not None:
+            m = np.asarray(square(Image.fromarray((ms[i] * 255).astype("uint8")), size), np.float32) / 255.0
+            m = m / max(float(m.max()), 1e-12)  # ChenDarYen's dataset: mask / mask.max()
+        examples.append(Example(square(im, size), prompt, m))
+    method = Perfusion(engine, placeholder, super_word, [prompt], beta=beta, tau=tau, ema=ema, key_lock=key_lock,
+                       global_lock=global_lock, lr_embedding=lr_embedding, serve_beta=serve_beta, serve_tau=serve_tau)
+    return Trainer(engine, method, examples, steps=steps, lr=lr_value, batch_size=batch_size, seed=seed,
+                   max_grad_norm=max_grad_norm, weight_decay=weight_decay, hflip=hflip, aug=False)
+
+
 def perfusion(base, images=None, *, placeholder: str = "<sks>", super_word: str | None = None, masks=None,
               prompt_template: str | None = None, steps: int = 250, lr_embedding: float = 0.006,
               lr_value: float = 0.03, batch_size: int = 4, beta: float = 0.75, tau: float = 0.1, ema: float = 0.99,
@@ -201,45 +246,15 @@ def perfusion(base, images=None, *, placeholder: str = "<sks>", super_word: str 
     if output is None:
         raise TrainInputError("output: a folder to write the adapter to is required")
     output = os.fspath(output)
-    for name, v in (("lr_embedding", lr_embedding), ("lr_value", lr_value)):
-        _check_real(name, v, lo=0)
-    _check_real("beta", beta)
-    _check_real("tau", tau, lo=0, lo_open=True)
-    _check_real("ema", ema, lo=0, hi_open=1)
-    for name, v in (("serve_beta", serve_beta), ("serve_tau", serve_tau)):
-        if v is not None:
-            _check_real(name, v, lo=0 if name == "serve_tau" else None, lo_open=True)
-    for name, v in (("key_lock", key_lock), ("global_lock", global_lock), ("hflip", hflip)):
-        if not isinstance(v, bool):
-            raise TrainInputError(f"{name}: expected True or False, got {v!r}")
     engine, owned = resolve_engine(base, device, dtype)
     try:
-        check_placeholder(engine, placeholder)
-        if super_word is None:
-            raise TrainInputError("super_word: the concept's category word is required (e.g. 'circle')")
-        token_id(engine, super_word, "super_word")
-        ensure_covariance(engine, captions)
-        template = prompt_template or DEFAULT_TEMPLATE
-        if "{placeholder}" not in template:
-            raise TrainInputError(f"prompt_template: {template!r} must contain {{placeholder}}")
-        prompt = template.format(placeholder=placeholder, super_word=super_word)
-        size = engine.base.unet.config.sample_size * engine.base.vae_scale_factor
-        ims = load_images(images)
-        ms = load_masks(masks, len(ims))
-        examples = []
-        for i, im in enumerate(ims):
-            m = None
-            if ms is not None:
-                m = np.asarray(square(Image.fromarray((ms[i] * 255).astype("uint8")), size), np.float32) / 255.0
-                m = m / max(float(m.max()), 1e-12)  # ChenDarYen's dataset: mask / mask.max()
-            examples.append(Example(square(im, size), prompt, m))
-        method = Perfusion(engine, placeholder, super_word, [prompt], beta=beta, tau=tau, ema=ema, key_lock=key_lock,
-                           global_lock=global_lock, lr_embedding=lr_embedding, serve_beta=serve_beta,
-                           serve_tau=serve_tau)
-        trainer = Trainer(engine, method, examples, steps=steps, lr=lr_value, batch_size=batch_size, seed=seed,
-                          max_grad_norm=max_grad_norm, weight_decay=weight_decay, hflip=hflip, aug=False)
+        trainer = perfusion_trainer(
+            engine, images, placeholder=placeholder, super_word=super_word, masks=masks,
+            prompt_template=prompt_template, steps=steps, lr_embedding=lr_embedding, lr_value=lr_value,
+            batch_size=batch_size, beta=beta, tau=tau, ema=ema, global_lock=global_lock, key_lock=key_lock,
+            seed=seed, hflip=hflip, max_grad_norm=max_grad_norm, weight_decay=weight_decay, serve_beta=serve_beta,
+            serve_tau=serve_tau, captions=captions)
         return train(trainer, output, checkpoint_every=checkpoint_every, resume=resume, progress=progress)
     finally:
         if owned:
             engine.close()
-
