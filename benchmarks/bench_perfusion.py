@@ -79,7 +79,7 @@ def pf_at(front, concept):
     return pts[0][1] if len(pts) == 1 and pts[0][0] == concept else None
 
 
-def plot(results, path, cd):
+def plot(results, path, cd, cd_label=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,7 +87,7 @@ def plot(results, path, cd):
 
     objs = list(dict.fromkeys(r["object"] for r in results if r["method"] != "pair"))
     panels = objs + (["mean"] if len(objs) > 1 else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 4.6 * len(panels)), 5.6), squeeze=False)
     for ax, obj in zip(axes[0], panels):
         rows = [r for r in results if obj in ("mean", r["object"]) and r["method"] != "pair"]
         for method, colour in (("lock", "tab:blue"), ("nolock", "tab:orange")):
@@ -102,7 +102,9 @@ def plot(results, path, cd):
                 continue
             xs = [p[1] for p in pts.values()]
             ys = [p[0] for p in pts.values()]
-            ax.scatter(xs, ys, c=colour, s=18, alpha=0.6, label=f"Perfusion, {'key-locked' if method == 'lock' else 'no lock'}")
+            steps = sorted({r["steps"] for r in rows if r["method"] == method})
+            ax.scatter(xs, ys, c=colour, s=18, alpha=0.6,
+                       label=f"Perfusion, {'key-locked' if method == 'lock' else 'no lock'} ({'/'.join(map(str, steps))} steps)")
             front = pareto(list(pts.values()))
             ax.plot([p[1] for p in front], [p[0] for p in front], c=colour)
             for (b, t), p in pts.items():
@@ -115,13 +117,14 @@ def plot(results, path, cd):
         cds = [cd[o] for o in (objs if obj == "mean" else [obj]) if o in cd]
         if cds and len(cds) == (len(objs) if obj == "mean" else 1):
             c = np.mean(cds, 0)
-            ax.scatter([c[1]], [c[0]], marker="*", s=120, c="tab:red", label="Custom Diffusion")
+            ax.scatter([c[1]], [c[0]], marker="*", s=120, c="tab:red", label=cd_label or "Custom Diffusion")
         ax.set_title(obj if obj != "mean" else f"mean of {len(objs)}")
         ax.set_xlabel("prompt fidelity")
         ax.set_ylabel("concept fidelity")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=1 if len(panels) == 1 else 2)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(path, dpi=110)
 
 
@@ -181,7 +184,13 @@ def main(argv=None):
     p.add_argument("--cd", default=None, help='JSON {"object": [concept, prompt]} (default: main\'s docs/training.md numbers)')
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="the Pareto PNG")
+    p.add_argument("--replot", default=None, help="draw --plot from a --json file of an earlier run, run nothing")
     args = p.parse_args(argv)
+    if args.replot:
+        saved = json.load(open(args.replot))
+        plot(saved["results"], args.plot, {k: tuple(v) for k, v in saved.get("cd", CD_POINTS).items()},
+             saved.get("cd_label"))
+        return
     torch.set_num_threads(args.threads)
     os.makedirs(args.work, exist_ok=True)
     cd = CD_POINTS if args.cd is None else {k: tuple(v) for k, v in json.load(open(args.cd)).items()}
