@@ -49,7 +49,9 @@ def _native_extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     flags = {"cxx": list(NATIVE_CXX_FLAGS)}
-    if torch.version.cuda is not None and CUDA_HOME is not None:
+    # the same test as impasto.kernels.native.cuda_buildable (a CUDA_HOME guessed from a wrapper
+    # nvcc may lack the toolkit's headers)
+    if torch.version.cuda is not None and CUDA_HOME and os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
         flags["nvcc"] = list(NATIVE_NVCC_FLAGS)
         ext = CUDAExtension("impasto._native", _native_sources(cuda=True), extra_compile_args=flags)
     else:

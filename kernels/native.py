@@ -65,6 +65,10 @@ def cuda_buildable() -> tuple[bool, str]:
 
     if CUDA_HOME is None:
         return False, "no CUDA toolkit found (CUDA_HOME)"
+    # torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script there gives a folder
+    # without the toolkit's headers, and the build would fail late with a compiler error
+    if not os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        return False, f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h (set CUDA_HOME to the toolkit)"
     return True, ""
 
 

@@ -104,9 +104,22 @@ def test_setup_builds_native_only_when_asked(monkeypatch):
     kw = _setup_kwargs(monkeypatch, build_native=True)
     (ext,) = kw["ext_modules"]
     assert ext.name == "impasto._native" and "build_ext" in kw["cmdclass"]
-    want = {os.path.relpath(f, ROOT) for f in native.sources(cuda=torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None)}
+    want = {os.path.relpath(f, ROOT) for f in native.sources(cuda=native.cuda_buildable()[0])}
     assert set(ext.sources) == want
     assert "-ffp-contract=off" in ext.extra_compile_args["cxx"]
+
+
+def test_a_cuda_home_without_headers_is_not_buildable(monkeypatch, tmp_path):
+    """torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script there gives a folder
+    without the toolkit: the CUDA part is then not buildable, with the reason, instead of a
+    compiler error deep in the build."""
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    ok, why = native.cuda_buildable()
+    assert not ok and str(tmp_path) in why and "cuda_runtime.h" in why
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime.h").write_text("")
+    assert native.cuda_buildable() == (True, "")
 
 
 def test_loader_reports_a_missing_library(monkeypatch, tmp_path):
