@@ -1,4 +1,5 @@
-"""`impasto train custom-diffusion --model tiny --images DIR --placeholder "<new1>" --class-word star -o OUT`.
+"""`impasto train custom-diffusion --model tiny --images DIR --placeholder "<new1>" --class-word star -o OUT`;
+`impasto train perfusion --model tiny --images DIR --placeholder "<sks>" --super-word circle -o OUT`.
 
 The closing summary names the time, the bytes and where each file went.
 """

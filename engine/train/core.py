@@ -14,6 +14,7 @@ result. The loop does the rest, the same for all:
                   PlannedCrossAttnProcessor on every attn2, LoRA hooks and impasto.kernels ops
         target  = noise (epsilon) or velocity (v_prediction), as the config says
         loss    = mean_b Σ(mask·(pred - target)²)/Σmask over instance rows + w_prior·mse(class rows)
+                  (method.loss; Perfusion's is ChenDarYen's, after method.before_loss updated i*)
         backward; method.after_backward(); clip_grad_norm(max_grad_norm); AdamW step
 
 Reproducible: one torch.Generator (latents, noise, timesteps) and one numpy Generator
