@@ -6,6 +6,9 @@ prompts, fixed seeds), train and score, side by side in one run:
     ti    textual inversion: only the placeholder's row (custom_diffusion(train_kv=False))
     ft    full UNet fine-tuning, DreamBooth-style (full_finetune)
     cd    Custom Diffusion (custom_diffusion)
+    enc   the encoder adapter, zero-shot: no per-object training, the first reference (background
+          masked) as ip_adapter_image, the class word as the phrase (eval.zero_shot_requests);
+          --encoder FILE[=LABEL] (repeatable) scores several files (the shipped one by default)
 Concept fidelity = eval.concept_accuracy over the 48 generations; prompt fidelity =
 eval.prompt_fidelity over background, count and style. 25 DDIM steps, guidance 7.5.
 
@@ -26,9 +29,10 @@ from PIL import Image
 
 import impasto
 from impasto import eval as ev
+from impasto.tiny import SHIPPED_DIR
 from impasto.train import custom_diffusion, full_finetune
 
-METHODS = ("base", "ti", "ft", "cd")
+METHODS = ("base", "ti", "ft", "cd", "enc")
 
 
 def generate(engine, cs, phrase, adapters, steps):
@@ -39,6 +43,32 @@ def generate(engine, cs, phrase, adapters, steps):
         if o.error is not None:
             raise o.error
     return [o.images[0] for o in outs], cs.prompts(phrase)
+
+
+def run_encoder(obj, path, label, args):
+    """Zero-shot: register the file, time the first image, then the 48 protocol prompts."""
+    cs = ev.concept_set(obj, args.seed)
+    engine = impasto.Engine.from_pretrained(args.model, device="cpu")
+    t0 = time.perf_counter()
+    engine.adapters.register("enc", path)
+    first = ev.zero_shot_requests(cs, "enc", scale=args.encoder_scale, n=1, steps=args.sample_steps)
+    engine.generate_batch(first)
+    info = {"object": obj, "method": label, "train_seconds": 0.0, "steps": 0, "bytes": os.path.getsize(path),
+            "first_image_seconds": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    outs = engine.generate_batch(ev.zero_shot_requests(cs, "enc", scale=args.encoder_scale, steps=args.sample_steps))
+    for o in outs:
+        if o.error is not None:
+            raise o.error
+    images, prompts = [o.images[0] for o in outs], cs.prompts(cs.class_word)
+    info["generate_seconds"] = time.perf_counter() - t0
+    info["concept_accuracy"] = ev.concept_accuracy(images, obj)
+    pf = ev.prompt_fidelity(images, prompts, attributes=ev.CONTEXT_ATTRIBUTES)
+    info["prompt_fidelity"] = pf["overall"]
+    info.update({f"pf_{k}": pf[k] for k in ev.CONTEXT_ATTRIBUTES})
+    info["copy_paste"] = ev.copy_paste(images, prompts, "medium", 1)["copy_paste"]  # reference 0: medium, one
+    engine.close()
+    return info, images, cs
 
 
 def run_one(obj, method, args, work):
@@ -100,6 +130,9 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared CPU, 2 threads contend badly)")
+    p.add_argument("--encoder", action="append", default=None,
+                   help="enc: an IP-Adapter file, FILE or FILE=LABEL (repeatable; default the shipped tiny one)")
+    p.add_argument("--encoder-scale", type=float, default=1.0, help="enc: the adapter's scale")
     p.add_argument("--json", default=None)
     p.add_argument("--sheets", default=None, help="folder for <object>_training.png contact sheets")
     args = p.parse_args(argv)
@@ -111,10 +144,15 @@ def main(argv=None):
         for obj in args.objects:
             rows = {}
             for m in args.methods:
-                info, images, cs = run_one(obj, m, args, work)
-                rows[m] = images
-                results.append(info)
-                print(json.dumps({k: v for k, v in info.items() if k != "files"}), flush=True)
+                runs = [(m, None)]
+                if m == "enc":
+                    files = args.encoder or [os.path.join(SHIPPED_DIR, "ip_adapter", "ip_adapter.safetensors")]
+                    runs = [(f.partition("=")[2] or "enc", f.partition("=")[0]) for f in files]
+                for label, path in runs:
+                    info, images, cs = run_encoder(obj, path, label, args) if path else run_one(obj, m, args, work)
+                    rows[label] = images
+                    results.append(info)
+                    print(json.dumps({k: v for k, v in info.items() if k != "files"}), flush=True)
             if args.sheets:
                 sheet(cs, rows, os.path.join(args.sheets, f"{obj}_training.png"))
     print(f"{'object':8} {'method':6} {'concept':>8} {'prompt':>7} {'train s':>8} {'s/step':>7} {'bytes':>11}")

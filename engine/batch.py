@@ -42,6 +42,7 @@ class BatchState:
         self.lora: dict[str, tuple[dict, int] | None] = {}
         self.owner = None  # identity of the layout written (engine-defined), to skip rewrites
         self._held = None  # (embeds, kv) read as given instead of the buffers (training: `hold`)
+        self._held_image = None  # ({layer: (K', V')}, scale [rows]) read as given (training: `hold_images`)
         self._image = None  # (capacity L_img, {layer: (K', V')}, scale [max_rows]) once an image is laid out
         self.image_len = 0  # image keys of the current layout (0: no row has an image)
         self.image_mask: torch.Tensor | None = None  # bool [rows, 1, 1, image_len] while image_len > 0
@@ -76,7 +77,7 @@ class BatchState:
         lengths = [e.shape[1] for e, _ in parts]
         if max(lengths) > self.max_len:
             raise ValueError(f"a row has {max(lengths)} keys, the batch state holds {self.max_len}")
-        self._held = None
+        self._held = self._held_image = None
         embeds, kv = self._alloc()
         r = 0
         for (e, layers), n_keys in zip(parts, lengths):
@@ -100,14 +101,22 @@ class BatchState:
         """Training: the next forwards read `embeds` [rows, L, D] and `kv` {layer: (K, V) [rows, L, h]}
         themselves, not copies in the buffers, so gradients flow back to them; every row has all
         L keys (no mask). `write_layout` ends it."""
-        self._held = (embeds, kv)
+        self._held, self._held_image = (embeds, kv), None
         self.rows, self.seq_len, self.key_mask, self.owner = embeds.shape[0], embeds.shape[1], None, None
-        self.image_len, self.image_mask = 0, None  # no image branch while training holds the rows
+        self.image_len, self.image_mask = 0, None  # no image branch unless hold_images gives one
+
+    def hold_images(self, kv: dict, scale: torch.Tensor) -> None:
+        """Training (after `hold`): the next forwards' image branch reads `kv` {layer: (K', V')
+        [rows, L_img, h]} and `scale` [rows] themselves, so gradients flow back to them; every row
+        has all L_img keys (no mask). `hold`, `release` and `write_layout` end it."""
+        self._held_image = (kv, scale)
+        self.image_len, self.image_mask = next(iter(kv.values()))[0].shape[1], None
 
     def release(self) -> None:
         """End `hold`: the buffers are read again once the next layout is written."""
-        self._held = None
+        self._held = self._held_image = None
         self.rows, self.owner = 0, None
+        self.image_len, self.image_mask = 0, None
 
     def write_images(self, rows: list) -> None:
         """Copy each row's image tokens' K'/V' into the image buffers (after `write_layout`).
@@ -156,6 +165,10 @@ class BatchState:
         None otherwise (the layer then has no image branch)."""
         if not self.planned or self.image_len == 0:
             return None
+        if self._held_image is not None:
+            kv, scale = self._held_image
+            K, V = kv[layer]
+            return K, V, None, scale[:, None, None]
         _, kv, scale = self._image
         K, V = kv[layer]
         n, L = self.rows, self.image_len

@@ -298,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an engine operator limit, e.g. max_queue=64 (impasto.LIMITS)")
     s.add_argument("--ray", action="store_true", help="run on Ray Serve (RAY_ADDRESS's cluster, else a local one)")
     s.add_argument("--replicas", type=int, default=2, help="with --ray: replicas, each with its own engine")
+    s.add_argument("--ingress-replicas", type=int, default=1, help="with --ray: HTTP ingress replicas")
     s.set_defaults(func=_serve)
     c = sub.add_parser("covariance", help="compute a base model's text-encoding C⁻¹ for Perfusion (rank1)",
                        formatter_class=fmt)

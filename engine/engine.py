@@ -23,7 +23,7 @@ from diffusers.image_processor import VaeImageProcessor
 
 from impasto.kernels import dispatch
 
-from . import tiny
+from . import schedulers, tiny
 from .adapters.lora import LoraRuntime, attention_targets, runtime_buckets, slots_for_budget
 from .adapters.store import AdapterStore
 from .api import (
@@ -39,7 +39,7 @@ from .api import (
 from .attention import cross_attention_layers, install_planned_attention, uninstall_planned_attention
 from .batch import BatchState
 from . import images as image_io
-from .errors import AdapterNameError, ImpastoError, RequestError
+from .errors import AdapterError, AdapterNameError, ImpastoError, RequestError
 from .loading import BaseModel, load_base_model
 from .plan import PLACEHOLDER
 from .worker import Job, Worker, _Queued
@@ -280,6 +280,25 @@ class Engine:
         self._not_on_worker("generate_batch")
         return [job.output() for job in self._submit(list(requests), raise_errors=False)]
 
+    def warm(self, name: str, *, wait: float = 0.0) -> bool:
+        """Semantics: read adapter `name` into the host cache (raises its AdapterError) and,
+        if the worker reaches a step boundary within `wait` seconds, copy its UNet LoRA layers
+        into a free (or least recently used, unpinned) slot, as admission would. True when it
+        is resident in the slot pool afterwards; False leaves the copy to its request's
+        admission. Never waits longer than `wait` for the worker."""
+        file = self.adapters.load(name)
+        names = {n for n, _ in self.adapters.family(name).lora_rows(name, 1.0, file)}
+        if not names or not self._worker.boundary.acquire(timeout=wait):
+            return False
+        try:
+            for n in sorted(names):
+                self.lora.load(n, file, pinned=names)
+            return True
+        except AdapterError:  # every slot pinned by running requests
+            return False
+        finally:
+            self._worker.boundary.release()
+
     def stats(self) -> dict:
         """The worker's counters: queued and running requests, UNet forwards so far, rows of the
         last forward, whether the worker is alive (for /ready and /metrics)."""
@@ -342,6 +361,26 @@ class Engine:
             self._prefetch.submit(self._prefetch_adapters, set().union(*(q.prep.adapter_names() for q in items)))
         return jobs
 
+    def _check_last_timestep(self, scheduler, steps: int, train_steps: int) -> None:
+        """A RequestError where `steps` of this request's scheduler reach a timestep the base was
+        not trained on: "leading" spacing with steps_offset 1 gives timestep 1000 at 1000 steps,
+        which DDIM-like schedulers index out of range in their first step."""
+        sched = schedulers.build(scheduler, self.base.scheduler.config, self.base.scheduler)
+        sched.set_timesteps(steps)
+        top = int(sched.timesteps.max())
+        if top < train_steps:
+            return
+        most = steps - 1
+        while most > 1:
+            sched.set_timesteps(most)
+            if int(sched.timesteps.max()) < train_steps:
+                break
+            most -= 1
+        cfg = sched.config
+        raise RequestError(f"steps: {steps} steps of {type(sched).__name__} ({cfg.get('timestep_spacing')!r} spacing, "
+                           f"steps_offset {cfg.get('steps_offset', 0)}) reach timestep {top}, past the base's last "
+                           f"training timestep {train_steps - 1}; use at most {most} steps")
+
     def _prepare(self, index: int, req: Request) -> Prepared:
         if not isinstance(req, Request):
             raise RequestError(f"requests[{index}]: expected impasto.Request, got {type(req).__name__}")
@@ -369,6 +408,8 @@ class Engine:
         if req.steps > min(lim["max_steps"], train_steps):
             which = "max_steps" if lim["max_steps"] < train_steps else "the scheduler's training timesteps"
             raise RequestError(f"steps: {req.steps} is above {which} ({min(lim['max_steps'], train_steps)})")
+        if req.steps > train_steps // 2:  # only then can a spacing's steps_offset pass the last timestep
+            self._check_last_timestep(req.scheduler, req.steps, train_steps)
         if req.num_images > lim["max_num_images"]:
             raise RequestError(f"num_images: {req.num_images} is above max_num_images ({lim['max_num_images']})")
         default = self.base.unet.config.sample_size * self.base.vae_scale_factor

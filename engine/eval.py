@@ -257,3 +257,49 @@ def concept_accuracy(images, obj: str, probes=None) -> float:
         raise ValueError(f"concept {obj!r} is not a probe shape class {CLASSES['shape']}")
     probs = _read(images, probes)
     return float((probs["shape"].argmax(1) == CLASSES["shape"].index(obj)).mean())
+
+
+# ---------------------------------------------------------------------------- zero-shot (encoder adapters)
+def masked_reference(cs: ConceptSet, i: int = 0) -> Image.Image:
+    """Reference i of a concept set with its background masked out (mid-gray, as the encoder
+    adapter's training references are): the one image a zero-shot request gives."""
+    from .tiny import references
+
+    return Image.fromarray(references.masked_reference(np.asarray(cs.images[i]), cs.masks[i]))
+
+
+def zero_shot_requests(cs: ConceptSet, adapter: str | None, *, scale: float = 1.0, n: int = 48, steps: int = 25,
+                       guidance: float = 7.5, reference: int = 0) -> list:
+    """The protocol's first n held-out prompts with the class word as the phrase ("a star on ..."),
+    each with the masked reference `reference` as ip_adapter_image and (adapter, scale), or the
+    plain base requests when adapter is None; the protocol's seeds."""
+    from .api import Request
+
+    image = masked_reference(cs, reference)
+    out = []
+    for p, s in list(zip(cs.prompts(cs.class_word), cs.seeds))[:n]:
+        if adapter is None:
+            out.append(Request(p, seed=s, steps=steps, guidance=guidance))
+        else:
+            out.append(Request(p, adapters=[(adapter, scale)], ip_adapter_image=image, seed=s, steps=steps,
+                               guidance=guidance))
+    return out
+
+
+def copy_paste(images, prompts, reference_size: str, reference_count: int, probes=None) -> dict:
+    """Copy-paste, the failure cross-reference regularization targets: among images whose prompt
+    asks for another size or count than the reference shows (a prompt without a size word asks
+    for "medium"), the share whose probes read the reference's own size AND count instead.
+    Returns {"copy_paste": share, "n": images scored}."""
+    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+    probs = _read(images, probes)
+    copied = []
+    for i, p in enumerate(prompts):
+        named = world.parse_prompt(p)
+        asked = (named.get("size", "medium"), named.get("count", 1))
+        if asked == (reference_size, reference_count):
+            continue
+        size = CLASSES["size"][int(probs["size"][i].argmax())]
+        count = CLASSES["count"][int(probs["count"][i].argmax())]
+        copied.append((size, count) == (reference_size, reference_count))
+    return {"copy_paste": float(np.mean(copied)) if copied else float("nan"), "n": len(copied)}

@@ -176,7 +176,9 @@ def chunk_prompt(tokenizer, text: str, placeholders=(), *, weighted: bool = Fals
     unk id. Never empty: "" is one chunk.
     """
     parsed = parse_attention(text) if weighted else [[text, 1.0]]
-    comma = tokenizer.get_vocab().get(",</w>")
+    # one lookup, not get_vocab(): that copies the whole 49k-entry vocabulary on every call
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    comma = None if comma is None or comma == tokenizer.unk_token_id else comma
     pattern = None
     if placeholders:
         pattern = "(" + "|".join(_as_word(p) for p in sorted(placeholders, key=len, reverse=True)) + ")"

@@ -319,6 +319,7 @@ def test_rank1_triggers_fail_alone(rank1_eng, adapter, exc, match):
     ("max_pixels", 32 * 32, dict(height=64, width=32), "max_pixels"),
     ("max_steps", 5, dict(steps=6), "max_steps"),
     ("max_steps", 5000, dict(steps=1001), "training timesteps"),
+    ("max_steps", 5000, dict(steps=1000), "reach timestep 1000.*at most 999 steps"),  # leading spacing, offset 1
     ("max_num_images", 2, dict(num_images=3), "max_num_images"),
     ("max_styles", 1, dict(guidance=impasto.Guidance(styles={"a": 1.0, "b": 1.0})), "max_styles"),
     ("max_batch_rows", 4, dict(num_images=3), "max_batch_rows"),

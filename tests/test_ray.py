@@ -1,14 +1,18 @@
 """impasto on Ray Serve: a local Ray cluster (2 CPUs, no dashboard) started once for the
-module, 2 replicas over the tiny fixture model, real HTTP through Ray's proxy (httpx), images
-compared with an in-process engine.generate. The routing helpers are tested without Ray."""
+module, the app deployed on it by `impasto serve --ray --replicas 2` itself (a subprocess
+joining through RAY_ADDRESS), 2 replicas over the tiny fixture model, real HTTP through Ray's
+proxy (httpx), images compared with an in-process engine.generate. The routing helpers are
+tested without Ray."""
 
 import base64
 import io
 import json
+import os
 import socket
 import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,12 +20,11 @@ from PIL import Image
 from impasto.api import Adapter, Request
 from impasto.serve.ray.directory import Directory
 from impasto.serve.ray.routing import Spreader, adapter_of, routing_key
-from test_serve import OUT, Q, _lora, ref  # noqa: F401  (ref: the fixture, over this module's adapter_dir)
+from test_serve import OUT, Q, Server, _lora, ref  # noqa: F401  (ref: the fixture, over this module's adapter_dir)
 
 USER, ADMIN = "user-key-0123456789abcdef", "admin-key-0123456789abcdef"
 NAMES = [f"a{i}" for i in range(6)]
-APP = "impasto"
-DIRECTORY = "impasto-directory-test"
+APP = "impasto"  # the name `impasto serve --ray` deploys under
 
 
 def _wait(cond, seconds):
@@ -68,6 +71,9 @@ def test_directory_replays_its_log_to_a_late_replica():
     assert set(state) == {"r1", "r2"} and state["r1"]["applied"] == 2 and set(state["r1"]["results"]) == {1, 2}
     d.forget("r1")
     assert set(d.state()) == {"r2"}
+    assert d.count("i1", {"hit": 2, "miss": 1}) == {"hit": 2, "miss": 1}
+    assert d.count("i2", {"hit": 1}) == {"hit": 3, "miss": 1}  # every ingress replica's decisions
+    assert d.count("i1", {"hit": 3, "miss": 1}) == {"hit": 4, "miss": 1}  # counters replace, not add
 
 
 def test_cli_serve_ray_flags_are_checked_before_ray_starts(tmp_path, capsys):
@@ -82,6 +88,89 @@ def test_cli_serve_ray_flags_are_checked_before_ray_starts(tmp_path, capsys):
     assert "--port 0" in capsys.readouterr().err
     assert main(["serve", "--ray", "--host", "0.0.0.0", "--adapters", str(tmp_path)]) == 2
     assert "beyond loopback" in capsys.readouterr().err
+
+
+def test_warm_puts_an_adapter_in_the_slot_pool_only_at_a_free_step_boundary(engine, tmp_path):
+    """The multiplexed loader's engine.warm: host cache, then a slot if the worker's boundary
+    is free within `wait`; never waits longer."""
+    from impasto.errors import AdapterNameError
+
+    engine.adapters.register("warm-a", _lora(tmp_path / "a.safetensors", 5))
+    engine.adapters.register("warm-b", _lora(tmp_path / "b.safetensors", 6, key=OUT))
+    try:
+        assert "warm-a" not in engine.lora.adapter_bucket
+        loads = engine.adapters.stats()["loads"]
+        assert engine.warm("warm-a", wait=5.0)
+        assert "warm-a" in engine.lora.adapter_bucket and engine.adapters.stats()["loads"] == loads + 1
+        held = threading.Event()
+        release = threading.Event()
+
+        def hold():  # a step in progress
+            with engine._worker.boundary:
+                held.set()
+                release.wait(30)
+
+        t = threading.Thread(target=hold)
+        t.start()
+        try:
+            assert held.wait(30)
+            t0 = time.monotonic()
+            assert not engine.warm("warm-b", wait=0.2)
+            assert 0.15 < time.monotonic() - t0 < 5
+        finally:
+            release.set()
+            t.join(30)
+        assert "warm-b" not in engine.lora.adapter_bucket  # in the host cache only: admission copies it
+        assert engine.adapters.stats()["loads"] == loads + 2
+        with pytest.raises(AdapterNameError):
+            engine.warm("no-such-adapter")
+    finally:
+        engine.adapters.unregister("warm-a")
+        engine.adapters.unregister("warm-b")
+
+
+def test_a_submit_that_waits_does_not_hold_up_the_ingress_loop():
+    """A remote backend's submit can wait seconds (a replica starting, Ray's queue full); the
+    HTTP app runs it off its event loop, so other clients' polls and event streams go on."""
+    import asyncio
+
+    from impasto import LIMITS
+    from impasto.errors import EngineBusyError
+    from impasto.serve.app import create_app
+
+    release = threading.Event()
+
+    class Waiting:
+        model_name, sampler, limits, default_size = "m", "Euler", dict(LIMITS), (32, 32)
+
+        def submit(self, request):
+            release.wait(30)
+            raise EngineBusyError("full")
+
+        def adapters(self):
+            return []
+
+        def stats(self):
+            return {"alive": True, "queued": 0, "running": 0, "forwards": 0, "rows_last_forward": 0,
+                    "adapter_cache": {}}
+
+        def close(self):
+            release.set()
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=create_app(Waiting()))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            post = asyncio.ensure_future(c.post("/v1/jobs", json={"prompt": "x", "num_inference_steps": 2}))
+            await asyncio.sleep(0.2)
+            t0 = time.monotonic()
+            assert (await asyncio.wait_for(c.get("/ready"), 10)).status_code == 200
+            waited = time.monotonic() - t0
+            assert not post.done()
+            release.set()
+            assert (await asyncio.wait_for(post, 30)).status_code == 429
+            return waited
+
+    assert asyncio.run(scenario()) < 5
 
 
 def test_build_refuses_a_missing_adapter_root(tmp_path):
@@ -99,8 +188,6 @@ def test_build_refuses_a_missing_adapter_root(tmp_path):
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-import httpx  # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
@@ -111,27 +198,38 @@ def adapter_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_dir, adapter_dir):
-    """One local Ray cluster and the app for the whole module; every wait below is bounded."""
-    from impasto.serve.ray import build
-
+def server(tiny_dir, adapter_dir, tmp_path_factory):
+    """One local Ray cluster for the module, and `impasto serve --ray` deploying the app on it
+    (2 replicas, one ingress: with two, each ingress's router places a cold adapter on its own,
+    so the first round's concurrent requests could load one adapter on both replicas); every
+    wait below is bounded."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    keys = tmp_path_factory.mktemp("ray-keys")
+    (keys / "user").write_text(USER + "\n")
+    (keys / "admin").write_text(ADMIN + "\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     try:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        # serve.run waits without a bound (for resources that may never come): deploy, then poll
-        serve._run(build(tiny_dir, str(adapter_dir), replicas=2, max_models_per_replica=8, name=APP,
-                         directory=DIRECTORY,
-                         settings={"api_keys": (USER,), "admin_keys": (ADMIN,)}),
-                   _blocking=False, name=APP, route_prefix="/")
-        assert _wait(lambda: _app_status() == "RUNNING", 240), serve.status()
-        yield f"http://127.0.0.1:{port}"
+        proc = Server("--ray", "--replicas", "2", "--port", str(port), "--model", tiny_dir, "--adapters",
+                      str(adapter_dir), "--api-key-file", str(keys / "user"), "--admin-key-file", str(keys / "admin"))
     finally:
-        serve.shutdown()
+        del os.environ["RAY_ADDRESS"]
+    try:
+        proc.wait()  # bounded: the 'listening on' line within 180 s
+        assert proc.url == f"http://127.0.0.1:{port}" and "2 replicas" in proc.log, proc.log
+        assert _app_status() == "RUNNING"
+        yield proc
+    finally:
+        proc.stop()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(server):
+    return server.url
 
 
 @pytest.fixture
@@ -147,7 +245,10 @@ def _app_status():
 
 
 def _directory():
-    return ray.get_actor(DIRECTORY, namespace="impasto")
+    """The app's registration log (directory.py), named per deployment."""
+    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["namespace"] == "impasto" and a["name"].startswith(f"impasto-directory-{APP}-")]
+    return ray.get_actor(name, namespace="impasto")
 
 
 def _replicas() -> dict:
@@ -204,6 +305,8 @@ def test_six_adapters_served_equal_generate_each_loaded_on_one_replica(user, ref
         assert not any(s["seen_by_key"].get(name) for rid, s in per.items() if rid != loaders[0])
     assert sum(s["adapter_cache"]["loads"] for s in per.values()) == len(NAMES)  # each file read once
     assert sum(s["affinity_hits"] for s in per.values()) == len(NAMES)  # the second round, every one
+    # summed over the ingress replicas, each adding its counters every 0.2 s
+    assert _wait(lambda: 'impasto_routing_total{decision="hit"} 6.0' in user.get("/metrics").text, 10)
     metrics = user.get("/metrics").text
     assert 'impasto_routing_total{decision="hit"} 6.0' in metrics
     assert 'impasto_routing_total{decision="miss"} 6.0' in metrics
@@ -235,6 +338,77 @@ def test_a_job_and_its_event_stream_reach_its_replica(user, ref):
     _same_image(result["result"]["data"][0]["b64_json"], want)
     status = user.get(f"/v1/jobs/{job}").json()
     assert status["state"] == "succeeded" and status["progress"] == {"step": 4, "total": 4}
+
+
+def _events(user, job):
+    """The job's event stream: (event names, the result event's data)."""
+    events, result = [], None
+    with user.stream("GET", f"/v1/jobs/{job}/events") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                events.append(line[7:])
+            elif line.startswith("data: ") and events[-1] == "result":
+                result = json.loads(line[6:])
+    return events, result
+
+
+def test_a_job_outlives_an_ingress_restart(cluster, user, ref):
+    """The job id names the replica holding the job, so fresh ingress replicas (none has seen
+    the job) answer GET /v1/jobs/{id} and its event stream."""
+    r = user.post("/v1/jobs", json=_body("a2", 11, steps=24))
+    assert r.status_code == 202, r.text
+    job = r.json()["id"]
+    replica, _, key = job.rpartition("-")
+    assert replica in _replicas() and len(key) == 16, job
+    ingresses = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith(f"SERVE_REPLICA::{APP}#Ingress#")]
+    assert ingresses
+    for ingress in ingresses:
+        ray.kill(ray.get_actor(ingress, namespace="serve"), no_restart=True)  # Serve starts others
+
+    def answered():
+        try:
+            return user.get(f"/v1/jobs/{job}", timeout=10).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    assert _wait(answered, 120)
+    new = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+           if a["name"].startswith(f"SERVE_REPLICA::{APP}#Ingress#")]
+    assert new and not set(new) & set(ingresses), new
+    events, result = _events(user, job)
+    assert events[-1] == "result" and set(events[:-1]) <= {"progress"}, events
+    want = ref.generate("a red star", adapters=[("a2", 0.8)], guidance=6.0, steps=24, seed=11, height=32,
+                        width=32).images[0]
+    _same_image(result["result"]["data"][0]["b64_json"], want)
+    assert user.get(f"/v1/jobs/{job}").json()["progress"] == {"step": 24, "total": 24}
+    other = httpx.get(f"{cluster}/v1/jobs/{job}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
+    assert other.status_code == 404  # another caller's job does not exist for it
+    for bad in (f"{replica}-0000000000000000", "nonsense", f"{job}_{job}"[:-1]):
+        assert user.get(f"/v1/jobs/{bad}").status_code == 404, bad
+
+
+def test_cancelling_a_kept_job_reaches_its_replica(user):
+    r = user.post("/v1/jobs", json=_body("a1", 12, steps=200))
+    assert r.status_code == 202, r.text
+    job = r.json()["id"]
+    assert _wait(lambda: user.get(f"/v1/jobs/{job}").json()["progress"]["step"] > 0, 60)
+    assert user.delete(f"/v1/jobs/{job}").status_code == 202
+    assert _wait(lambda: user.get(f"/v1/jobs/{job}").json()["state"] == "cancelled", 30)
+    assert _wait(lambda: not any(s["running"] for s in _replicas().values()), 10)
+
+
+def test_serve_run_builds_the_app_from_its_import_path(adapter_dir):
+    """What `serve run impasto.serve.ray:app adapters=DIR replicas=3` does before deploying."""
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
+    app = call_user_app_builder_with_args_if_necessary(import_attr("impasto.serve.ray:app"),
+                                                       {"adapters": str(adapter_dir), "replicas": "3"})
+    assert isinstance(app, Application)
+    replica = app._bound_deployment.init_args[0]  # Ingress.bind(Replica.bind(...), ...)
+    assert replica._bound_deployment.num_replicas == 3
 
 
 def test_an_upload_reaches_every_replica(cluster, user, ref, tmp_path):
@@ -298,3 +472,9 @@ def test_a_replica_killed_mid_stream_is_replaced_and_retries_complete(user, ref)
 
     assert _wait(replaced, 180), _replicas()
     assert _wait(running, 60), serve.status().applications[APP].deployments["Replica"]
+
+
+def test_the_cli_stops_on_sigterm(server):
+    """Last: `impasto serve --ray` deletes the app and exits 0 on SIGTERM."""
+    server.stop()
+    assert server.proc.returncode == 0 and "impasto serve --ray: stopped" in server.log, server.log

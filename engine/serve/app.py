@@ -157,8 +157,19 @@ def create_app(backend, settings: Settings | None = None) -> FastAPI:
 
     def start(images, owner: str, kind: str) -> Task:
         task = Task(owner, images, build.submit_all(backend, images), kind)
+        keep = getattr(backend, "keep", None)
+        if kind == "job" and keep is not None:  # held by remote replicas: the id names them (serve/ray)
+            try:
+                task.id = keep(task, settings.job_ttl_seconds)
+            except BaseException:
+                task.cancel()
+                raise
         tasks.add(task)
         return task
+
+    async def start_async(images, owner: str, kind: str) -> Task:
+        """`start` off the event loop: a backend's submit may wait (a remote replica starting)."""
+        return await anyio.to_thread.run_sync(start, images, owner, kind)
 
     async def finish_sync(request: Request, task: Task) -> list[str]:
         """Wait for a synchronous call's task; a client that disconnects cancels it."""
@@ -180,14 +191,14 @@ def create_app(backend, settings: Settings | None = None) -> FastAPI:
     # ------------------------------------------------------------------ OpenAI
     @app.post("/v1/images/generations", response_model=ImageGenerationResponse)
     async def images_generations(body: ImageGenerationRequest, request: Request, who: str = Depends(caller)):
-        task = start(build.openai_images(body, backend), who, "sync")
+        task = await start_async(build.openai_images(body, backend), who, "sync")
         pngs = await finish_sync(request, task)
         return build.openai_response(task, pngs)
 
     # ------------------------------------------------------------------ A1111
     @app.post("/sdapi/v1/txt2img", response_model=Txt2ImgResponse)
     async def txt2img(body: Txt2ImgRequest, request: Request, who: str = Depends(caller)):
-        task = start(build.a1111_images(body, backend), who, "sync")
+        task = await start_async(build.a1111_images(body, backend), who, "sync")
         pngs = await finish_sync(request, task)
         return build.a1111_response(body, task, pngs, backend)
 
@@ -200,7 +211,7 @@ def create_app(backend, settings: Settings | None = None) -> FastAPI:
     async def sd_loras(who: str = Depends(caller)):
         return [{"name": a.name, "alias": a.name, "path": os.path.basename(a.path),
                  "metadata": {"family": a.family, "rank": a.rank}}
-                for a in backend.adapters() if a.family in ("lora",)]
+                for a in await anyio.to_thread.run_sync(backend.adapters) if a.family in ("lora",)]
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models(who: str = Depends(caller)):
@@ -250,23 +261,28 @@ def create_app(backend, settings: Settings | None = None) -> FastAPI:
             out["error"] = json.loads(err.body)["error"]
         return out
 
-    def own(task_id: str, who: str) -> Task:
+    async def own(task_id: str, who: str) -> Task:
         task = tasks.get(task_id, who)
+        find = getattr(backend, "find", None)
+        if task is None and find is not None:  # made by another ingress replica, or before a restart
+            task = await anyio.to_thread.run_sync(find, task_id, who)
+            if task is not None:
+                tasks.add(task)
         if task is None:
             raise HTTPException(404, f"no job {task_id!r}")
         return task
 
     @app.post("/v1/jobs", response_model=JobCreated, status_code=202)
     async def create_job(body: ImageGenerationRequest, who: str = Depends(caller)):
-        return {"id": start(build.openai_images(body, backend), who, "job").id}
+        return {"id": (await start_async(build.openai_images(body, backend), who, "job")).id}
 
     @app.get("/v1/jobs/{job_id}", response_model=JobStatus)
     async def get_job(job_id: str, who: str = Depends(caller)):
-        return await anyio.to_thread.run_sync(job_status, own(job_id, who))
+        return await anyio.to_thread.run_sync(job_status, await own(job_id, who))
 
     @app.delete("/v1/jobs/{job_id}", response_model=JobStatus, status_code=202)
     async def cancel_job(job_id: str, who: str = Depends(caller)):
-        task = own(job_id, who)
+        task = await own(job_id, who)
         task.cancel()
         return await anyio.to_thread.run_sync(job_status, task)
 
@@ -274,7 +290,7 @@ def create_app(backend, settings: Settings | None = None) -> FastAPI:
     async def job_events(job_id: str, who: str = Depends(caller)):
         """Server-Sent Events: `progress` {step, total} once per denoising step, then one
         `result` (the job's status with its images) or `error` event."""
-        task = own(job_id, who)
+        task = await own(job_id, who)
 
         async def stream():
             sent = 0
@@ -296,7 +312,7 @@ def create_app(backend, settings: Settings | None = None) -> FastAPI:
     # ------------------------------------------------------------------ adapters
     @app.get("/v1/adapters", response_model=AdapterList)
     async def list_adapters(who: str = Depends(caller)):
-        return {"data": [_adapter_out(a) for a in backend.adapters()]}
+        return {"data": [_adapter_out(a) for a in await anyio.to_thread.run_sync(backend.adapters)]}
 
     @app.post("/v1/adapters", status_code=201, response_model=AdapterOut)
     async def upload_adapter(file: UploadFile = File(...), name: str | None = Form(None),
@@ -314,7 +330,7 @@ def create_app(backend, settings: Settings | None = None) -> FastAPI:
         if not ADAPTER_NAME.match(name):
             raise RequestError(f"name: {name!r} must match [A-Za-z0-9._-]+")
         final = os.path.join(root, f"{name}.safetensors")
-        if any(a.name == name for a in backend.adapters()):
+        if any(a.name == name for a in await anyio.to_thread.run_sync(backend.adapters)):
             raise HTTPException(409, f"adapter {name!r} is already registered")
         await anyio.to_thread.run_sync(_write_atomically, file.file, root, final)
         try:
@@ -328,7 +344,7 @@ def create_app(backend, settings: Settings | None = None) -> FastAPI:
     @app.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str, who: str = Depends(admin)):
         """Unregister (at a step boundary) and remove its file when it lies in the adapter root."""
-        info = next((a for a in backend.adapters() if a.name == name), None)
+        info = next((a for a in await anyio.to_thread.run_sync(backend.adapters) if a.name == name), None)
         if info is None:
             raise HTTPException(404, f"no adapter {name!r}")
         try:
@@ -349,7 +365,7 @@ def create_app(backend, settings: Settings | None = None) -> FastAPI:
 
     @app.get("/ready")
     async def ready():
-        alive = backend.stats()["alive"]
+        alive = (await anyio.to_thread.run_sync(backend.stats))["alive"]  # a remote backend's stats wait
         if settings.drain or not alive:
             why = "stopping" if settings.drain else "the engine's worker is not running"
             return errors.error_response(503, "unavailable", why)
@@ -357,7 +373,7 @@ def create_app(backend, settings: Settings | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus(who: str = Depends(caller)):
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+        return Response(await anyio.to_thread.run_sync(metrics.render), media_type=CONTENT_TYPE)
 
     @app.get("/", response_class=HTMLResponse)
     async def index():

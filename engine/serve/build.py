@@ -31,8 +31,27 @@ def parse_size(size: str | None, default: tuple) -> tuple[int, int]:
     return int(w), int(h)
 
 
+def decode_images(value, field: str) -> tuple:
+    """A base64 string or a list of them (a `data:image/...;base64,` prefix allowed) -> the encoded
+    images' bytes; RequestError naming the entry that is not base64. What the bytes hold is
+    checked by the engine (api.reference_images)."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
+    out = []
+    for i, item in enumerate(items):
+        where = field if isinstance(value, str) else f"{field}[{i}]"
+        head, sep, rest = item.partition(",")
+        data = rest if sep and head.startswith("data:") else item
+        try:
+            out.append(base64.b64decode(data, validate=True))
+        except (ValueError, TypeError):
+            raise RequestError(f"{where}: not base64-encoded image bytes") from None
+    return tuple(out)
+
+
 def _images(prompts, negatives, *, seed, steps, cfg, width, height, adapters=(), styles=(), timeout=None,
-            limits) -> list[Image]:
+            limits, ip_adapter_image=()) -> list[Image]:
     """One Image per prompt: `<lora:...>` tags parsed out of each prompt on its own (not A1111's
     first-prompt-wins), image i using seed + i."""
     if len(prompts) > limits["max_num_images"]:
@@ -42,14 +61,16 @@ def _images(prompts, negatives, *, seed, steps, cfg, width, height, adapters=(),
         parsed = parse_prompt(prompt)
         images.append(Image(prompt=parsed.prompt, negative_prompt=negative or None, steps=steps, cfg=cfg,
                             seed=seed + i, width=width, height=height,
-                            adapters=tuple(adapters) + parsed.adapters, styles=tuple(styles), timeout=timeout))
+                            adapters=tuple(adapters) + parsed.adapters, styles=tuple(styles), timeout=timeout,
+                            ip_adapter_image=ip_adapter_image))
     return images
 
 
 def openai_images(body, backend) -> list[Image]:
     """The images of a `POST /v1/images/generations` (or `/v1/jobs`) body."""
     if body.image is not None:
-        raise NotSupportedError("image: encoder adapters (an image per request) are not supported yet")
+        raise NotSupportedError("image: init images (img2img) are not supported here; an encoder adapter's "
+                                "reference goes in ip_adapter_image")
     if body.response_format != "b64_json":
         raise NotSupportedError(f"response_format: {body.response_format!r} is not supported; use 'b64_json'")
     if body.output_format not in (None, "png"):
@@ -66,7 +87,8 @@ def openai_images(body, backend) -> list[Image]:
     return _images([body.prompt] * body.n, [body.negative_prompt] * body.n, seed=seed,
                    steps=body.num_inference_steps, cfg=body.guidance_scale, width=width, height=height,
                    adapters=[(r.name, r.scale) for r in refs], styles=[(s.name, s.weight) for s in body.styles or []],
-                   timeout=body.timeout, limits=backend.limits)
+                   timeout=body.timeout, limits=backend.limits,
+                   ip_adapter_image=decode_images(body.ip_adapter_image, "ip_adapter_image"))
 
 
 def _per_image(value, total: int, name: str) -> list[str]:

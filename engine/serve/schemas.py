@@ -46,7 +46,10 @@ class ImageGenerationRequest(BaseModel):
     adapters: Optional[list[AdapterRef]] = None
     loras: Optional[list[AdapterRef]] = Field(None, description="vLLM-Omni's name for `adapters`")
     styles: Optional[list[StyleRef]] = None
-    image: Optional[str] = Field(None, description="base64 image for an encoder adapter (not supported yet)")
+    image: Optional[str] = Field(None, description="base64 init image (img2img: not supported yet; an encoder "
+                                 "adapter's reference goes in ip_adapter_image)")
+    ip_adapter_image: Optional[Union[str, list[str]]] = Field(
+        None, description="base64 reference image(s) for the request's encoder adapter (diffusers' name)")
     timeout: Optional[float] = Field(None, gt=0, description="seconds; past it the request fails with 504")
 
 

@@ -34,12 +34,14 @@ class Image:
     adapters: tuple = ()  # ((name, scale), ...)
     styles: tuple = ()  # ((name, weight), ...)
     timeout: float | None = None
+    ip_adapter_image: tuple = ()  # encoded reference images (bytes) for an encoder adapter
 
     def request(self) -> Request:
         guidance = Guidance(cfg=self.cfg, styles=dict(self.styles)) if self.styles else self.cfg
         return Request(self.prompt, adapters=list(self.adapters), guidance=guidance,
                        negative_prompt=self.negative_prompt, steps=self.steps, seed=self.seed,
-                       height=self.height, width=self.width, timeout=self.timeout)
+                       height=self.height, width=self.width, timeout=self.timeout,
+                       ip_adapter_image=list(self.ip_adapter_image) or None)
 
     def infotext(self, model: str, sampler: str) -> str:
         return infotext(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps, sampler=sampler,

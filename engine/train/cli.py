@@ -38,6 +38,47 @@ def add_train_parser(sub) -> None:
     cd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     cd.set_defaults(func=_custom_diffusion)
     _add_perfusion_parser(methods)
+    add_encoder_parser(methods)
+
+
+def add_encoder_parser(methods) -> None:
+    enc = methods.add_parser("encoder", help="an IP-Adapter-layout encoder adapter on the miniature world "
+                             "(Taming Encoder's recipe; docs/training.md)")
+    enc.add_argument("--model", default="tiny", help='"tiny" or a local diffusers SD-layout folder with image_encoder/')
+    enc.add_argument("-o", "--output", required=True, help="the folder to write ip_adapter.safetensors to")
+    enc.add_argument("--steps", type=int, default=600, help="optimizer steps (the shipped adapter: 600)")
+    enc.add_argument("--lr", type=float, default=1e-3)
+    enc.add_argument("--batch-size", type=int, default=8)
+    enc.add_argument("--tokens", type=int, default=4, help="image tokens per image (IP-Adapter base: 4)")
+    enc.add_argument("--image-encoder", default=None, help="a CLIPVisionModelWithProjection folder "
+                     "(default: the model's image_encoder/)")
+    enc.add_argument("--no-cross-reference", action="store_true", help="ablation: condition on the target's own render")
+    enc.add_argument("--no-drop", action="store_true", help="ablation: never drop the object embedding or the text")
+    enc.add_argument("--seed", type=int, default=0)
+    enc.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
+    enc.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    enc.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    enc.set_defaults(func=_encoder)
+
+
+def _encoder(args) -> int:
+    from .encoder import encoder
+
+    r = encoder(args.model, steps=args.steps, lr=args.lr, batch_size=args.batch_size, tokens=args.tokens,
+                seed=args.seed, output=args.output, cross_reference=not args.no_cross_reference, drop=not args.no_drop,
+                image_encoder=args.image_encoder, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                progress=not args.quiet)
+    _summary(r)
+    return 0
+
+
+def _summary(r) -> None:
+    per_step = r.seconds / max(1, len(r.losses))
+    print(f"trained {r.steps} steps in {r.seconds:.1f} s ({per_step:.2f} s/step), final loss "
+          f"{r.losses[-1] if r.losses else float('nan'):.4f}")
+    for role, path in r.files.items():
+        print(f"  {role}: {path} ({os.path.getsize(path):,} bytes)")
+    print(f"wrote {r.nbytes:,} bytes to {os.path.abspath(r.path)}")
 
 
 def _custom_diffusion(args) -> int:

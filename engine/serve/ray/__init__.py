@@ -24,17 +24,19 @@ def build(model: str = "tiny", adapters: str | None = None, *, replicas: int = 2
           max_models_per_replica: int = 64, spread_above: int = 8, affinity: bool = True,
           replica_cpus: float = REPLICA_CPUS, ingress_cpus: float = INGRESS_CPUS, threads: int | None = None,
           engine_kwargs: dict | None = None, settings: dict | None = None, warm_up: bool = True,
-          directory: str | None = None):
+          directory: str | None = None, ingress_replicas: int = 1):
     """Semantics: the Ray Serve Application (ingress bound to `replicas` Replicas) for `model`
     and the adapter root `adapters`. engine_kwargs: Engine.from_pretrained keywords (device,
     host_cache_bytes, limits such as max_queue); settings: serve.app.Settings fields (api_keys,
     admin_keys, ...; adapter_root is `adapters`). affinity=False routes by Ray's default
     (no multiplexed id), for comparison. directory: the name of the app's registration log
-    actor (directory.py; default: unique per build)."""
+    actor (directory.py; default: unique per build). ingress_replicas: HTTP ingress replicas
+    (jobs are held by the engine replicas, so any ingress answers for any job)."""
     import os
     import secrets
 
     from ray import serve
+    from ray.serve.config import RequestRouterConfig
 
     from ...engine import LIMITS
     from .backend import Ingress
@@ -42,8 +44,8 @@ def build(model: str = "tiny", adapters: str | None = None, *, replicas: int = 2
 
     if adapters is None or not os.path.isdir(adapters):
         raise ValueError(f"adapters: {adapters!r} is not a folder (the adapter root every replica reads)")
-    if replicas < 1:
-        raise ValueError(f"replicas: expected >= 1, got {replicas}")
+    if replicas < 1 or ingress_replicas < 1:
+        raise ValueError(f"replicas, ingress_replicas: expected >= 1, got {replicas}, {ingress_replicas}")
     engine_kwargs = dict(engine_kwargs or {})
     limits = {**LIMITS, **{k: v for k, v in engine_kwargs.items() if k in LIMITS}}
     # Nothing here talks to Ray: `serve run` calls this builder before it connects.
@@ -51,10 +53,13 @@ def build(model: str = "tiny", adapters: str | None = None, *, replicas: int = 2
     # Every streaming request is "ongoing" for its whole run: below max_queue + rows Ray would
     # hold back requests the engine could batch (the default, 5, starves step-level batching).
     ongoing = limits["max_queue"] + limits["max_batch_rows"]
-    replica = serve.deployment(Replica, name="Replica", num_replicas=replicas, max_ongoing_requests=ongoing,
-                               ray_actor_options={"num_cpus": replica_cpus})
-    ingress = serve.deployment(Ingress, name="Ingress", num_replicas=1, max_ongoing_requests=ongoing * replicas,
-                               ray_actor_options={"num_cpus": ingress_cpus})
+    # Kept jobs' follow/cancel calls are "ongoing" too; JobRouter sends them to the replica named.
+    replica = serve.deployment(Replica, name="Replica", num_replicas=replicas, max_ongoing_requests=2 * ongoing,
+                               ray_actor_options={"num_cpus": replica_cpus},
+                               request_router_config=RequestRouterConfig(
+                                   request_router_class="impasto.serve.ray.router:JobRouter"))
+    ingress = serve.deployment(Ingress, name="Ingress", num_replicas=ingress_replicas,
+                               max_ongoing_requests=2 * ongoing * replicas, ray_actor_options={"num_cpus": ingress_cpus})
     threads = threads or max(1, int(replica_cpus))
     settings = {**(settings or {}), "adapter_root": adapters}
     return ingress.bind(replica.bind(model, adapters, engine_kwargs, directory, max_models_per_replica, threads,
@@ -64,7 +69,8 @@ def build(model: str = "tiny", adapters: str | None = None, *, replicas: int = 2
 
 def app(args: dict):
     """`serve run impasto.serve.ray:app adapters=DIR [model=tiny replicas=2 max_models_per_replica=64
-    spread_above=8]`: the application builder Ray's CLI calls with the key=value arguments."""
+    spread_above=8 ingress_replicas=1]`: the application builder Ray's CLI calls with the key=value arguments."""
     args = dict(args)
-    ints = {k: int(args.pop(k)) for k in ("replicas", "max_models_per_replica", "spread_above") if k in args}
+    ints = {k: int(args.pop(k)) for k in ("replicas", "max_models_per_replica", "spread_above", "ingress_replicas")
+            if k in args}
     return build(args.pop("model", "tiny"), args.pop("adapters", None), **ints)

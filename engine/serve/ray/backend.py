@@ -1,9 +1,16 @@
 """The ingress side: `RayBackend`, the `serve.Backend` that create_app serves, over a handle
 to the replica deployment; and `Ingress`, the deployment that builds that app in its replica.
 
-create_app calls backend methods synchronously from its event loop; Ray forbids blocking
-handle calls there, so every handle call runs on this backend's own loop (one thread) and the
-caller waits for it with a bound. Jobs follow their replica's stream on that loop.
+create_app calls backend methods synchronously, from threads off its event loop (a submit
+waits while a replica starts); Ray forbids blocking handle calls on an event loop, so every
+handle call runs on this backend's own loop (one thread) and the caller waits for it with a
+bound. Jobs follow their replica's stream on that loop.
+
+A job of `POST /v1/jobs` is kept by the replica that runs it (`keep`), and its id names that
+replica and the replica's key for each image: `REPLICA-KEY[_REPLICA-KEY...]`. An ingress that
+does not hold the job (another ingress replica, or this one after a restart) follows it again
+from its replicas (`find`), so `GET /v1/jobs/{id}` and its event stream work whichever
+ingress replica Ray's proxy picks.
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ from ray import serve
 from ...api import GenerationOutput
 from ...worker import JobResult
 from ...errors import AdapterError, EngineClosedError, RequestCancelledError
-from .directory import STALE_SECONDS, connect
+from .directory import STALE_SECONDS, SYNC_SECONDS, connect
 from .routing import Spreader
 
+JOB_SEPARATOR, KEY_SEPARATOR = "_", "-"  # job id: REPLICA-KEY per image, joined by "_"
 SUBMIT_SECONDS = 60.0  # the longest a submit waits for a replica to accept (one is starting)
 CALL_SECONDS = 30.0  # adapters(), stats(), and each replica's share of a registration
 
@@ -36,7 +44,8 @@ class RemoteJob(JobResult):
         self._steps = 0
         self._stream = None
         self._cancelled = False
-        self.replica = None
+        self.replica = self.key = None  # the replica running it, and its key there
+        self.owner = None  # set once the replica keeps the job (then cancel goes to the replica)
 
     @property
     def progress(self) -> tuple[int, int]:
@@ -46,6 +55,9 @@ class RemoteJob(JobResult):
         if self.done():
             return False
         self._cancelled = True
+        if self.owner is not None:  # kept: it outlives its stream, so tell the replica
+            self._backend._loop.call_soon_threadsafe(self._backend._cancel_kept, self)
+            return True
         stream = self._stream
         if stream is not None:
             self._backend._loop.call_soon_threadsafe(stream.cancel)
@@ -60,16 +72,31 @@ class RayBackend:
     through the directory; stats() sums the replicas' stats and adds per-replica and routing
     metric families for /metrics."""
 
-    def __init__(self, handle, directory, describe: dict, *, replicas: int, spread_above: int, affinity: bool = True):
+    def __init__(self, handle, directory, describe: dict, *, replicas: int, spread_above: int, affinity: bool = True,
+                 ingress_id: str = "ingress"):
         self.handle, self.directory, self.affinity = handle, directory, affinity
         self.model_name, self.sampler = describe["model_name"], describe["sampler"]
         self.limits, self.default_size = describe["limits"], tuple(describe["default_size"])
         self.spreader = Spreader(replicas, spread_above)
+        self.ingress_id = ingress_id
         self.routing = collections.Counter()  # hit / miss / none (no adapter) / default (affinity off)
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="impasto-ray-backend", daemon=True)
         self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._report_routing(), self._loop)
+
+    async def _report_routing(self) -> None:
+        """Add this ingress's routing counters to the directory every SYNC_SECONDS (for the
+        /metrics of whichever ingress replica answers)."""
+        while True:
+            with self._lock:
+                mine = dict(self.routing, spread=self.spreader.spread)
+            try:
+                await self.directory.count.remote(self.ingress_id, mine)
+            except Exception:  # noqa: BLE001 - the directory restarting: next period
+                pass
+            await asyncio.sleep(SYNC_SECONDS)
 
     def _call(self, coro, timeout: float):
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -100,7 +127,7 @@ class RayBackend:
                                     f"retry") from None
         if kind == "refused":
             raise value
-        job.replica = value["replica"]
+        job.replica, job.key = value["replica"], value["key"]
         with self._lock:
             self.routing["default" if not self.affinity else "none" if key is None
                          else "hit" if value["hit"] else "miss"] += 1
@@ -130,12 +157,71 @@ class RayBackend:
         finally:
             self.spreader.done(key)
 
+    # ------------------------------------------------------------------ kept jobs
+    def keep(self, task, ttl: float) -> str:
+        """Semantics: have each image's replica keep its job for `task.owner` (a job of POST
+        /v1/jobs, readable from any ingress) until `ttl` seconds after it ends; the job id
+        naming those replicas and keys. Raises EngineClosedError when a replica no longer
+        holds its running job (it stopped)."""
+        for job, image in zip(task.jobs, task.images):
+            kept = self._call(self._remote(self.handle.keep, replica=job.replica, key=job.key, owner=task.owner,
+                                           image=image, created=task.created, ttl=ttl), CALL_SECONDS)
+            if not kept and not job.done():
+                raise EngineClosedError(f"replica {job.replica} stopped before keeping the job; retry")
+            job.owner = task.owner
+        return JOB_SEPARATOR.join(f"{job.replica}{KEY_SEPARATOR}{job.key}" for job in task.jobs)
+
+    def find(self, task_id: str, owner: str):
+        """Semantics: the Task `task_id` of `owner`, followed again from the replicas its id
+        names, or None when the id is malformed, another caller's, or its replicas no longer
+        hold it (expired, or the replica stopped)."""
+        from ..tasks import Task
+
+        parts = [p.rpartition(KEY_SEPARATOR) for p in task_id.split(JOB_SEPARATOR)]
+        if not parts or len(parts) > self.limits["max_num_images"] or not all(r and k for r, _, k in parts):
+            return None
+        jobs, images, created = [], [], None
+        for replica, _, key in parts:
+            job = RemoteJob(None, self)
+            job.replica, job.key, job.owner = replica, key, owner
+            info = self._call(self._follow_kept(job), CALL_SECONDS)
+            if info is None:
+                for j in jobs:
+                    self._loop.call_soon_threadsafe(j._stream.cancel)
+                return None
+            jobs.append(job)
+            images.append(info["image"])
+            created = info["created"] if created is None else created
+        return Task(owner, images, jobs, "job", id=task_id, created=created)
+
+    async def _follow_kept(self, job: RemoteJob):
+        stream = self.handle.options(stream=True).follow.remote(replica=job.replica, key=job.key, owner=job.owner)
+        try:
+            kind, value = await stream.__anext__()
+        except Exception:  # noqa: BLE001 - no replica answered: nobody holds the job
+            return None
+        if kind != "accepted":
+            return None
+        job.request = value["image"].request()
+        job._stream = stream
+        self._loop.create_task(self._follow(job, stream, None))
+        return value
+
+    def _cancel_kept(self, job: RemoteJob) -> None:
+        async def cancel():
+            try:
+                await self.handle.cancel.remote(replica=job.replica, key=job.key, owner=job.owner)
+            except Exception:  # noqa: BLE001 - the replica stopped: the job failed already
+                pass
+
+        self._loop.create_task(cancel())
+
     # ------------------------------------------------------------------ adapters
     def adapters(self) -> list:
         return self._call(self._remote(self.handle.adapters), CALL_SECONDS)
 
-    async def _remote(self, method, *args):
-        return await method.remote(*args)
+    async def _remote(self, method, *args, **kwargs):
+        return await method.remote(*args, **kwargs)
 
     def register(self, name, path, *, family=None, suffix=None, token=None):
         args = {"name": name, "path": str(path), "family": family, "suffix": suffix, "token": token}
@@ -188,7 +274,9 @@ class RayBackend:
         total["alive"] = any(s["alive"] for s in per.values())
         total["replicas"] = per
         with self._lock:
-            total["routing"] = dict(self.routing, spread=self.spreader.spread)
+            mine = dict(self.routing, spread=self.spreader.spread)
+        # every ingress replica's decisions, whichever one Ray's proxy asked for /metrics
+        total["routing"] = self._call(self._remote(self.directory.count, self.ingress_id, mine), CALL_SECONDS)
         total["metric_families"] = _families(per, total["routing"])
         return total
 
@@ -232,7 +320,8 @@ class Ingress:
                        affinity: bool = True):
         describe = await replica.describe.remote()
         self.backend = RayBackend(replica, connect(directory), describe, replicas=replicas,
-                                  spread_above=spread_above, affinity=affinity)
+                                  spread_above=spread_above, affinity=affinity,
+                                  ingress_id=serve.get_replica_context().replica_id.unique_id)
         self.settings = settings
 
     def __serve_build_asgi_app__(self):

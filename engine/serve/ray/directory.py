@@ -33,11 +33,14 @@ class Directory:
       report(replica, applied, results, stats) -> [(seq, op, args)]   entries after `applied`
       state() -> {replica: {age, applied, results, stats}}   replicas heard within STALE_SECONDS
       forget(replica)                       drop a replica that stopped
+      count(ingress, routing) -> {decision: n}   an ingress replica's routing counters in, the
+                                            sum over the ingress replicas out (one /metrics for all)
     """
 
     def __init__(self):
         self.log: list[tuple[str, dict]] = []
         self.replicas: dict[str, dict] = {}
+        self.ingresses: dict[str, dict] = {}
 
     def append(self, op: str, args: dict) -> int:
         self.log.append((op, args))
@@ -59,3 +62,11 @@ class Directory:
 
     def forget(self, replica: str) -> None:
         self.replicas.pop(replica, None)
+
+    def count(self, ingress: str, routing: dict) -> dict:
+        self.ingresses[ingress] = dict(routing)
+        total: dict = {}
+        for counts in self.ingresses.values():  # a replaced ingress's decisions still happened
+            for k, v in counts.items():
+                total[k] = total.get(k, 0) + v
+        return total

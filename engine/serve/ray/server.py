@@ -22,6 +22,8 @@ def run(args, *, out=sys.stdout) -> int:
     check_binding(args.host, args.api_key_file)
     if args.replicas < 1:
         raise ConfigError(f"--replicas {args.replicas}: expected at least 1")
+    if args.ingress_replicas < 1:
+        raise ConfigError(f"--ingress-replicas {args.ingress_replicas}: expected at least 1")
     if args.port == 0:
         raise ConfigError("--port 0: Ray Serve's proxy needs a fixed port with --ray")
     settings = {"api_keys": tuple(read_key_file(args.api_key_file)) if args.api_key_file else (),
@@ -42,7 +44,7 @@ def run(args, *, out=sys.stdout) -> int:
         ray.init(include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build(model, os.path.abspath(args.adapters), replicas=args.replicas, engine_kwargs=limits,
-                    settings=settings), name="impasto", route_prefix="/")
+                    settings=settings, ingress_replicas=args.ingress_replicas), name="impasto", route_prefix="/")
     print(f"impasto serve --ray: {args.replicas} replicas, listening on http://{args.host}:{args.port}", file=out,
           flush=True)
     stop = threading.Event()

@@ -1,0 +1,177 @@
+"""The encoder adapter trained on the miniature world: Taming Encoder's recipe (Jia et al. 2023)
+on IP-Adapter's base layout, through the one training loop (core.py).
+
+Trained (fp32 master weights, initialised as IP-Adapter's tutorial_train.py does,
+`encoder.initial_weights`): the image projection (Linear E -> T·D, LayerNorm D) and every attn2
+layer's decoupled W'_K, W'_V [h, D]. Frozen: the UNet, text encoder, VAE and the image encoder
+(the model folder's image_encoder/, a CLIPVisionModelWithProjection).
+
+Semantics of one step (batch `step` of `references.training_batch(seed, step, B)`):
+
+    x0_b   a seen-world scene (never a held-out object), its caption ("" for 10 % of rows)
+    ref_b  ANOTHER render of the same object (size, position, background drawn again), its
+           background masked to gray    [cross-reference regularization; off: the target itself]
+    e_b    = image_embeds(ref_b), or 0 for 10 % of rows [object-embedding dropping; the zero
+           embedding is the base variant's unconditional branch, as serving plans it]
+    c_b    = LayerNorm(reshape(proj(e_b), [T, D]))             (encoder.project: the serving math)
+    K'_l, V'_l = c_b W'_K,lᵀ, c_b W'_V,lᵀ per attn2 layer l     (encoder.image_kv)
+    pred   = UNet(x_t, t) with Z_l = softmax(QKᵀ/√d)V + 1·softmax(QK'ᵀ/√d)V'  (attention.image_attention,
+             K'/V' held in the BatchState like the planned text K/V)
+    loss   = the loop's ε (or v) MSE, mask 1
+
+The result is one IP-Adapter base-layout file (`ip_adapter.safetensors`: image_proj.*,
+ip_adapter.<id>.to_{k,v}_ip.weight) that `engine.adapters.register` and diffusers'
+`load_ip_adapter` read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..adapters import encoder as encoder_format
+from ..adapters.families import encoder as encoder_family
+from ..tiny import references
+from .core import Batch, Example, Method, Trainer, train
+from .custom_diffusion import resolve_engine
+from .data import TrainInputError
+
+WEIGHTS_NAME = "ip_adapter.safetensors"
+DROP_RATES = (references.DROP_IMAGE, references.DROP_TEXT, references.DROP_BOTH)
+
+
+class EncoderAdapter(Method):
+    """The trainable projection + K'/V' of an IP-Adapter base-variant adapter (module docstring)."""
+
+    name = "encoder"
+    aug = False  # the world's own renders vary position, size and background
+
+    def __init__(self, engine, *, tokens: int = 4, seed: int = 0, image_encoder: str | None = None):
+        store = engine.adapters
+        folder = image_encoder or os.path.join(store.model_dir or "", "image_encoder")
+        if not os.path.isdir(folder):
+            raise TrainInputError(f"image_encoder: {folder!r} is not a folder (the base model has no image_encoder/; "
+                                  f"pass a local CLIPVisionModelWithProjection folder)")
+        self.folder = os.path.realpath(folder)
+        self.model, self.processor = encoder_family.image_encoder(store, self.folder)
+        self.embed_dim = self.model.config.projection_dim
+        proj, ip = encoder_format.initial_weights(engine.base.unet, self.embed_dim, tokens=tokens, seed=seed)
+        device = next(engine.base.unet.parameters()).device
+        as_param = lambda t: torch.nn.Parameter(t.to(device=device, dtype=torch.float32))  # noqa: E731
+        self.proj = {k: as_param(v) for k, v in proj.items()}
+        self.ip = {k: as_param(v) for k, v in ip.items()}
+        self.ids = encoder_format.layer_ids(engine.base.unet)
+        self.tokens, self.dtype = tokens, engine.dtype
+        self.features: torch.Tensor | None = None  # [R, E] image_embeds of the next forward's rows
+
+    def parameters(self):
+        return {**{f"image_proj.{k}": p for k, p in self.proj.items()},
+                **{f"ip_adapter.{k}": p for k, p in self.ip.items()}}
+
+    def file(self) -> encoder_format.EncoderFile:
+        """The adapter as the serving path holds it, its tensors the trained Parameters."""
+        layers = {name: (self.ip[f"{i}.to_k_ip.weight"], self.ip[f"{i}.to_v_ip.weight"]) for name, i in self.ids.items()}
+        return encoder_format.EncoderFile("", encoder_format.BASE, self.tokens, 0, 0, self.proj, layers, self.folder)
+
+    @torch.no_grad()
+    def embed(self, images, drop: np.ndarray) -> torch.Tensor:
+        """Semantics: Shape [N, E]: row i = image_embeds(images[i]) (the frozen encoder, the
+        serving path's processor), or zeros where drop[i] (the dropped object embedding)."""
+        device = next(self.model.parameters()).device
+        px = encoder_format.pixels(self.processor, [Image.fromarray(np.asarray(im)) for im in images])
+        e = self.model(pixel_values=px.to(device=device, dtype=next(self.model.parameters()).dtype)).image_embeds
+        keep = torch.from_numpy(~np.asarray(drop, bool)).to(device)[:, None]
+        return e.float() * keep
+
+    def hooks(self, engine):
+        @contextlib.contextmanager
+        def held():
+            f = self.file()
+            tokens = encoder_format.project(f, self.features)  # [R, T, D], differentiable
+            kv = {name: tuple(x.to(self.dtype) for x in encoder_format.image_kv(tokens, W_k, W_v))
+                  for name, (W_k, W_v) in f.layers.items()}
+            engine.state.hold_images(kv, torch.ones(tokens.shape[0], device=tokens.device, dtype=self.dtype))
+            yield
+
+        return held()
+
+    def write(self, engine, output: str) -> dict:
+        path = os.path.join(output, WEIGHTS_NAME)
+        encoder_format.save(path, {k: p.detach().float() for k, p in self.proj.items()},
+                            {k: p.detach().float() for k, p in self.ip.items()})
+        return {"weights": path}
+
+
+@dataclass
+class EncoderBatch(Batch):
+    features: torch.Tensor | None = None  # [R, E]: each row's (possibly dropped) object embedding
+
+
+class EncoderTrainer(Trainer):
+    """The loop's Trainer on the seen world's stream (references.training_batch) instead of a
+    concept's images: batch `step` is a pure function of (seed, step), so resume is exact."""
+
+    def __init__(self, engine, method: EncoderAdapter, *, seed: int, cross_reference: bool = True,
+                 drop_rates: tuple = DROP_RATES, **kw):
+        # the stream replaces the instance list; one stand-in Example satisfies the loop's check
+        super().__init__(engine, method, [Example(None, "")], seed=seed, aug=False, **kw)
+        self.seed, self.cross_reference, self.drop_rates = seed, cross_reference, tuple(drop_rates)
+
+    def make_batch(self) -> EncoderBatch:
+        e = self.engine
+        b = references.training_batch(self.seed, self.step, self.batch_size, cross_reference=self.cross_reference,
+                                      drop_rates=self.drop_rates)
+        x = torch.from_numpy(b["targets"]).to(e.device, e.base.vae.dtype)
+        with torch.no_grad():  # as core.Trainer.make_batch: the posterior sampled with the run's generator
+            dist = e.base.vae.encode(x).latent_dist
+            latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=self.gen).to(dist.mean)
+            latents = (latents * e.base.vae.config.scaling_factor).float()
+        noise = torch.randn(latents.shape, generator=self.gen).to(latents.device)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                          generator=self.gen).to(latents.device)
+        mask = torch.ones(latents.shape[0], 1, *latents.shape[2:], device=latents.device)
+        feats = self.method.embed(b["references"], b["drop_image"])
+        return EncoderBatch(list(b["captions"]), latents, noise, t, mask, latents.shape[0], feats)
+
+    def loss(self, batch: EncoderBatch) -> torch.Tensor:
+        self.method.features = batch.features
+        try:
+            return super().loss(batch)
+        finally:
+            self.method.features = None
+
+
+def encoder(base, *, steps: int = 600, lr: float = 1e-3, batch_size: int = 8, tokens: int = 4, seed: int = 0,
+            output=None, cross_reference: bool = True, drop: bool = True, image_encoder: str | None = None,
+            max_grad_norm: float = 1.0, weight_decay: float = 1e-2, checkpoint_every: int = 0,
+            resume: bool = False, progress: bool = True, device=None, dtype=None):
+    """Train an encoder adapter (IP-Adapter base layout) on the miniature world's seen objects with
+    Taming Encoder's two additions, and write `<output>/ip_adapter.safetensors`.
+
+    cross_reference=False conditions on the target's own render (masked) instead of another render
+    of its object (the ablation); drop=False never drops the object embedding or the text (the
+    other ablation). The world's stream is the seen world of engine/tiny/world.py: the data is
+    references.training_batch(seed, step, batch_size). Returns a TrainResult (.files["weights"]).
+    """
+    if output is None:
+        raise TrainInputError("output: a folder to write the adapter to is required")
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 0 < tokens <= encoder_format.MAX_TOKENS_PER_IMAGE:
+        raise TrainInputError(f"tokens: expected an integer in 1..{encoder_format.MAX_TOKENS_PER_IMAGE}, got {tokens!r}")
+    output = os.fspath(output)
+    engine, owned = resolve_engine(base, device, dtype)
+    try:
+        method = EncoderAdapter(engine, tokens=tokens, seed=seed, image_encoder=image_encoder)
+        trainer = EncoderTrainer(engine, method, seed=seed, cross_reference=cross_reference,
+                                 drop_rates=DROP_RATES if drop else (0.0, 0.0, 0.0), steps=steps, lr=lr,
+                                 batch_size=batch_size, max_grad_norm=max_grad_norm, weight_decay=weight_decay)
+        result = train(trainer, output, checkpoint_every=checkpoint_every, resume=resume, progress=progress)
+        result.nbytes = sum(os.path.getsize(p) for p in result.files.values())
+        return result
+    finally:
+        if owned:
+            engine.close()

@@ -1,0 +1,185 @@
+"""impasto.train.encoder: the miniature encoder adapter trained through the one loop, written in
+IP-Adapter's base layout and read by the serving path; the shipped adapter's zero-shot fidelity;
+the CLI; the server's ip_adapter_image."""
+
+import base64
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import impasto
+from impasto import eval as ev
+from impasto.adapters import encoder as encoder_format
+from impasto.adapters.families import FAMILIES
+from impasto.api import ReferenceImages
+from impasto.adapters.families import Use
+from impasto.tiny import SHIPPED_DIR, references
+from impasto.train import TrainInputError, encoder
+from impasto.train.encoder import EncoderAdapter, EncoderTrainer
+
+SHIPPED = os.path.join(SHIPPED_DIR, "ip_adapter", "ip_adapter.safetensors")
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def eng():
+    e = impasto.Engine.from_pretrained("tiny", device="cpu")
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def trained(eng, tmp_path_factory):
+    """One short run (the module's only training) and a held-out batch scored before and after."""
+    torch.manual_seed(0)
+    out = str(tmp_path_factory.mktemp("enc"))
+    method = EncoderAdapter(eng, seed=0)
+    trainer = EncoderTrainer(eng, method, seed=0, steps=STEPS, lr=1e-3, batch_size=4)
+    held = EncoderTrainer(eng, EncoderAdapter(eng, seed=0), seed=1, steps=1, lr=0.0, batch_size=16)
+    held.step = 10_000  # another stream position: never a training batch
+    batch = held.make_batch()
+    with torch.no_grad():
+        before = float(held.loss(batch))
+    result = impasto.train.train(trainer, out, progress=False)
+    held.method.proj, held.method.ip = method.proj, method.ip  # score the trained tensors
+    with torch.no_grad():
+        after = float(held.loss(batch))
+    return result, method, before, after
+
+
+def test_training_lowers_the_held_out_loss_and_writes_the_ip_adapter_base_layout(eng, trained):
+    result, method, before, after = trained
+    assert result.steps == STEPS and len(result.losses) == STEPS and np.isfinite(result.losses).all()
+    assert after < 0.9 * before, (before, after)  # a batch it never trained on
+    state = load_file(result.files["weights"])
+    ids = encoder_format.layer_ids(eng.base.unet)
+    assert set(state) == {f"image_proj.{k}" for k in ("proj.weight", "proj.bias", "norm.weight", "norm.bias")} | {
+        f"ip_adapter.{i}.to_{c}_ip.weight" for i in ids.values() for c in "kv"}
+    for k, p in method.parameters().items():
+        assert torch.equal(state[k], p.detach().float()), k
+    assert state["image_proj.proj.weight"].shape == (4 * eng.base.unet.config.cross_attention_dim, 64)
+    init = encoder_format.initial_weights(eng.base.unet, 64, seed=0)[1]
+    assert any(not torch.equal(state[f"ip_adapter.{k}"], v) for k, v in init.items())  # K'/V' trained
+
+
+def test_the_trained_file_serves_with_the_training_forwards_image_kv(eng, trained):
+    result, method, _, _ = trained
+    info = eng.adapters.register("trained-enc", result.files["weights"])
+    try:
+        assert info.family == "encoder" and info.format == encoder_format.BASE and info.image_tokens == 4
+        ref = Image.fromarray(references.object_reference("heart", seed=3, colour="red"))
+        # the serving plan's K'/V' for this image equal the training forward's (same tensors, same math)
+        family = FAMILIES["encoder"]
+        use = Use(family, "trained-enc", 1.0, {"image": ReferenceImages([ref])}, info, family.load(eng.adapters, info))
+        planned = family.image_kv(eng.adapters, [[use]])[0]
+        method.features = method.embed([np.asarray(ref)], np.array([False]))
+        tokens = encoder_format.project(method.file(), method.features)[0]
+        for name, (W_k, W_v) in method.file().layers.items():
+            k, v = encoder_format.image_kv(tokens, W_k, W_v)
+            torch.testing.assert_close(planned.kv[name][0], k.detach(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(planned.kv[name][1], v.detach(), atol=1e-5, rtol=1e-5)
+        method.features = None
+        prompt = "a star on a blue background, flat"
+        out = eng.generate(prompt, adapters=[("trained-enc", 1.0)], ip_adapter_image=ref, steps=3, seed=0,
+                           output_type="np")
+        plain = eng.generate(prompt, steps=3, seed=0, output_type="np")
+        assert np.isfinite(out.images).all() and np.abs(out.images - plain.images).max() > 1e-2
+    finally:
+        eng.adapters.unregister("trained-enc")
+
+
+def test_dropped_rows_get_the_base_variants_unconditional_tokens(eng):
+    method = EncoderAdapter(eng, seed=0)
+    refs = [references.object_reference("star", seed=1), references.object_reference("circle", seed=2)]
+    e = method.embed(refs, np.array([True, False]))
+    assert torch.equal(e[0], torch.zeros_like(e[0])) and e[1].abs().sum() > 0  # the zero embedding, as serving's uncond
+
+
+def test_bad_settings_are_named(eng, tmp_path):
+    with pytest.raises(TrainInputError, match="output"):
+        encoder(eng, steps=1)
+    with pytest.raises(TrainInputError, match="tokens"):
+        encoder(eng, steps=1, tokens=0, output=str(tmp_path))
+    with pytest.raises(TrainInputError, match="image_encoder"):
+        encoder(eng, steps=1, output=str(tmp_path), image_encoder=str(tmp_path / "nope"))
+    with pytest.raises(TrainInputError, match="steps"):
+        encoder(eng, steps=0, output=str(tmp_path))
+
+
+def test_cli_train_encoder(tmp_path, capsys):
+    from impasto.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["train", "encoder", "-o", str(out), "--steps", "2", "--batch-size", "2", "-q"]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    assert encoder_format.is_ip_adapter(out / "ip_adapter.safetensors")
+
+
+def test_server_passes_ip_adapter_image(eng):
+    from impasto.errors import RequestError
+    from impasto.serve import build
+    from impasto.serve.schemas import ImageGenerationRequest
+
+    eng.adapters.register("shipped-enc", SHIPPED)
+    try:
+        ref = Image.fromarray(references.object_reference("heart", seed=4, colour="pink"))
+        buf = io.BytesIO()
+        ref.save(buf, format="PNG")
+        b64 = base64.b64encode(buf.getvalue()).decode()
+
+        class Backend:
+            default_size, limits = (32, 32), eng.limits
+
+        body = ImageGenerationRequest(prompt="a heart on a green background, flat", seed=3, num_inference_steps=3,
+                                      adapters=[{"name": "shipped-enc", "scale": 0.8}],
+                                      ip_adapter_image="data:image/png;base64," + b64)
+        (image,) = build.openai_images(body, Backend)
+        got = eng.generate_batch([image.request()])[0]
+        want = eng.generate("a heart on a green background, flat", adapters=[("shipped-enc", 0.8)],
+                            ip_adapter_image=ref, steps=3, seed=3, guidance=7.5)
+        assert got.error is None
+        assert np.array_equal(np.asarray(got.images[0]), np.asarray(want.images[0]))
+        with pytest.raises(RequestError, match=r"ip_adapter_image\[1\]: not base64"):
+            build.openai_images(ImageGenerationRequest(prompt="x", ip_adapter_image=[b64, "@@"]), Backend)
+    finally:
+        eng.adapters.unregister("shipped-enc")
+
+
+def test_shipped_adapter_loads():
+    e = impasto.Engine.from_pretrained("tiny", device="cpu")
+    try:
+        info = e.adapters.register("ip", SHIPPED)
+        assert info.family == "encoder" and info.format == encoder_format.BASE
+        assert os.path.getsize(SHIPPED) <= 5 * 2**20
+    finally:
+        e.close()
+
+
+ZERO_SHOT_OBJECT = "sparkle"
+
+
+@pytest.mark.xfail(strict=True, reason="target not met: the shipped adapter (600 steps) adds ~0 concept "
+                   "fidelity zero-shot (docs/training.md, 'The encoder adapter'); strict: passing would be news")
+def test_shipped_adapter_zero_shot_concept_fidelity(eng):
+    """32 fixed seeds of the protocol's held-out prompts (the class word, one masked reference in)
+    against the base on the same prompts and seeds: the encoder adds >= 0.25 concept fidelity on
+    an object neither the base nor the encoder saw."""
+    eng.adapters.register("zs", SHIPPED)
+    try:
+        cs = ev.concept_set(ZERO_SHOT_OBJECT)
+
+        def run(reqs):
+            outs = eng.generate_batch(reqs)
+            assert all(o.error is None for o in outs)
+            return [o.images[0] for o in outs]
+
+        base = ev.concept_accuracy(run(ev.zero_shot_requests(cs, None, n=32, steps=10)), ZERO_SHOT_OBJECT)
+        shot = ev.concept_accuracy(run(ev.zero_shot_requests(cs, "zs", n=32, steps=10)), ZERO_SHOT_OBJECT)
+        assert shot >= base + 0.25, (base, shot)
+    finally:
+        eng.adapters.unregister("zs")
