@@ -91,6 +91,7 @@ setup(
                   "prometheus-client==0.26.0", "python-multipart==0.0.34"],
         "ray": ["ray[serve]==2.60.0", "fastapi==0.163.2", "starlette==1.10.0", "uvicorn==0.54.0",
                 "pydantic==2.14.4", "prometheus-client==0.26.0", "python-multipart==0.0.34"],  # impasto.serve.ray
+        "bench": ["matplotlib==3.11.2"],  # benchmarks' plots only (bench_perfusion.py's Pareto PNG)
     },
     entry_points={"console_scripts": ["impasto=impasto.cli:main"]},
     ext_modules=ext_modules,
