@@ -71,7 +71,7 @@ setup(
     python_requires=">=3.10",
     packages=sorted(package_dir),
     package_dir=package_dir,
-    package_data={"impasto.tiny": ["tokenizer/*", "model/**/*"]},
+    package_data={"impasto.tiny": ["tokenizer/*", "model/**/*"], "impasto": ["configs/**/*"]},
     install_requires=[
         "torch==2.13.0",
         "triton==3.7.1",
@@ -86,10 +86,12 @@ setup(
         "test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "peft==0.21.2", "accelerate==1.15.0",
                  "httpx==0.28.1", "selenium==4.51.0"],
         "xformers": ["xformers==0.0.35"],
+        "bench": ["matplotlib==3.11.2"],  # benchmarks' plots only (bench_pair_quality.py)
         "serve": ["fastapi==0.163.2", "starlette==1.10.0", "uvicorn==0.54.0", "pydantic==2.14.4",
                   "prometheus-client==0.26.0", "python-multipart==0.0.34"],
         "ray": ["ray[serve]==2.60.0", "fastapi==0.163.2", "starlette==1.10.0", "uvicorn==0.54.0",
                 "pydantic==2.14.4", "prometheus-client==0.26.0", "python-multipart==0.0.34"],  # impasto.serve.ray
+        "bench": ["matplotlib==3.11.2"],  # benchmarks' plots only (bench_perfusion.py's Pareto PNG)
     },
     entry_points={"console_scripts": ["impasto=impasto.cli:main"]},
     ext_modules=ext_modules,

@@ -16,16 +16,34 @@ OUTPUT_TYPES = ("pil", "np", "latent")
 @dataclass(frozen=True)
 class Adapter:
     """One adapter named by a request: `Adapter("corgi", scale=0.8)` or with family options
-    (Perfusion: `Adapter("teddy", beta=0.7, tau=0.02, global_lock=False)`)."""
+    (Perfusion: `Adapter("teddy", beta=0.7, tau=0.02, global_lock=False)`).
+
+    `start`, `end`: the part of the schedule the adapter is active in, as fractions: step i of
+    n is active iff start <= i / n < end (`Adapter("detail", 0.8, start=0.5)`: the second half
+    only). UNet LoRAs and `kv` adapters only; the others act once before the first step.
+    """
 
     name: str
     scale: float = 1.0
     options: dict = field(default_factory=dict)
+    start: float = 0.0
+    end: float = 1.0
 
-    def __init__(self, name: str, scale: float = 1.0, **options: Any):
+    def __init__(self, name: str, scale: float = 1.0, *, start: float = 0.0, end: float = 1.0, **options: Any):
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "options", dict(options))
+        object.__setattr__(self, "start", start)
+        object.__setattr__(self, "end", end)
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the adapter is active over only part of the schedule."""
+        return (self.start, self.end) != (0.0, 1.0)
+
+    def active(self, i: int, n: int) -> bool:
+        """Whether the adapter acts in step i of n."""
+        return self.start <= i / n < self.end
 
 
 @dataclass(frozen=True)
@@ -63,8 +81,9 @@ class Request:
     scheduler: str | None = None  # A1111 sampler or diffusers class name (engine/schedulers.py); None: the model's
     seeds: list | None = None  # one seed per image (diffusers' generator list); overrides `seed`
     image: Any = None  # img2img: the init image (PIL, HxWx3 array in [0, 1], or [3, H, W] tensor in [-1, 1])
-    strength: float = 0.8  # img2img: how much of the schedule the image is noised through, (0, 1]
+    strength: float | None = None  # how much of the schedule the image is noised through, (0, 1]; None: 0.8, inpainting 1.0
     init_image: Any = None  # alias of `image` (older diffusers / A1111 name)
+    mask_image: Any = None  # inpainting: white (1) = repaint; PIL, HxW array or [H, W] tensor in [0, 1]; needs `image`
     clip_skip: int | None = None  # A1111's "Clip skip": 1 = last layer, 2 = penultimate (diffusers clip_skip=1)
     prompt_syntax: str | None = None  # "plain" or "a1111" (weights, BREAK, <lora:NAME:W>); None: the engine's
     callback: Any = None  # callback(step, total, preview) after every step, on the worker thread
@@ -146,6 +165,9 @@ def normalize_adapters(adapters) -> list[Adapter]:
             raise RequestError(f"adapters[{i}]: adapter name {a.name!r} must be a string matching [A-Za-z0-9._-]+")
         if not _finite(a.scale):
             raise RequestError(f"adapters[{i}] ({a.name}): scale must be a finite number, got {a.scale!r}")
+        if not (_finite(a.start) and _finite(a.end) and 0.0 <= a.start < a.end <= 1.0):
+            raise RequestError(f"adapters[{i}] ({a.name}): start and end must be fractions of the schedule with "
+                               f"0 <= start < end <= 1, got start={a.start!r}, end={a.end!r}")
         out.append(a)
     return out
 
@@ -220,7 +242,9 @@ def validate_usage(req: Request) -> None:
             raise RequestError(f"seeds: {len(req.seeds)} seeds for num_images={req.num_images}; give one per image")
     if req.image is not None and req.init_image is not None:
         raise RequestError("image and init_image: give one (init_image is an alias of image)")
-    if not (_finite(req.strength) and 0.0 < req.strength <= 1.0):
+    if req.mask_image is not None and req.image is None and req.init_image is None:
+        raise RequestError("mask_image: inpainting needs the image to repaint; give image= as well")
+    if req.strength is not None and not (_finite(req.strength) and 0.0 < req.strength <= 1.0):
         raise RequestError(f"strength: expected a number in (0, 1], got {req.strength!r}")
     if req.clip_skip is not None and not _positive_int(req.clip_skip):
         raise RequestError(f"clip_skip: expected a positive integer (1 = the last layer) or None, got {req.clip_skip!r}")

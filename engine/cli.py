@@ -88,12 +88,23 @@ def _generate(args) -> int:
             init_image = Image.open(args.init_image).convert("RGB")
         except (OSError, UnidentifiedImageError) as e:
             raise impasto.RequestError(f"--init-image {args.init_image}: not a readable image ({e})") from None
+    mask_image = None
+    if args.mask:
+        if not args.init_image:
+            raise impasto.RequestError("--mask: inpainting needs --init-image (the image to repaint)")
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            mask_image = Image.open(args.mask).convert("L")
+        except (OSError, UnidentifiedImageError) as e:
+            raise impasto.RequestError(f"--mask {args.mask}: not a readable image ({e})") from None
     tokens = _pairs(args.token, "--token")
     styles = _pairs(args.style, "--style", float)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         engine = impasto.Engine.from_pretrained(args.model, progress=not args.quiet, device=args.device,
-                                                dtype=getattr(torch, args.dtype) if args.dtype else None)
+                                                dtype=getattr(torch, args.dtype) if args.dtype else None,
+                                                config=args.config)
     for w in caught:
         if str(w.message) == tiny.RANDOM_WARNING:
             print(tiny.RANDOM_WARNING, file=sys.stderr)
@@ -126,6 +137,7 @@ def _generate(args) -> int:
         num_images=n,
         scheduler=args.scheduler,
         image=init_image,
+        mask_image=mask_image,
         strength=args.strength,
         clip_skip=args.clip_skip,
         prompt_syntax=args.prompt_syntax,
@@ -145,8 +157,8 @@ def _generate(args) -> int:
         extra = {}
         if args.clip_skip and args.clip_skip > 1:
             extra["Clip skip"] = args.clip_skip
-        if init_image is not None:
-            extra["Denoising strength"] = args.strength
+        if init_image is not None:  # the engine's default: 0.8, or 1.0 when inpainting (diffusers')
+            extra["Denoising strength"] = args.strength or (1.0 if mask_image is not None else 0.8)
         parameters = infotext(prompt=parsed.prompt if parsed else args.prompt, negative_prompt=args.negative_prompt,
                               steps=args.steps, sampler=sampler, cfg_scale=args.guidance,
                               seed=out.seeds[i] if not args.grid else out.seed, width=size[0], height=size[1],
@@ -190,7 +202,8 @@ def _read_bytes(path: str) -> bytes:
 def _model_name(model: str) -> str:
     import os
 
-    return os.path.basename(os.path.normpath(model))
+    name = os.path.basename(os.path.normpath(model))
+    return os.path.splitext(name)[0] if os.path.isfile(model) else name  # A1111 names a checkpoint by its stem
 
 
 def _serve(args) -> int:
@@ -246,7 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate images for one prompt", formatter_class=fmt)
     g.add_argument("prompt")
     g.add_argument("-o", "--output", default="out.png", help="image path (numbered when several)")
-    g.add_argument("--model", default="tiny", help='"tiny" or a local diffusers SD-layout folder')
+    g.add_argument("--model", default="tiny",
+                   help='"tiny", a local diffusers SD-layout folder or an SD 1.x single file (.safetensors)')
+    g.add_argument("--config", default=None, metavar="FOLDER",
+                   help="for a single-file --model: a diffusers folder whose configs describe it (default: SD 1.5's)")
     g.add_argument("--scheduler", default=None,
                    help='an A1111 sampler ("Euler a", "DPM++ 2M Karras") or diffusers class name; default: the model\'s')
     g.add_argument("--steps", type=int, default=30, help="denoising steps")
@@ -258,7 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=1, help="images of the prompt")
     g.add_argument("--seeds", default=None, metavar="S1,S2,...", help="one seed per image (sets --num-images)")
     g.add_argument("--init-image", default=None, metavar="PATH", help="img2img: start from this image")
-    g.add_argument("--strength", type=float, default=0.8, help="img2img: how far the image is noised, (0, 1]")
+    g.add_argument("--strength", type=float, default=None,
+                   help="img2img / inpainting: how far the image is noised, (0, 1]; default: 0.8, 1.0 with --mask")
+    g.add_argument("--mask", default=None, metavar="PATH",
+                   help="inpainting: repaint the white part of this mask image of --init-image")
     g.add_argument("--clip-skip", type=int, default=None, help="A1111 clip skip: 2 = the penultimate layer")
     g.add_argument("--prompt-syntax", choices=("a1111", "plain"), default="a1111",
                    help="a1111: (word:1.3), [word], BREAK and <lora:NAME:W> tags; plain: the prompt is text")

@@ -77,6 +77,8 @@ class Prepared:
     clip_skip: int = 1
     syntax: str = "plain"
     chunks: int = 1  # 77-token chunks every branch is encoded to: the longest branch's, capped
+    mask: object = None  # inpainting: float32 [1, 1, height, width] in {0, 1}, 1 = repaint
+    strength: float = 1.0  # img2img / inpainting: the part of the schedule run (1.0 without an image)
 
     @property
     def has_uncond(self) -> bool:
@@ -91,15 +93,23 @@ class Prepared:
         """Every adapter the request uses: its own and its styles'."""
         return {a.name for a in self.adapters} | {name for name, _ in self.styles}
 
-    def adapter_key(self) -> tuple:
-        """The request's adapters as a hashable ((name, scale, options), ...), applied to every branch."""
-        return tuple((a.name, float(a.scale), tuple(sorted(a.options.items()))) for a in self.adapters)
+    def adapter_key(self, off=frozenset()) -> tuple:
+        """The request's adapters as a hashable ((name, scale, options), ...), applied to every
+        branch; those in `off` at scale 0 (how a step-scheduled adapter's K/V delta is planned)."""
+        return tuple((a.name, 0.0 if a.name in off else float(a.scale), tuple(sorted(a.options.items())))
+                     for a in self.adapters)
 
-    def branches(self) -> list[tuple[str, tuple]]:
+    @property
+    def scheduled(self) -> list:
+        """The adapters active over only part of the schedule (Adapter start/end)."""
+        return [a for a in self.adapters if a.scheduled]
+
+    def branches(self, off=frozenset()) -> list[tuple[str, tuple]]:
         """(text, adapters) per branch: [uncond], cond, then one per style, whose text gets the
-        style's suffix and whose adapters add the style LoRA at scale 1."""
-        base = self.adapter_key()
-        uncond = base if self.uncond_key is None else self.uncond_key
+        style's suffix and whose adapters add the style LoRA at scale 1. `off`: adapter_key's."""
+        base = self.adapter_key(off)
+        uncond = base if self.uncond_key is None else tuple(
+            (n, 0.0 if n in off else s, o) for n, s, o in self.uncond_key)
         out = ([(self.negative_prompt, uncond)] if self.has_uncond else []) + [(self.prompt, base)]
         for name, suffix in self.styles:
             text = self.prompt + (" " + suffix if suffix else "")
@@ -158,6 +168,8 @@ class Engine:
         self.max_adapters_per_row = max_adapters_per_row
         self.progress = progress
         self.image_processor = VaeImageProcessor(vae_scale_factor=base.vae_scale_factor)
+        self.mask_processor = VaeImageProcessor(vae_scale_factor=base.vae_scale_factor, do_normalize=False,
+                                                do_binarize=True, do_convert_grayscale=True)
         fixed = attention_targets(base.unet) if compile else None
         self.adapters = AdapterStore(
             base.unet,
@@ -208,10 +220,13 @@ class Engine:
         device=None,
         dtype=None,
         scheduler=None,
+        config=None,
         **kwargs,
     ) -> "Engine":
-        """Load a local diffusers SD-layout folder, or "tiny" (the miniature model shipped with
-        impasto). No network, ever; a missing or malformed component raises ModelLoadError.
+        """Load a local diffusers SD-layout folder, an original-layout SD 1.x single-file
+        checkpoint ("model.safetensors", A1111 / ComfyUI; `config`: a diffusers folder whose
+        configs describe it, default SD 1.5's shipped with impasto), or "tiny" (the miniature model
+        shipped with impasto). No network, ever; a missing or malformed component raises ModelLoadError.
         Other keywords are the constructor's (adapter_root, host_cache_bytes, device_pool_bytes,
         max_rank, max_adapters_per_row, slots_per_bucket, progress, compile, and the limits)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -222,7 +237,7 @@ class Engine:
             path, trained = tiny.tiny_model_dir()
             if not trained:
                 tiny.warn_random()
-        base = load_base_model(path, device=device, dtype=dtype, scheduler=scheduler)
+        base = load_base_model(path, device=device, dtype=dtype, scheduler=scheduler, config=config)
         return cls(base, device=device, dtype=dtype, **kwargs)
 
     # ------------------------------------------------------------------ public API
@@ -252,7 +267,7 @@ class Engine:
     ) -> GenerationOutput:
         """Generate images for one prompt; raises the request's error instead of returning it.
         ip_adapter_image: the reference image(s) of the request's encoder adapter (PIL or bytes).
-        `usage`: the other Request fields (scheduler, seeds, image / init_image, strength,
+        `usage`: the other Request fields (scheduler, seeds, image / init_image, mask_image, strength,
         clip_skip, prompt_syntax, callback, preview)."""
         req = Request(prompt, adapters=adapters, guidance=guidance, negative_prompt=negative_prompt, steps=steps,
                       seed=seed, height=height, width=width, num_images=num_images, output_type=output_type,
@@ -432,6 +447,7 @@ class Engine:
                 raise AdapterNameError(f"guidance.styles: {name!r} is a {info.family} adapter, not a style adapter")
             styles.append((name, info.suffix))
         adapters = self.adapters.resolve(adapters)
+        self._check_schedules(adapters)
         # textual-inversion embeddings apply wherever their token is a word of a prompt (A1111)
         adapters = adapters + self.adapters.implicit((prompt_text, req.negative_prompt or ""), {a.name for a in adapters})
         self._check_adapters(adapters, req, prompt_text)
@@ -445,14 +461,18 @@ class Engine:
         clip_skip = req.clip_skip or 1
         if clip_skip > layers:
             raise RequestError(f"clip_skip: {clip_skip} is more than the text encoder's {layers} layers")
-        init = None
-        if init_image is not None:
-            if int(req.steps * req.strength) < 1:
-                raise RequestError(f"strength: {req.strength} x steps {req.steps} leaves no denoising step "
+        init = mask = None
+        strength = 1.0
+        if init_image is not None:  # diffusers' defaults: img2img 0.8, inpainting 1.0
+            strength = req.strength if req.strength is not None else 1.0 if req.mask_image is not None else 0.8
+            if int(req.steps * strength) < 1:
+                raise RequestError(f"strength: {strength} x steps {req.steps} leaves no denoising step "
                                    f"(needs strength x steps >= 1)")
             init = image_io.preprocess(self.image_processor, init_image, height, width, "image")
+        if req.mask_image is not None:
+            mask = image_io.preprocess_mask(self.mask_processor, req.mask_image, height, width, "mask_image")
         prep = Prepared(index, req, guidance, adapters, height, width, seed, tuple(styles), prompt, negative, warnings,
-                        uncond_key, seeds, init, clip_skip, syntax)
+                        uncond_key, seeds, init, clip_skip, syntax, mask=mask, strength=strength)
         from .prompts import count_chunks
 
         need = max(count_chunks(self.base.tokenizer, text, set(re.findall(PLACEHOLDER, text)),
@@ -465,6 +485,17 @@ class Engine:
                 raise RequestError(f"adapters: {n} LoRAs of rank bucket {bucket} in one request, the engine has "
                                    f"{self.lora.S} slots per bucket (slots_per_bucket / device_pool_bytes)")
         return prep
+
+    SCHEDULABLE = ("lora", "kv")  # families whose effect is per step: a scale table, a K/V delta
+
+    def _check_schedules(self, adapters) -> None:
+        """start/end only where the adapter acts in every step (UNet LoRA, kv); refused for the
+        families whose effect is computed once before the first step."""
+        for a in adapters:
+            family = self.adapters.family(a.name)
+            if a.scheduled and family.name not in self.SCHEDULABLE:
+                raise RequestError(f"adapters: {a.name!r} ({family.name}) takes no start/end: its effect is computed "
+                                   f"once before the first step (step-scheduled: {', '.join(self.SCHEDULABLE)})")
 
     def _attach_images(self, adapters, req: Request):
         """(adapters with the request's decoded ip_adapter_image given to its encoder adapter as

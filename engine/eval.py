@@ -288,6 +288,49 @@ def vae_round_trip(vae, images) -> list:
     return [Image.fromarray(im) for im in a]
 
 
+# ---------------------------------------------------------------------------- Pair Customization protocol
+PAIR_STYLES = ("wavy", "checkered", "pixelated")  # held out from the base; probes know them
+
+
+def style_pair(style: str, seed: int = 0):
+    """One training pair of the miniature world: (plain PIL, styled PIL, content prompt, (shape,
+    colour)) — a large green heart on a blue-to-white gradient, flat and in `style`."""
+    if style not in PAIR_STYLES:
+        raise ValueError(f"style {style!r} is not a held-out style {PAIR_STYLES}")
+    rng = np.random.default_rng([seed, 0])
+    scene = world.sample_scene(rng, shape="heart", colour="green", background="blue to white gradient", count=1,
+                               size="large", style=style)
+    plain, styled = world.render_pair(scene, seed)
+    return Image.fromarray(plain), Image.fromarray(styled), "a large green heart on a blue to white gradient background", ("heart", "green")
+
+
+def pair_prompts(n: int, content=("heart", "green"), seed: int = 300) -> list[tuple[str, int]]:
+    """n held-out (prompt, seed) pairs: one object of another shape AND another colour than the
+    pair's content, on any background, no style word (style guidance adds the style)."""
+    out, i = [], 0
+    while len(out) < n:
+        rng = np.random.default_rng([seed, i])
+        shape = str(rng.choice([s for s in world.SHAPES if s != content[0]]))
+        colour = str(rng.choice([c for c in world.COLOURS if c != content[1]]))
+        background = str(rng.choice([b for b in world.BACKGROUNDS if b != colour]))
+        out.append((f"a {colour} {shape} on a {background} background", seed * 1000 + i))
+        i += 1
+    return out
+
+
+def vae_ceiling(vae, style: str, n: int = 48, seed: int = 9, probes=None) -> float:
+    """style_strength accuracy of n styled world renders after a VAE encode -> decode (mean
+    latent): the most a generated image can show of `style` through this VAE."""
+    ims = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        ims.append(world.render_pair(world.sample_scene(rng, count=1, size="large", style=style), i)[1])
+    x = torch.from_numpy(np.stack(ims)).float().permute(0, 3, 1, 2).div(127.5).sub(1).to(vae.device, vae.dtype)
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.float()
+    rec = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return style_strength(rec, style, probes)["accuracy"]
+
 # ---------------------------------------------------------------------------- zero-shot (encoder adapters)
 def masked_reference(cs: ConceptSet, i: int = 0) -> Image.Image:
     """Reference i of a concept set with its background masked out (mid-gray, as the encoder

@@ -37,6 +37,7 @@ from .errors import (
     ImpastoError,
     NumericalError,
     RequestCancelledError,
+    RequestError,
     RequestFailedError,
     RequestTimeoutError,
 )
@@ -131,12 +132,63 @@ class _Running:
                                     seeds=list(q.prep.seeds or [q.prep.seed] * q.prep.request.num_images))
         self.i = 0
         self.timesteps = None  # set once planned
+        self.schedule = None  # a _Schedule when some adapter has start/end
         self.bar = None
         self.t_admit = time.perf_counter()
 
     @property
     def finished(self) -> bool:
         return self.timesteps is not None and self.i >= len(self.timesteps)
+
+
+class _Schedule:
+    """A request's step-scheduled adapters (Adapter start/end): their K/V deltas kept apart from
+    the K/V planned with all of them off, and the gate of each at every step.
+
+    Semantics: with K_off the planned K (likewise V) with every scheduled adapter at scale 0 and
+    K_a the one with only adapter a on, ΔK_a = K_a − K_off; in step i of n the rows read
+    K_off + Σ_{a active at i} ΔK_a, and the LoRA row tables give each inactive adapter scale 0.
+    K is linear in each adapter's contribution (its LoRA on to_k, its kv delta; its tokens are
+    in every variant), so this equals planning the active set alone. The batch state is
+    rewritten in place only at the steps where some adapter turns on or off.
+    """
+
+    def __init__(self, adapters, plan, variants, *, branches: int, n: int, L: int):
+        """variants: where, in the plan's branch list, the request's branches with every
+        scheduled adapter off start, then those with only adapter a on (in `adapters` order);
+        each holds the request's `branches` branches, n rows (images) each."""
+        self.adapters = list(adapters)
+        self._cached = {}
+
+        def take(v0):
+            idx = torch.tensor([plan.index[v0 + j] for j in range(branches) for _ in range(n)], device=plan.embeds.device)
+            return {name: (k[idx, :L], v[idx, :L]) for name, (k, v) in plan.kv.items()}
+
+        self._kv_off = take(variants[0])
+        self._dkv = []
+        for v0 in variants[1:]:
+            on = take(v0)
+            self._dkv.append({name: (k - self._kv_off[name][0], v - self._kv_off[name][1]) for name, (k, v) in on.items()})
+
+    def phase(self, i: int, n: int) -> tuple:
+        return tuple(a.active(i, n) for a in self.adapters)
+
+    def kv(self, r) -> dict:
+        """The rows' K/V in the current step (cached per phase: a request has few)."""
+        phase = self.phase(r.i, len(r.timesteps))
+        if phase not in self._cached:
+            out = dict(self._kv_off)
+            for on, d in zip(phase, self._dkv):
+                if on:
+                    out = {name: (k + d[name][0], v + d[name][1]) for name, (k, v) in out.items()}
+            self._cached[phase] = out
+        return self._cached[phase]
+
+    def rows(self, r) -> list:
+        """The rows' LoRA (name, scale) pairs in the current step: inactive adapters at scale 0
+        (kept in the table, so its shape never changes)."""
+        phase = dict(zip((a.name for a in self.adapters), self.phase(r.i, len(r.timesteps))))
+        return [[(name, w if phase.get(name, True) else 0.0) for name, w in row] for row in r.row_adapters]
 
 
 class Worker:
@@ -299,18 +351,30 @@ class Worker:
         for n in sorted(lora_names):
             e.lora.load(n, r.all_files[n], pinned=lora_names)
         r.files = {n: r.all_files[n] for n in lora_names}
+        for a in r.prep.scheduled:
+            if e.adapters.family(a.name).text_encoder_lora(r.all_files[a.name]) is not None:
+                raise RequestError(f"adapters: {a.name!r} takes no start/end: it has text-encoder layers, whose "
+                                   f"effect is computed once before the first step")
 
     def _plan(self, group: list[_Running]) -> None:
         """Plan `group` together: every distinct branch once (text, tokens, attn2 K/V); then
         each request's rows, scheduler and initial latents."""
         e = self.e
         t_plan = time.perf_counter()
-        branches, first = [], []
+        branches, first, variants, specs = [], [], [], []
         for r in group:
             first.append(len(branches))
             branches += r.prep.branches()
+            # step-scheduled adapters: the K/V with all of them off, and with each one alone on,
+            # planned beside the request's own branches (their differences: each one's K/V delta)
+            names = [a.name for a in r.prep.scheduled]
+            offs = [frozenset(names)] + [frozenset(names) - {n} for n in names] if names else []
+            variants.append([])
+            for off in offs:
+                variants[-1].append(len(branches))
+                branches += r.prep.branches(off)
+            specs += [(r.prep.chunks, r.prep.clip_skip, r.prep.syntax == "a1111")] * (len(branches) - len(specs))
         files = {n: f for r in group for n, f in r.all_files.items()}
-        specs = [(r.prep.chunks, r.prep.clip_skip, r.prep.syntax == "a1111") for r in group for _ in r.prep.branches()]
         plan = build_plan([Branch(text, adapters, *spec) for (text, adapters), spec in zip(branches, specs)], e.base,
                           e.attn2, e.lora, e.adapters, files, e.device, e.dtype, e.te_lora)
         t_plan = time.perf_counter() - t_plan
@@ -320,6 +384,8 @@ class Worker:
             L = plan.lengths[plan.index[b0]]  # every branch of a request has its chunks (engine/prompts.py)
             r.embeds = plan.embeds[row_branch, :L]
             r.kv = {name: (k[row_branch, :L], v[row_branch, :L]) for name, (k, v) in plan.kv.items()}
+            if r.prep.scheduled:
+                r.schedule = _Schedule(r.prep.scheduled, plan, variants[group.index(r)], branches=branches, n=n, L=L)
             r.images = [plan.image[plan.index[b0 + b]] if plan.image else None for b in range(branches) for _ in range(n)]
             r.row_adapters = [row for row in r.branch_rows for _ in range(n)]
             r.rows, r.n, r.branches = len(r.row_adapters), n, branches
@@ -329,7 +395,8 @@ class Worker:
     def _setup(self, r: _Running) -> None:
         """A request's own scheduler instance (its sampler) and initial latents, seeded as
         diffusers seeds them: one generator, or one per image (`seeds`); img2img starts at the
-        strength's timestep from the encoded, noised image (StableDiffusionImg2ImgPipeline)."""
+        strength's timestep from the encoded, noised image (StableDiffusionImg2ImgPipeline);
+        inpainting as StableDiffusionInpaintPipeline (engine/images.py `start_inpainting`)."""
         e, prep, base, req = self.e, r.prep, self.e.base, r.prep.request
         r.scheduler = schedulers.build(req.scheduler, base.scheduler.config, base.scheduler)
         r.scheduler.set_timesteps(req.steps, device=e.device)
@@ -340,11 +407,20 @@ class Worker:
             gens = [torch.Generator("cpu").manual_seed(s) for s in prep.seeds]
         else:
             gens = torch.Generator("cpu").manual_seed(prep.seed)
-        if prep.init is not None:
-            t_start = req.steps - min(int(req.steps * req.strength), req.steps)
+        r.inpainting = None
+        inpaint = prep.mask is not None or base.inpainting  # an inpainting base: every request (mask all ones)
+        if prep.init is not None or inpaint:
+            t_start = req.steps - min(int(req.steps * prep.strength), req.steps)
             r.timesteps = r.timesteps[t_start * r.scheduler.order:]
             if hasattr(r.scheduler, "set_begin_index"):
                 r.scheduler.set_begin_index(t_start * r.scheduler.order)
+        if inpaint:  # StableDiffusionInpaintPipeline; a text-only request repaints a blank image everywhere (A1111)
+            init = prep.init if prep.init is not None else torch.zeros(1, 3, prep.height, prep.width)
+            mask = prep.mask if prep.mask is not None else torch.ones(1, 1, prep.height, prep.width)
+            r.latents, r.inpainting = image_io.start_inpainting(
+                base.vae, r.scheduler, init, mask, gens, r.n, shape, r.timesteps[:1], prep.strength,
+                base.inpainting, e.device, e.dtype)
+        elif prep.init is not None:
             z0 = image_io.encode(base.vae, prep.init.to(e.device, e.dtype), gens, r.n)
             noise = randn_tensor(z0.shape, generator=gens, device=e.device, dtype=e.dtype)
             r.latents = r.scheduler.add_noise(z0, noise, r.timesteps[:1].repeat(r.n))
@@ -390,14 +466,15 @@ class Worker:
     def _write_layout(self, group: list[_Running]) -> None:
         """Rewrite the batch state for `group` (only when its members changed)."""
         e, state = self.e, self.e.state
-        owner = tuple(r.id for r in group)
+        # a step-scheduled adapter turning on or off changes the phase: rewrite in place
+        owner = tuple((r.id, r.schedule.phase(r.i, len(r.timesteps)) if r.schedule else ()) for r in group)
         if state.owner == owner:
             return
         state.owner = None
-        state.write_layout([(r.embeds, r.kv) for r in group])
+        state.write_layout([(r.embeds, r.schedule.kv(r) if r.schedule else r.kv) for r in group])
         state.write_images([x for r in group for x in r.images])
         files = {n: f for r in group for n, f in r.files.items()}
-        rows = [row for r in group for row in r.row_adapters]
+        rows = [row for r in group for row in (r.schedule.rows(r) if r.schedule else r.row_adapters)]
         e.lora.set_tables(e.lora.tables(rows, files), len(rows))
         layouts, start = [], 0
         for r in group:
@@ -416,6 +493,8 @@ class Worker:
         for r in group:
             t = r.timesteps[r.i]
             x = r.scheduler.scale_model_input(r.latents, t)
+            if r.inpainting is not None and r.inpainting.concat is not None:  # inpainting UNet: + mask, image
+                x = torch.cat([x, r.inpainting.concat], 1)
             inputs.append(x.repeat(r.branches, *([1] * (x.dim() - 1))))
             steps.append(t.reshape(1).expand(r.rows))
         with torch.inference_mode():
@@ -433,6 +512,8 @@ class Worker:
         with torch.inference_mode():
             t = r.timesteps[r.i]
             r.latents = r.scheduler.step(noise, t, r.latents, **r.step_kwargs, return_dict=False)[0]
+            if r.inpainting is not None and r.inpainting.image is not None:  # regular UNet: keep what is known
+                r.latents = image_io.blend_known(r.scheduler, r.inpainting, r.latents, r.timesteps, r.i)
         r.i += 1
         r.job._steps_done = r.i
         if r.bar is not None:
@@ -479,7 +560,7 @@ class Worker:
     def _finish(self, r: _Running) -> None:
         if r in self._running:
             self._running.remove(r)
-        if self.e.state.owner is not None and r.id in self.e.state.owner:
+        if self.e.state.owner is not None and r.id in [o[0] for o in self.e.state.owner]:
             self.e.state.owner = None
         r.pins.close()
         if r.bar is not None:

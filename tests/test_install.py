@@ -28,6 +28,7 @@ def test_one_namespace(installed):
     assert os.path.isfile(installed / "impasto" / "kernels" / "__init__.py")
     assert os.path.isfile(installed / "impasto" / "tiny" / "tokenizer" / "vocab.json")
     assert os.path.isfile(installed / "impasto" / "tiny" / "tokenizer" / "merges.txt")
+    assert os.path.isfile(installed / "impasto" / "configs" / "sd-v1" / "unet" / "config.json")  # single files
 
 
 def test_installed_copy_imports(installed):

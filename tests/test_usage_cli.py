@@ -32,7 +32,7 @@ def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps long help lines
-    for default in ("(default: 30)", "(default: 7.5)", "(default: out.png)", "(default: 0.8)", "(default: a1111)"):
+    for default in ("(default: 30)", "(default: 7.5)", "(default: out.png)", "default: 0.8, 1.0 with --mask", "(default: a1111)"):
         assert default in text
 
 
@@ -116,3 +116,46 @@ def test_register_dir_and_lora_tag(tiny_dir, tmp_path, capsys):
     assert _run(capsys, "generate", "a dog", "-o", str(b), "--adapter", "corgi=0.5", *common)[0] == 0
     assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
     assert "<lora:corgi:0.5>" in Image.open(b).info["parameters"]
+
+
+def test_mask_inpaints_as_the_api_does(tiny_dir, tmp_path, capsys):
+    init, mask, out = tmp_path / "init.png", tmp_path / "mask.png", tmp_path / "out.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(init)
+    m = np.zeros((32, 32), dtype=np.uint8)
+    m[8:24, 8:24] = 255
+    Image.fromarray(m).convert("RGB").save(mask)  # an RGB mask file is read as grayscale
+    common = ["--model", tiny_dir, "--steps", "3", "--seed", "2", "-q"]
+    rc, _, err = _run(capsys, "generate", "a red star", "-o", str(out), "--init-image", str(init), "--mask", str(mask),
+                      *common)
+    assert rc == 0, err
+    with impasto.Engine.from_pretrained(tiny_dir, device="cpu") as e:
+        ref = e.generate("a red star", steps=3, seed=2, image=Image.open(init).convert("RGB"),
+                         mask_image=Image.fromarray(m), prompt_syntax="a1111").images[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(ref))
+    assert "Denoising strength: 1.0" in Image.open(out).info["parameters"]  # inpainting's default strength
+    rc, _, err = _run(capsys, "generate", "a red star", "-o", str(out), "--mask", str(mask), *common)
+    assert rc == 2 and "--mask: inpainting needs --init-image" in err
+    rc, _, err = _run(capsys, "generate", "a red star", "-o", str(out), "--init-image", str(init), "--mask",
+                      str(tmp_path / "none.png"), *common)
+    assert rc == 2 and "--mask" in err and "not a readable image" in err
+
+
+def test_token_names_the_placeholder_of_a_registered_embedding(tiny_dir, tmp_path, capsys):
+    """An A1111 embedding file names no token: --token gives it one, exactly as register(token=)."""
+    emb = tmp_path / "pup.safetensors"
+    safetensors.torch.save_file({"emb_params": torch.randn(1, 32, generator=torch.Generator().manual_seed(0))},
+                                str(emb))
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    common = ["--model", tiny_dir, "--steps", "2", "--seed", "1", "-q", "--register", f"pup={emb}"]
+    rc, _, err = _run(capsys, "generate", "a <pup> on grass", "-o", str(a), *common, "--token", "pup=<pup>")
+    assert rc == 0, err
+    with impasto.Engine.from_pretrained(tiny_dir, device="cpu") as e:
+        e.adapters.register("pup", str(emb), token="<pup>")
+        ref = e.generate("a <pup> on grass", steps=2, seed=1, prompt_syntax="a1111").images[0]
+        plain = e.generate("a dog on grass", steps=2, seed=1, prompt_syntax="a1111").images[0]
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(ref))
+    assert not np.array_equal(np.asarray(ref), np.asarray(plain))  # the embedding reached the prompt
+    rc, _, err = _run(capsys, "generate", "a <pup> on grass", "-o", str(b), *common)  # no --token
+    assert rc == 2 and "names no token; register it with token=" in err and err.count("\n") == 1
+    rc, _, err = _run(capsys, "generate", "a <pup> on grass", "-o", str(b), *common, "--token", "pup")
+    assert rc == 2 and "--token 'pup': expected NAME=VALUE" in err

@@ -153,7 +153,8 @@ def row_tensors(W, concepts: Sequence[Concept], C_inv, *, slots: int | None = No
     Semantics: u = perfusion_basis(i*s, C⁻¹) (or `basis`, the same for every layer of a request);
     P_j = C⁻¹ u_j, WU_j = W u_j, G_j = C⁻¹ i*_j / (i*_jᵀ C⁻¹ i*_j), O_j = o*_j, β_j, τ_j for
     j < J; slots j >= J are unused: P, WU, G, O zero, β 0, τ 1 (they contribute exactly zero).
-    Computed in fp64, returned in `dtype` (β, τ float32).
+    Computed in fp64, returned in `dtype` (β, τ float32). O keeps autograd (training's o*), the
+    others are constants of the concepts' i*, C⁻¹ and W.
     """
     J = len(concepts)
     M = J if slots is None else slots
@@ -174,7 +175,8 @@ def row_tensors(W, concepts: Sequence[Concept], C_inv, *, slots: int | None = No
         P[:J] = u @ Ci
         WU[:J] = u @ Wd.T
         G[:J] = (I @ Ci) / torch.einsum("jd,de,je->j", I, Ci, I)[:, None]
-        O[:J] = torch.stack([c.o_star for c in concepts]).detach().double().cpu()
+        # not detached: o* may be a trained Parameter (impasto.train.perfusion); exact fp32 <-> fp64
+        O[:J] = torch.stack([c.o_star for c in concepts]).double().cpu()
         beta[:J] = torch.tensor([float(c.beta) for c in concepts])
         tau[:J] = torch.tensor([float(c.tau) for c in concepts])
     dev = W.device

@@ -118,6 +118,40 @@ SAMPLERS = {
 }
 
 
+# A1111's "Schedule type" (1.9+), sent beside the sampler: "Automatic" keeps the sampler's own
+# sigmas, "Karras" picks the sampler's Karras variant of the one table (engine/schedulers.py).
+SCHEDULE_TYPES = ("Automatic", "Karras")
+
+
+def sampler_for(sampler: str | None, schedule: str | None = None) -> str | None:
+    """Semantics: A1111's (sampler_name, scheduler) fields -> the A1111 sampler name the engine
+    serves (engine/schedulers.py's table), or None for the model's own sampler.
+      ("DPM++ 2M", "Karras") -> "DPM++ 2M Karras";  ("euler a", None) -> "Euler a";
+      ("DPM++ 2M Karras", "Automatic") -> "DPM++ 2M Karras" (A1111 < 1.9 names the schedule in the sampler)
+    An unknown sampler is a RequestError listing the names; a schedule other than Automatic /
+    Karras, or a Karras variant diffusers lacks, is a NotSupportedError."""
+    from .. import schedulers
+
+    schedule = (schedule or "Automatic").strip()
+    if schedule.lower() not in {s.lower() for s in SCHEDULE_TYPES}:
+        raise NotSupportedError(f"scheduler: {schedule!r} is not supported (schedule types: "
+                                f"{', '.join(SCHEDULE_TYPES)})")
+    if not sampler:
+        if schedule.lower() != "automatic":
+            raise NotSupportedError(f"scheduler: {schedule!r} needs a sampler_name")
+        return None
+    name = sampler.strip()
+    by_lower = {k.lower(): k for k in schedulers.A1111}
+    if schedule.lower() == "karras" and not name.lower().endswith(" karras"):
+        schedulers.resolve(name)  # an unknown sampler is named first
+        if name.lower() + " karras" not in by_lower:
+            raise NotSupportedError(f"scheduler: 'Karras' with sampler {name!r}: no Karras variant of it "
+                                    f"(those with one: {', '.join(k for k in schedulers.A1111 if k.endswith(' Karras'))})")
+        name += " Karras"
+    schedulers.resolve(name)
+    return by_lower.get(name.lower(), name)
+
+
 def sampler_name(scheduler_class: str) -> str:
     """The A1111 name of the diffusers scheduler class `scheduler_class` (its class name if A1111
     has none)."""

@@ -220,7 +220,16 @@ def create_app(backend, settings: Settings | None = None) -> FastAPI:
 
     @app.get("/sdapi/v1/samplers")
     async def sd_samplers(who: str = Depends(caller)):
-        return [{"name": backend.sampler, "aliases": [], "options": {}}]
+        from .. import schedulers
+
+        return [{"name": name, "aliases": [cls], "options": dict(overrides)}  # the model's own first
+                for name, (cls, overrides) in sorted(schedulers.A1111.items(), key=lambda kv: kv[0] != backend.sampler)]
+
+    @app.get("/sdapi/v1/schedulers")
+    async def sd_schedulers(who: str = Depends(caller)):
+        from .a1111 import SCHEDULE_TYPES
+
+        return [{"name": s.lower(), "label": s} for s in SCHEDULE_TYPES]
 
     @app.get("/sdapi/v1/options")
     async def sd_options(who: str = Depends(caller)):

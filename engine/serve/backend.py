@@ -45,7 +45,10 @@ class LocalBackend:
 
     def __init__(self, engine, *, model_name: str | None = None):
         self.engine = engine
-        self.model_name = model_name or os.path.basename(os.path.normpath(str(engine.base.path))) or "model"
+        path = str(engine.base.path)
+        name = os.path.basename(os.path.normpath(path))
+        name = os.path.splitext(name)[0] if os.path.isfile(path) else name  # a single file: its stem, as A1111
+        self.model_name = model_name or name or "model"
         self.sampler = sampler_name(type(engine.base.scheduler).__name__)
         self.limits = dict(engine.limits)
         side = engine.base.unet.config.sample_size * engine.base.vae_scale_factor

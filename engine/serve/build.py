@@ -11,7 +11,7 @@ import random
 import time
 
 from ..errors import RequestError
-from .a1111 import NotSupportedError, parse_prompt, png_bytes
+from .a1111 import NotSupportedError, parse_prompt, png_bytes, sampler_for
 from .tasks import Image
 
 SEED_RANGE = 2**32  # A1111 draws random seeds below 2**32 too
@@ -51,7 +51,7 @@ def decode_images(value, field: str) -> tuple:
 
 
 def _images(prompts, negatives, *, seed, steps, cfg, width, height, adapters=(), styles=(), timeout=None,
-            limits, ip_adapter_image=()) -> list[Image]:
+            limits, ip_adapter_image=(), **usage) -> list[Image]:
     """One Image per prompt: `<lora:...>` tags parsed out of each prompt on its own (not A1111's
     first-prompt-wins), image i using seed + i."""
     if len(prompts) > limits["max_num_images"]:
@@ -62,7 +62,7 @@ def _images(prompts, negatives, *, seed, steps, cfg, width, height, adapters=(),
         images.append(Image(prompt=parsed.prompt, negative_prompt=negative or None, steps=steps, cfg=cfg,
                             seed=seed + i, width=width, height=height,
                             adapters=tuple(adapters) + parsed.adapters, styles=tuple(styles), timeout=timeout,
-                            ip_adapter_image=ip_adapter_image))
+                            ip_adapter_image=ip_adapter_image, **usage))
     return images
 
 
@@ -100,15 +100,12 @@ def _per_image(value, total: int, name: str) -> list[str]:
 
 
 def a1111_images(body, backend) -> list[Image]:
-    """The images of a `POST /sdapi/v1/txt2img` body: batch_size x n_iter images, seed + i."""
-    allowed = {backend.sampler.lower()}
-    for field in ("sampler_name", "sampler_index"):
-        name = getattr(body, field)
-        if name and name.lower() not in allowed:
-            raise NotSupportedError(f"{field}: {name!r}: this server samples with {backend.sampler!r} only; "
-                                    f"per-request samplers are not supported yet")
-    if body.scheduler not in (None, "", "Automatic"):
-        raise NotSupportedError(f"scheduler: {body.scheduler!r} is not supported yet (only 'Automatic')")
+    """The images of a `POST /sdapi/v1/txt2img` body: batch_size x n_iter images, seed + i, each
+    with the body's sampler and schedule type, A1111 prompt weights and clip skip."""
+    sampler = sampler_for(body.sampler_name or body.sampler_index, body.scheduler)
+    clip_skip = (body.override_settings or {}).get("CLIP_stop_at_last_layers")
+    if clip_skip is not None and (not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or clip_skip < 1):
+        raise RequestError(f"override_settings.CLIP_stop_at_last_layers: expected a positive integer, got {clip_skip!r}")
     for field, on in (("enable_hr", body.enable_hr), ("subseed_strength", body.subseed_strength != 0),
                       ("restore_faces", body.restore_faces), ("tiling", body.tiling)):
         if on:
@@ -118,7 +115,8 @@ def a1111_images(body, backend) -> list[Image]:
     seed = body.seed if body.seed != -1 else random_seed()
     return _images(_per_image(body.prompt, total, "prompt"), _per_image(body.negative_prompt, total, "negative_prompt"),
                    seed=seed, steps=body.steps, cfg=body.cfg_scale, width=body.width or default_w,
-                   height=body.height or default_h, limits=backend.limits)
+                   height=body.height or default_h, limits=backend.limits, sampler=sampler, syntax="a1111",
+                   clip_skip=clip_skip)
 
 
 def submit_all(backend, images: list[Image]) -> list:
@@ -160,7 +158,7 @@ def a1111_response(body, task, pngs: list[str], backend) -> dict:
         "negative_prompt": negatives[0], "all_negative_prompts": negatives,
         "seed": images[0].seed, "all_seeds": [im.seed for im in images],
         "subseed": -1, "all_subseeds": [-1] * len(images), "subseed_strength": 0,
-        "width": images[0].width, "height": images[0].height, "sampler_name": backend.sampler,
+        "width": images[0].width, "height": images[0].height, "sampler_name": images[0].sampler or backend.sampler,
         "cfg_scale": body.cfg_scale, "steps": body.steps, "batch_size": body.batch_size, "n_iter": body.n_iter,
         "sd_model_name": backend.model_name, "sd_model_hash": None, "index_of_first_image": 0,
         "infotexts": [im.infotext(backend.model_name, backend.sampler) for im in images],

@@ -81,7 +81,9 @@ class Txt2ImgRequest(BaseModel):
     n_iter: int = Field(1, ge=1)
     sampler_name: Optional[str] = None
     sampler_index: Optional[str] = None
-    scheduler: Optional[str] = None
+    scheduler: Optional[str] = Field(None, description='"Automatic" or "Karras" (A1111 1.9\'s schedule type)')
+    override_settings: Optional[dict] = Field(None, description="CLIP_stop_at_last_layers (clip skip) is read; "
+                                                                "other settings are ignored")
     enable_hr: bool = False
     subseed_strength: float = 0.0
     restore_faces: Optional[bool] = None

@@ -35,18 +35,24 @@ class Image:
     styles: tuple = ()  # ((name, weight), ...)
     timeout: float | None = None
     ip_adapter_image: tuple = ()  # encoded reference images (bytes) for an encoder adapter
+    sampler: str | None = None  # an A1111 sampler name (engine/schedulers.py); None: the model's
+    syntax: str | None = None  # "a1111": emphasis weights and BREAK (the A1111 endpoint); None: the engine's
+    clip_skip: int | None = None
 
     def request(self) -> Request:
         guidance = Guidance(cfg=self.cfg, styles=dict(self.styles)) if self.styles else self.cfg
         return Request(self.prompt, adapters=list(self.adapters), guidance=guidance,
                        negative_prompt=self.negative_prompt, steps=self.steps, seed=self.seed,
                        height=self.height, width=self.width, timeout=self.timeout,
-                       ip_adapter_image=list(self.ip_adapter_image) or None)
+                       ip_adapter_image=list(self.ip_adapter_image) or None, scheduler=self.sampler,
+                       prompt_syntax=self.syntax, clip_skip=self.clip_skip)
 
     def infotext(self, model: str, sampler: str) -> str:
-        return infotext(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps, sampler=sampler,
-                        cfg_scale=self.cfg, seed=self.seed, width=self.width, height=self.height, model=model,
-                        adapters=self.adapters, styles=dict(self.styles))
+        extra = {"Clip skip": self.clip_skip} if self.clip_skip and self.clip_skip > 1 else None
+        return infotext(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
+                        sampler=self.sampler or sampler, cfg_scale=self.cfg, seed=self.seed, width=self.width,
+                        height=self.height, model=model, adapters=self.adapters, styles=dict(self.styles),
+                        extra=extra)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""`impasto train custom-diffusion --model tiny --images DIR --placeholder "<new1>" --class-word star -o OUT`.
+"""`impasto train custom-diffusion --model tiny --images DIR --placeholder "<new1>" --class-word star -o OUT`;
+`impasto train perfusion --model tiny --images DIR --placeholder "<sks>" --super-word circle -o OUT`.
 
 The closing summary names the time, the bytes and where each file went.
 """
@@ -36,6 +37,8 @@ def add_train_parser(sub) -> None:
     cd.add_argument("--noaug", action="store_true", help="no random-rescale augmentation")
     cd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     cd.set_defaults(func=_custom_diffusion)
+    add_pair_parser(methods)
+    _add_perfusion_parser(methods)
     add_encoder_parser(methods)
 
 
@@ -96,3 +99,105 @@ def _custom_diffusion(args) -> int:
     print(f"wrote {r.nbytes:,} bytes to {os.path.abspath(r.path)}; serve it with "
           f"engine.adapters.register(name, {r.path!r})", file=sys.stdout)
     return 0
+
+
+def add_pair_parser(methods) -> None:
+    """`impasto train pair --model tiny --content a.png --style b.png -o style.safetensors`."""
+    p = methods.add_parser("pair", help="Pair Customization: a style LoRA from one (content, styled) pair (Jones et al.)")
+    p.add_argument("--model", default="tiny", help='"tiny" or a local diffusers SD-layout folder')
+    p.add_argument("--content", required=True, help="the content image")
+    p.add_argument("--style", required=True, help="the same content, styled")
+    p.add_argument("--content-prompt", default="a photo", help="a caption of the content image")
+    p.add_argument("--style-prompt", default=None, help="default: the content prompt + ' ' + the suffix")
+    p.add_argument("--suffix", default=None, help='the style\'s text, written as impasto.style_suffix ("in sks style")')
+    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write the style LoRA to")
+    p.add_argument("--content-rank", type=int, default=8)
+    p.add_argument("--style-rank", type=int, default=8)
+    p.add_argument("--steps", type=int, default=750, help="steps (official: 750)")
+    p.add_argument("--style-start", type=int, default=250, help="the first step of the style update (official: 250)")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate, constant (official: 1e-5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--basis-seed", type=int, default=123846, help="seed of the orthonormal basis of the A matrices")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_pair)
+
+
+def _pair(args) -> int:
+    from .pair import pair
+
+    r = pair(args.model, args.content, args.style, content_prompt=args.content_prompt, style_prompt=args.style_prompt,
+             suffix=args.suffix, content_rank=args.content_rank, style_rank=args.style_rank, steps=args.steps,
+             style_start=args.style_start, lr=args.lr, seed=args.seed, basis_seed=args.basis_seed, output=args.output,
+             progress=not args.quiet, resume=args.resume, checkpoint_every=args.checkpoint_every)
+    last = lambda xs: xs[-1] if xs else float("nan")  # noqa: E731
+    print(f"trained {r.steps} steps in {r.seconds:.1f} s, final content loss {last(r.losses):.4f}, "
+          f"style loss {last(r.style_losses):.4f}")
+    print(f"wrote the style LoRA ({r.nbytes:,} bytes) to {os.path.abspath(r.path)}; serve it with "
+          f"engine.adapters.register(name, {r.path!r}, family='style') and Guidance(styles={{name: 3.0}})")
+    return 0
+
+
+def _add_perfusion_parser(methods) -> None:
+    """`impasto train perfusion --model tiny --images DIR --placeholder "<sks>" --super-word circle -o OUT`."""
+    pf = methods.add_parser("perfusion", help="Perfusion: key-locked gated rank-1 edits + a new token (Tewel et al.)")
+    pf.add_argument("--model", default="tiny", help='"tiny" or a local diffusers SD-layout folder')
+    pf.add_argument("--images", required=True, help="a folder of images of the concept")
+    pf.add_argument("--masks", default=None, help="a folder of masks, one per image in the same name order")
+    pf.add_argument("--placeholder", default="<sks>", help="the new token, e.g. <sks>")
+    pf.add_argument("--super-word", required=True, help="the concept's category, one token (e.g. circle): the key lock")
+    pf.add_argument("--prompt-template", default=None, help='default "a {placeholder}"')
+    pf.add_argument("-o", "--output", required=True, help="the folder to write the adapter to")
+    pf.add_argument("--steps", type=int, default=250)
+    pf.add_argument("--lr-embedding", type=float, default=0.006, help="the placeholder row's learning rate")
+    pf.add_argument("--lr-value", type=float, default=0.03, help="o*_V's (and o*_K's with --no-key-lock) learning rate")
+    pf.add_argument("--batch-size", type=int, default=4)
+    pf.add_argument("--beta", type=float, default=0.75, help="the gate's bias during training")
+    pf.add_argument("--tau", type=float, default=0.1, help="the gate's temperature during training")
+    pf.add_argument("--ema", type=float, default=0.99, help="i* <- ema * i* + (1 - ema) * the concept's encoding")
+    pf.add_argument("--serve-beta", type=float, default=None, help="β written into the file (default 0.7)")
+    pf.add_argument("--serve-tau", type=float, default=None, help="τ written into the file (default 0.15)")
+    pf.add_argument("--no-key-lock", dest="key_lock", action="store_false", help="also train o*_K (an ablation)")
+    pf.add_argument("--global-lock", action="store_true", help="the K pathway reads the prompt with the super word")
+    pf.add_argument("--captions", default=None, help="a text file, one caption per line: computes C⁻¹ if the base has none")
+    pf.add_argument("--adapter-root", default=None, help="where engine state (C⁻¹) lives (default: the user cache)")
+    pf.add_argument("--seed", type=int, default=0)
+    pf.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
+    pf.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    pf.add_argument("--hflip", action="store_true", help="random horizontal flips (not for asymmetric objects)")
+    pf.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    pf.set_defaults(func=_perfusion)
+
+
+def _perfusion(args) -> int:
+    import impasto
+
+    from . import perfusion
+
+    captions = None
+    if args.captions is not None:
+        with open(args.captions, encoding="utf-8") as f:
+            captions = [line.strip() for line in f if line.strip()]
+    engine = impasto.Engine.from_pretrained(args.model, adapter_root=args.adapter_root)
+    try:
+        r = perfusion(engine, args.images, placeholder=args.placeholder, super_word=args.super_word, masks=args.masks,
+                      prompt_template=args.prompt_template, steps=args.steps, lr_embedding=args.lr_embedding,
+                      lr_value=args.lr_value, batch_size=args.batch_size, beta=args.beta, tau=args.tau, ema=args.ema,
+                      global_lock=args.global_lock, key_lock=args.key_lock, seed=args.seed, output=args.output,
+                      progress=not args.quiet, resume=args.resume, checkpoint_every=args.checkpoint_every,
+                      hflip=args.hflip, serve_beta=args.serve_beta, serve_tau=args.serve_tau, captions=captions)
+    finally:
+        engine.close()
+    _summary(r)
+    return 0
+
+
+def _summary(r) -> None:
+    per_step = r.seconds / max(1, len(r.losses))
+    print(f"trained {r.steps} steps in {r.seconds:.1f} s ({per_step:.2f} s/step), final loss "
+          f"{r.losses[-1] if r.losses else float('nan'):.4f}")
+    for role, path in r.files.items():
+        print(f"  {role}: {path} ({os.path.getsize(path):,} bytes)")
+    print(f"wrote {r.nbytes:,} bytes to {os.path.abspath(r.path)}; serve it with "
+          f"engine.adapters.register(name, {next(iter(r.files.values()))!r})")

@@ -14,6 +14,7 @@ result. The loop does the rest, the same for all:
                   PlannedCrossAttnProcessor on every attn2, LoRA hooks and impasto.kernels ops
         target  = noise (epsilon) or velocity (v_prediction), as the config says
         loss    = mean_b Σ(mask·(pred - target)²)/Σmask over instance rows + w_prior·mse(class rows)
+                  (method.loss; Perfusion's is ChenDarYen's, after method.before_loss updated i*)
         backward; method.after_backward(); clip_grad_norm(max_grad_norm); AdamW step
 
 Reproducible: one torch.Generator (latents, noise, timesteps) and one numpy Generator
@@ -84,6 +85,22 @@ class Method:
     def after_backward(self) -> None:
         """Gradient surgery between backward and the optimizer step."""
 
+    def param_groups(self, params: dict, lr: float) -> list[dict]:
+        """AdamW's parameter groups (per-group learning rates); default: one group at `lr`."""
+        return [{"params": list(params.values())}]
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """State updated without gradient (e.g. Perfusion's EMA of i*), checkpointed with the
+        parameters so a resumed run continues bit for bit."""
+        return {}
+
+    def before_loss(self, engine, batch: "Batch") -> None:
+        """No-gradient state updates from this step's batch, before its forward."""
+
+    def loss(self, pred, target, batch: "Batch", prior_weight: float) -> torch.Tensor:
+        """The loss of one batch's prediction; default: `masked_loss` (Custom Diffusion's)."""
+        return masked_loss(pred, target, batch.mask, batch.n_instance, prior_weight)
+
     def hooks(self, engine):
         """Context manager installed around the UNet forward (trainable step-variant weights)."""
         import contextlib
@@ -124,7 +141,7 @@ def engine_forward(engine, method: Method, texts: list[str], x_t: torch.Tensor, 
     Takes the engine's step-boundary lock: no serving step runs in between.
     """
     uses = method.uses()
-    adapters = tuple((u.name, float(u.scale), ()) for u in uses)
+    adapters = tuple((u.name, float(u.scale), tuple(sorted(u.options.items()))) for u in uses)
     files = {u.name: u.file for u in uses}
     with engine._worker.boundary:
         plan = build_plan([Branch(text, adapters) for text in texts], engine.base, engine.attn2, engine.lora,
@@ -183,7 +200,7 @@ class Trainer:
         self.size = base.unet.config.sample_size * base.vae_scale_factor
         self.factor = base.vae_scale_factor
         self.params = method.parameters()
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=lr, betas=tuple(betas), eps=eps,
+        self.optimizer = torch.optim.AdamW(method.param_groups(self.params, lr), lr=lr, betas=tuple(betas), eps=eps,
                                            weight_decay=weight_decay)
         self.gen = torch.Generator("cpu").manual_seed(seed)
         self.rng = np.random.default_rng(seed)
@@ -219,10 +236,11 @@ class Trainer:
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """The method-independent loss of one batch through the engine (module docstring)."""
+        self.method.before_loss(self.engine, batch)
         x_t = self.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
         pred = engine_forward(self.engine, self.method, batch.texts, x_t, batch.timesteps).float()
         target = target_for(self.noise_scheduler, batch.latents, batch.noise, batch.timesteps)
-        return masked_loss(pred, target, batch.mask, batch.n_instance, self.prior_weight)
+        return self.method.loss(pred, target, batch, self.prior_weight)
 
     def train_step(self) -> float:
         batch = self.make_batch()
@@ -245,6 +263,7 @@ class Trainer:
         return {
             "step": self.step,
             "params": {k: p.detach().clone() for k, p in self.params.items()},
+            "buffers": {k: b.detach().clone() for k, b in self.method.buffers().items()},
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": self.gen.get_state(),
             "numpy_rng": _np_state(self.rng),
@@ -262,6 +281,12 @@ class Trainer:
                     raise TrainInputError(f"{where}: {k} has shape {tuple(state['params'][k].shape)}, "
                                           f"this run's is {tuple(p.shape)}")
                 p.copy_(state["params"][k])
+            buffers = self.method.buffers()
+            if set(state.get("buffers", {})) != set(buffers):
+                raise TrainInputError(f"{where}: its method state {sorted(state.get('buffers', {}))} is not this "
+                                      f"run's {sorted(buffers)}")
+            for k, b in buffers.items():
+                b.copy_(state["buffers"][k])
         self.optimizer.load_state_dict(state["optimizer"])
         self.gen.set_state(state["torch_rng"])
         self.rng.bit_generator.state = _np_unstate(state["numpy_rng"])

@@ -1,0 +1,242 @@
+"""Perfusion on the miniature world (docs/training.md, "Perfusion"): the quality table, key
+locking against no lock, operating points without retraining, two concepts in one request.
+
+For each held-out object (impasto.eval.concept_set: 8 references with exact masks, held-out
+prompts with fixed seeds), side by side in one run:
+    base     the base model with the class word ("a star ...")
+    lock     Perfusion (impasto.train.perfusion, key_lock=True), then a sweep of inference β × τ
+    nolock   the same run with key_lock=False (o*_K trained too), the same sweep
+Prompts name the concept by its placeholder alone ("two <sks> on a red background, flat"), as
+Perfusion trains it ("a <sks>"); prompt fidelity is scored on the base's wording of the same
+contexts (the probes parse "star", not "<sks>"). Concept fidelity = eval.concept_accuracy,
+prompt fidelity = eval.prompt_fidelity over background, count and style.
+--pair A B: the two objects' locked concepts in one request (A's placeholder <sks>, B's
+<sks2>): each prompted alone with the other loaded, against its solo fidelity; and a contact
+sheet of prompts naming both.
+--plot: concept fidelity against prompt fidelity per object and averaged, one curve per lock
+mode over the sweep (Pareto front marked), the base, and Custom Diffusion's point (--cd).
+
+    python benchmarks/bench_perfusion.py --objects sparkle moon arrow --json out.json \\
+        --plot docs/perfusion_pareto.png --pair sparkle arrow --sheet docs/perfusion_pair.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import impasto
+from impasto import eval as ev
+from impasto.train import perfusion
+
+# Custom Diffusion on main (docs/training.md, "Feasibility"): 250 steps, lr 1e-4 x 4, the full
+# protocol (48 prompts, 25 DDIM steps, guidance 7.5), masks, one torch thread.
+CD_POINTS = {"sparkle": (0.417, 0.771), "moon": (0.000, 0.708), "arrow": (0.125, 0.667)}
+
+
+def evaluate(engine, cs, obj, adapters, phrase, args):
+    """(concept fidelity, prompt fidelity, images) over the first args.prompts held-out prompts."""
+    n = args.prompts
+    prompts = [t.format(phrase) for t, _ in cs.templates[:n]]
+    reqs = [impasto.Request(p, adapters=adapters, seed=s, steps=args.sample_steps, guidance=7.5)
+            for p, s in zip(prompts, cs.seeds[:n])]
+    outs = engine.generate_batch(reqs)
+    for o in outs:
+        if o.error is not None:
+            raise o.error
+    images = [o.images[0] for o in outs]
+    pf = ev.prompt_fidelity(images, cs.prompts(cs.class_word)[:n], attributes=ev.CONTEXT_ATTRIBUTES)
+    return ev.concept_accuracy(images, obj), pf["overall"], images
+
+
+def train(engine, cs, obj, lock, args):
+    out = os.path.join(args.work, f"{obj}-{'lock' if lock else 'nolock'}")
+    r = perfusion(engine, cs.images, masks=cs.masks if args.masks else None, super_word=cs.class_word,
+                  steps=args.steps, lr_embedding=args.lr_embedding, lr_value=args.lr_value, batch_size=args.batch_size,
+                  key_lock=lock, seed=args.seed, output=out, progress=False, checkpoint_every=args.steps, resume=True)
+    return r
+
+
+def pareto(points):
+    """The points no other point beats on both axes (concept, prompt), sorted by prompt fidelity."""
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)]
+    return sorted(front, key=lambda p: p[1])
+
+
+def pf_at(front, concept):
+    """Prompt fidelity of a front at a concept fidelity, interpolated linearly; None outside it."""
+    pts = sorted(front)
+    for (c0, p0), (c1, p1) in zip(pts, pts[1:]):
+        if c0 <= concept <= c1:
+            return p0 if c1 == c0 else p0 + (p1 - p0) * (concept - c0) / (c1 - c0)
+    return pts[0][1] if len(pts) == 1 and pts[0][0] == concept else None
+
+
+def plot(results, path, cd, cd_label=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    objs = list(dict.fromkeys(r["object"] for r in results if r["method"] != "pair"))
+    panels = objs + (["mean"] if len(objs) > 1 else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 4.6 * len(panels)), 5.6), squeeze=False)
+    for ax, obj in zip(axes[0], panels):
+        rows = [r for r in results if obj in ("mean", r["object"]) and r["method"] != "pair"]
+        for method, colour in (("lock", "tab:blue"), ("nolock", "tab:orange")):
+            pts = {}
+            for r in rows:
+                if r["method"] == method:
+                    pts.setdefault((r["beta"], r["tau"]), []).append((r["concept"], r["prompt"]))
+            if obj == "mean":
+                pts = {k: v for k, v in pts.items() if len(v) == len(objs)}
+            pts = {k: tuple(np.mean(v, 0)) for k, v in pts.items()}
+            if not pts:
+                continue
+            xs = [p[1] for p in pts.values()]
+            ys = [p[0] for p in pts.values()]
+            steps = sorted({r["steps"] for r in rows if r["method"] == method})
+            ax.scatter(xs, ys, c=colour, s=18, alpha=0.6,
+                       label=f"Perfusion, {'key-locked' if method == 'lock' else 'no lock'} ({'/'.join(map(str, steps))} steps)")
+            front = pareto(list(pts.values()))
+            ax.plot([p[1] for p in front], [p[0] for p in front], c=colour)
+            for (b, t), p in pts.items():
+                if p in front:
+                    ax.annotate(f"{b:g}/{t:g}", (p[1], p[0]), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        base = [(r["concept"], r["prompt"]) for r in rows if r["method"] == "base"]
+        if base and (obj != "mean" or len(base) == len(objs)):
+            b = np.mean(base, 0)
+            ax.scatter([b[1]], [b[0]], marker="s", c="gray", label="base (class word)")
+        cds = [cd[o] for o in (objs if obj == "mean" else [obj]) if o in cd]
+        if cds and len(cds) == (len(objs) if obj == "mean" else 1):
+            c = np.mean(cds, 0)
+            ax.scatter([c[1]], [c[0]], marker="*", s=120, c="tab:red", label=cd_label or "Custom Diffusion")
+        ax.set_title(obj if obj != "mean" else f"mean of {len(objs)}")
+        ax.set_xlabel("prompt fidelity")
+        ax.set_ylabel("concept fidelity")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=1 if len(panels) == 1 else 2)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
+    fig.savefig(path, dpi=110)
+
+
+def pair_check(args, results, objs):
+    a, b = objs
+    engine = impasto.Engine.from_pretrained(args.model, device="cpu")
+    files = {o: os.path.join(args.work, f"{o}-lock", "adapter.rank1.safetensors") for o in objs}
+    engine.adapters.register("A", files[a], token="<sks>")
+    engine.adapters.register("B", files[b], token="<sks2>")
+    gate = dict(beta=args.pair_beta, tau=args.pair_tau)
+    A, B = impasto.Adapter("A", **gate), impasto.Adapter("B", **gate)
+    out = []
+    for obj, ph, solo, both in ((a, "<sks>", [A], [A, B]), (b, "<sks2>", [B], [A, B])):
+        cs = ev.concept_set(obj, args.seed)
+        c_solo, p_solo, _ = evaluate(engine, cs, obj, solo, ph, args)
+        c_both, p_both, _ = evaluate(engine, cs, obj, both, ph, args)
+        info = {"object": obj, "method": "pair", "beta": args.pair_beta, "tau": args.pair_tau, "solo": c_solo,
+                "with_other": c_both, "kept": c_both / c_solo if c_solo else float("nan"), "prompt_solo": p_solo,
+                "prompt_with_other": p_both}
+        print(json.dumps(info), flush=True)
+        out.append(info)
+    if args.sheet:
+        backgrounds = ("red", "yellow", "white", "orange")
+        prompts = [f"a <sks> and a <sks2> on a {bg} background, flat" for bg in backgrounds]
+        reqs = [impasto.Request(p, adapters=[A, B], seed=s, steps=args.sample_steps, guidance=7.5)
+                for p in prompts for s in range(4)]
+        ims = [o.images[0] for o in engine.generate_batch(reqs)]
+        grid = Image.new("RGB", (64 * 4, 64 * len(backgrounds)), "white")
+        for i, im in enumerate(ims):
+            grid.paste(im.resize((64, 64), Image.NEAREST), ((i % 4) * 64, (i // 4) * 64))
+        grid.save(args.sheet)
+    engine.close()
+    results += out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--objects", nargs="+", default=["sparkle", "moon", "arrow"])
+    p.add_argument("--methods", nargs="+", default=["base", "lock", "nolock"], choices=("base", "lock", "nolock"))
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--lr-embedding", type=float, default=0.006)
+    p.add_argument("--lr-value", type=float, default=0.03)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--betas", default="0.5,0.6,0.7,0.8", help="inference β sweep")
+    p.add_argument("--taus", default="0.1,0.15,0.25", help="inference τ sweep")
+    p.add_argument("--prompts", type=int, default=48, help="held-out prompts per point (the protocol: 48)")
+    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps (the protocol: 25)")
+    p.add_argument("--no-masks", dest="masks", action="store_false")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--work", default="bench_perfusion_work", help="trained files and checkpoints (reused on rerun)")
+    p.add_argument("--pair", nargs=2, default=None, metavar=("A", "B"))
+    p.add_argument("--pair-beta", type=float, default=0.6)
+    p.add_argument("--pair-tau", type=float, default=0.15)
+    p.add_argument("--sheet", default=None, help="PNG contact sheet of prompts naming both --pair concepts")
+    p.add_argument("--cd", default=None, help='JSON {"object": [concept, prompt]} (default: main\'s docs/training.md numbers)')
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="the Pareto PNG")
+    p.add_argument("--replot", default=None, help="draw --plot from a --json file of an earlier run, run nothing")
+    args = p.parse_args(argv)
+    if args.replot:
+        saved = json.load(open(args.replot))
+        plot(saved["results"], args.plot, {k: tuple(v) for k, v in saved.get("cd", CD_POINTS).items()},
+             saved.get("cd_label"))
+        return
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.work, exist_ok=True)
+    cd = CD_POINTS if args.cd is None else {k: tuple(v) for k, v in json.load(open(args.cd)).items()}
+    grid = list(itertools.product([float(x) for x in args.betas.split(",")], [float(x) for x in args.taus.split(",")]))
+    results = []
+    for obj in args.objects:
+        cs = ev.concept_set(obj, args.seed)
+        engine = impasto.Engine.from_pretrained(args.model, device="cpu")
+        if "base" in args.methods:
+            c, pf, _ = evaluate(engine, cs, obj, [], cs.class_word, args)
+            results.append({"object": obj, "method": "base", "concept": c, "prompt": pf})
+            print(json.dumps(results[-1]), flush=True)
+        for method in [m for m in args.methods if m != "base"]:
+            t0 = time.perf_counter()
+            r = train(engine, cs, obj, method == "lock", args)
+            seconds = time.perf_counter() - t0
+            name = f"{obj}-{method}"
+            engine.adapters.register(name, r.files["rank1"])
+            for beta, tau in grid:
+                c, pf, _ = evaluate(engine, cs, obj, [impasto.Adapter(name, beta=beta, tau=tau)], "<sks>", args)
+                results.append({"object": obj, "method": method, "beta": beta, "tau": tau, "concept": c, "prompt": pf,
+                                "train_seconds": seconds, "steps": r.steps, "bytes": r.nbytes})
+                print(json.dumps(results[-1]), flush=True)
+        engine.close()
+    if args.pair:
+        pair_check(args, results, args.pair)
+    print(f"{'object':8} {'method':7} {'beta':>5} {'tau':>5} {'concept':>8} {'prompt':>7}")
+    for r in results:
+        if r["method"] != "pair":
+            print(f"{r['object']:8} {r['method']:7} {r.get('beta', 0):5.2f} {r.get('tau', 0):5.2f} "
+                  f"{r['concept']:8.3f} {r['prompt']:7.3f}")
+    for method in ("lock", "nolock"):  # key locking against no lock at matched concept fidelity
+        for obj in args.objects:
+            mine = pareto([(r["concept"], r["prompt"]) for r in results if r["object"] == obj and r["method"] == method])
+            other = pareto([(r["concept"], r["prompt"]) for r in results if r["object"] == obj
+                            and r["method"] == ("nolock" if method == "lock" else "lock")])
+            if method == "lock" and mine and other:
+                gaps = [(c, pf, q) for c, pf in mine if (q := pf_at(other, c)) is not None]
+                for c, pf, q in gaps:
+                    print(f"{obj}: at concept {c:.3f} key-locked prompt {pf:.3f}, no lock {q:.3f} ({pf - q:+.3f})")
+    if args.plot:
+        plot(results, args.plot, cd)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "cd": cd, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

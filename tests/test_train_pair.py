@@ -1,0 +1,242 @@
+"""impasto.train.pair (Pair Customization): both updates of one step against an independent
+diffusers + PEFT implementation on the same weights, ε and t; the A matrices orthonormal,
+disjoint and unchanged; content frozen in the style update; reproducibility and resume; the
+written file served as a style adapter; the CLI; style strength on the shipped tiny model."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import impasto
+from impasto.tiny import world
+from impasto.train import TrainInputError, pair
+from impasto.train.pair import CONTENT, STYLE, PairCustomization, PairTrainer, checkpoint_folder, orthonormal_basis
+
+ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+RC, RS = 3, 5  # odd, unequal ranks: the pool pads the content slot
+STEPS = 3
+KW = dict(content_prompt="a green heart on a blue background", suffix="in sks style", content_rank=RC,
+          style_rank=RS, style_start=1, lr=1e-3, seed=3, progress=False)
+
+
+def the_pair(seed=0, style="checkered", **scene):
+    rng = np.random.default_rng(seed)
+    s = world.sample_scene(rng, shape="heart", colour="green", count=1, size="large", style=style, **scene)
+    plain, styled = world.render_pair(s, seed)
+    return Image.fromarray(plain), Image.fromarray(styled)
+
+
+@pytest.fixture(scope="module")
+def eng(tiny_dir):
+    e = impasto.Engine.from_pretrained(tiny_dir, device="cpu")
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def run_a(eng, tmp_path_factory):
+    out = tmp_path_factory.mktemp("a") / "style.safetensors"
+    return pair(eng, *the_pair(), steps=STEPS, output=out, checkpoint_every=2, **KW)
+
+
+def _content(path):
+    """A safetensors file's tensors and metadata (its header's key order is not fixed: the
+    writer's metadata is a hash map), for bit-for-bit comparison of two written adapters."""
+    with safe_open(path, "pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _same(a, b) -> bool:
+    (ma, ta), (mb, tb) = _content(a), _content(b)
+    return ma == mb and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def _trainer(eng, seed=0):
+    method = PairCustomization(eng, content_rank=RC, style_rank=RS)
+    c, s = the_pair()
+    return PairTrainer(eng, method, c, s, content_prompt="a green heart", style_prompt="a green heart in sks style",
+                       steps=2, style_start=0, lr=1e-3, seed=seed)
+
+
+# ---------------------------------------------------------------------------- the reference
+@pytest.fixture(scope="module")
+def peft_pipe(tiny_dir):
+    """The official code's model: diffusers' UNet with two PEFT adapters, LoraConfig(r,
+    lora_alpha=r, init_lora_weights="gaussian") on q/k/v/out of every attention."""
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, local_files_only=True)
+    for name, r in (("content_weights", RC), ("style_weights", RS)):
+        pipe.unet.add_adapter(LoraConfig(r=r, lora_alpha=r, target_modules=ATTN, init_lora_weights="gaussian"),
+                              adapter_name=name)
+    return pipe
+
+
+def peft_reference(pipe, method, texts, x_t, t, noise, phase):
+    """The official step: lora_A := the method's A, lora_B := its B; set_adapter and
+    requires_grad as train_pair_customization_lora_sdxl.py does; ε-MSE; grads of every lora_B."""
+    unet = pipe.unet
+    modules = dict(unet.named_modules())
+    with torch.no_grad():
+        for m in method.targets:
+            lin = modules[m]
+            lin.lora_A["content_weights"].weight.copy_(method.A_c[m])
+            lin.lora_A["style_weights"].weight.copy_(method.A_s[m])
+            lin.lora_B["content_weights"].weight.copy_(method.B_c[m])
+            lin.lora_B["style_weights"].weight.copy_(method.B_s[m])
+    unet.set_adapter(["content_weights"] if phase == CONTENT else ["content_weights", "style_weights"])
+    for n, p in unet.named_parameters():
+        p.grad = None
+        p.requires_grad_(("style_weights" in n and phase == STYLE) or ("content_weights" in n and phase == CONTENT))
+    ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        enc = pipe.text_encoder(ids)[0]
+    pred = unet(x_t, t, enc).sample
+    torch.nn.functional.mse_loss(pred.float(), noise.float(), reduction="mean").backward()
+    out = {}
+    for m in method.targets:
+        for key, adapter in ((f"{m}.content.lora_B", "content_weights"), (f"{m}.style.lora_B", "style_weights")):
+            out[key] = modules[m].lora_B[adapter].weight.grad
+    return out
+
+
+def test_gradients_equal_peft(eng, peft_pipe):
+    """Both updates of one step: per tensor ‖g − g_ref‖ / ‖g_ref‖ ≤ 1e-5 (fp32); the adapter a
+    phase does not train gets no gradient, in both implementations."""
+    trainer = _trainer(eng)
+    method = trainer.method
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # nonzero B: both adapters change the forward, so the test sees both
+        for p in method.parameters().values():
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    batch = trainer.make_batch()
+    assert torch.equal(batch.noise[0], batch.noise[1]) and batch.timesteps[0] == batch.timesteps[1]
+    for i, phase in enumerate((CONTENT, STYLE)):
+        for p in method.parameters().values():
+            p.grad = None
+        trainer.phase_loss(batch, phase).backward()
+        x_t = trainer.noise_scheduler.add_noise(batch.latents[i:i + 1], batch.noise[i:i + 1], batch.timesteps[i:i + 1])
+        ref = peft_reference(peft_pipe, method, [batch.texts[i]], x_t, batch.timesteps[i:i + 1], batch.noise[i:i + 1],
+                             phase)
+        trained, frozen = (".content.", ".style.") if phase == CONTENT else (".style.", ".content.")
+        checked = 0
+        for name, p in method.parameters().items():
+            if frozen in name:
+                # content in the style update: frozen (stop-gradient); style in the content update: inactive
+                assert p.grad is None and ref[name] is None, (phase, name)
+                continue
+            assert trained in name and ref[name] is not None
+            err = float((p.grad - ref[name]).norm() / ref[name].norm())
+            assert err <= 1e-5, (phase, name, err)
+            checked += 1
+        assert checked == len(method.targets)
+
+
+def test_content_is_frozen_in_the_style_update(eng):
+    """The style update's AdamW step leaves every B_c bit-identical and moves every B_s."""
+    trainer = _trainer(eng)
+    method = trainer.method
+    batch = trainer.make_batch()
+    trainer._update(trainer.phase_loss(batch, CONTENT), "content")  # B_c nonzero, Adam state for B_c exists
+    before = {k: p.detach().clone() for k, p in method.parameters().items()}
+    trainer._update(trainer.phase_loss(batch, STYLE), "style")
+    for k, p in method.parameters().items():
+        assert torch.equal(p, before[k]) == (".content." in k), k
+
+
+def test_a_matrices_orthonormal_disjoint_unchanged(eng, run_a):
+    f = run_a.files["style"]
+    saved = load_file(f)
+    method = PairCustomization(eng, content_rank=RC, style_rank=RS)
+    widths = {}
+    for m, (k, _) in method.targets.items():
+        a = torch.cat([method.A_c[m], method.A_s[m]])  # [RC + RS, k]
+        assert torch.allclose(a @ a.t(), torch.eye(RC + RS), atol=1e-5), m
+        assert float((method.A_c[m] @ method.A_s[m].t()).abs().max()) <= 1e-5
+        # the file's A is the seeded basis' rows RC .. RC+RS exactly: training never moved it
+        q = widths.setdefault(k, orthonormal_basis(k, 123846))
+        assert torch.equal(saved[f"unet.{m}.lora_A.weight"], q[RC:RC + RS]), m
+        assert torch.equal(method.A_s[m], q[RC:RC + RS])
+    assert orthonormal_basis(64, 1).ne(orthonormal_basis(64, 2)).any()
+    # only B trained, and it did
+    assert all(float(saved[f"unet.{m}.lora_B.weight"].abs().max()) > 0 for m in method.targets)
+
+
+def test_written_file_is_a_style_adapter(tiny_dir, eng, run_a):
+    """The file: diffusers' PEFT key layout, only the style adapter, the suffix in its header;
+    registered as family='style' it is served through style guidance (and changes the image)."""
+    path = run_a.files["style"]
+    with safe_open(path, "pt") as f:
+        assert f.metadata()["impasto.style_suffix"] == "in sks style"
+        keys = set(f.keys())
+    assert all(k.startswith("unet.") and k.endswith(("lora_A.weight", "lora_B.weight")) for k in keys)
+    assert len(keys) == 2 * len(PairCustomization(eng, content_rank=RC, style_rank=RS).targets)
+    state, _ = StableDiffusionPipeline.lora_state_dict(path)  # diffusers reads it as a LoRA file
+    assert set(state) == keys
+    eng.adapters.register("paired", path, family="style")
+    try:
+        assert eng.adapters.info("paired").suffix == "in sks style" and eng.adapters.info("paired").rank == RS
+        prompt = "a red star on a black background"
+        styled = eng.generate(prompt, guidance=impasto.Guidance(cfg=3.0, styles={"paired": 4.0}), steps=3, seed=1,
+                              output_type="np").images
+        plain = eng.generate(prompt, guidance=3.0, steps=3, seed=1, output_type="np").images
+    finally:
+        eng.adapters.unregister("paired")
+    assert np.isfinite(styled).all() and float(np.abs(styled - plain).max()) > 1e-3
+
+
+def test_same_seed_same_file_and_resume(eng, run_a, tmp_path):
+    # (after the serving test above: the LoRA tables a served style left behind must not leak in)
+    b = pair(eng, *the_pair(), steps=STEPS, output=tmp_path / "b.safetensors", **KW)
+    assert _same(b.files["style"], run_a.files["style"])
+    assert b.losses == run_a.losses and b.style_losses == run_a.style_losses
+    assert len(run_a.losses) == STEPS and len(run_a.style_losses) == STEPS - 1 and all(np.isfinite(run_a.losses))
+    out = tmp_path / "r.safetensors"
+    first = pair(eng, *the_pair(), steps=2, output=out, checkpoint_every=2, **KW)
+    assert os.path.isfile(os.path.join(checkpoint_folder(str(out)), "checkpoint-2", "state.pt"))
+    assert len(first.losses) == 2
+    second = pair(eng, *the_pair(), steps=STEPS, output=out, resume=True, **KW)
+    assert _same(out, run_a.files["style"])
+    assert second.losses == run_a.losses and second.style_losses == run_a.style_losses
+    other = pair(eng, *the_pair(), steps=1, output=tmp_path / "c.safetensors", **{**KW, "seed": 4, "style_start": 0})
+    assert other.losses[0] != run_a.losses[0]
+
+
+def test_bad_inputs_are_named(eng, tmp_path):
+    c, s = the_pair()
+    out = tmp_path / "x.safetensors"
+    cases = [
+        (dict(content_rank=40, style_rank=40), r"content_rank \+ style_rank"),
+        (dict(style_start=STEPS), "style_start"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(suffix=" "), "suffix"),
+    ]
+    for extra, words in cases:
+        with pytest.raises(TrainInputError, match=words):
+            pair(eng, c, s, steps=STEPS, output=out, **{**KW, **extra})
+    with pytest.raises(TrainInputError, match="style_image"):
+        pair(eng, c, tmp_path / "missing.png", steps=STEPS, output=out, **KW)
+    with pytest.raises(TrainInputError, match="safetensors"):
+        pair(eng, c, s, steps=STEPS, output=tmp_path / "x.bin", **KW)
+
+
+def test_cli_trains_a_style(tiny_dir, tmp_path, capsys):
+    from impasto.cli import main
+
+    c, s = the_pair()
+    c.save(tmp_path / "a.png")
+    s.save(tmp_path / "b.png")
+    out = tmp_path / "style.safetensors"
+    rc = main(["train", "pair", "--model", tiny_dir, "--content", str(tmp_path / "a.png"), "--style",
+               str(tmp_path / "b.png"), "--content-prompt", "a green heart", "--steps", "2", "--style-start", "1",
+               "--content-rank", "2", "--style-rank", "2", "-q", "-o", str(out)])
+    assert rc == 0 and os.path.isfile(out)
+    text = capsys.readouterr().out
+    assert "style" in text and str(out) in text and "family='style'" in text
+
