@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -192,7 +192,8 @@ class ConceptSet:
     masks: 8 float arrays [32, 32] in [0, 1], the object's exact coverage in each;
     templates: 48 (text with "{}" where the concept goes, count) placing it in new contexts —
     backgrounds never used by a reference, one or two of it, sizes, every seen style;
-    seeds: one fixed generation seed per prompt.
+    seeds: one fixed generation seed per prompt;
+    contexts: per prompt (count, size, background, style), what `renders` draws.
     """
 
     name: str
@@ -202,6 +203,18 @@ class ConceptSet:
     templates: list
     seeds: list
     reference_backgrounds: tuple
+    contexts: list = field(default_factory=list)
+
+    def renders(self) -> list:
+        """The held-out prompts drawn by the world itself with the true object (PIL [32x32],
+        one per prompt, rendered with the prompt's seed): what a perfect method would generate,
+        so the probes' scores of these (after the VAE: `vae_round_trip`) are the protocol's ceiling."""
+        out = []
+        for (count, size, bg, style), s in zip(self.contexts, self.seeds):
+            rng = np.random.default_rng([s])
+            scene = world.sample_scene(rng, shape=self.name, count=count, size=size, background=bg, style=style)
+            out.append(Image.fromarray(world.render(scene, rng)))
+        return out
 
     def prompts(self, phrase: str) -> list[str]:
         """The held-out prompts with `phrase` for the concept ("<new1> star", or "star" for the
@@ -242,13 +255,14 @@ def concept_set(obj: str, seed: int = 0) -> ConceptSet:
     combos = [(count, size, bg, style) for count in world.COUNTS
               for size in (world.SIZE_NAMES if count == 1 else ("small", "medium"))
               for bg in new_bgs for style in world.STYLES]
-    templates = []
+    templates, contexts = [], []
     for j in rng.permutation(len(combos))[:48]:  # 48 distinct contexts
         count, size, bg, style = combos[int(j)]
         head = ("a" if count == 1 else "two") + ("" if size == "medium" else f" {size}")
         templates.append((f"{head} {{}} on {world._article(bg)} {bg} background, {style}", count))
+        contexts.append(combos[int(j)])
     seeds = [seed * 100_000 + 7_000 + i for i in range(48)]
-    return ConceptSet(obj, o.supercategory, images, masks, templates, seeds, ref_bgs)
+    return ConceptSet(obj, o.supercategory, images, masks, templates, seeds, ref_bgs, contexts)
 
 
 def concept_accuracy(images, obj: str, probes=None) -> float:
@@ -257,6 +271,21 @@ def concept_accuracy(images, obj: str, probes=None) -> float:
         raise ValueError(f"concept {obj!r} is not a probe shape class {CLASSES['shape']}")
     probs = _read(images, probes)
     return float((probs["shape"].argmax(1) == CLASSES["shape"].index(obj)).mean())
+
+
+@torch.no_grad()
+def vae_round_trip(vae, images) -> list:
+    """Semantics: decode(mean of encode(x)) per image, clamped to [-1, 1], back to PIL: what the
+    base's VAE keeps of an image, the ceiling on anything the UNet can generate.
+
+    vae: a diffusers AutoencoderKL; images: as for the probes (PIL, uint8 [N, 32, 32, 3] or
+    float [N, 3, 32, 32] in [-1, 1]). Returns N PIL images.
+    """
+    p = next(vae.parameters())
+    x = as_tensor(images).to(p.device, p.dtype)
+    y = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1).cpu()
+    a = ((y.permute(0, 2, 3, 1).numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8)
+    return [Image.fromarray(im) for im in a]
 
 
 # ---------------------------------------------------------------------------- Pair Customization protocol
