@@ -132,6 +132,24 @@ def test_gradients_equal_plain_diffusers(tiny_dir, eng, freeze):
         assert rel <= 1e-5, (name, rel)
 
 
+def test_training_after_serving_a_lora_ignores_its_tables(eng, tmp_path):
+    """A served LoRA's per-row tables stay with its layout: the training forward that follows
+    (same engine, same batch) gives the loss it gives before anything was served."""
+    from test_engine_core import Q, _lora
+
+    tr = trainer_for(eng, [{"images": renders(), "placeholder": "<new9>", "class_word": "star"}])
+    batch = tr.make_batch()
+    with torch.no_grad():
+        before = float(tr.loss(batch))
+    eng.adapters.register("served9", _lora(tmp_path / "served.safetensors", key=Q, scale=10.0))
+    try:
+        eng.generate("a star", adapters=[("served9", 1.0)], steps=1, seed=0, output_type="latent")
+        with torch.no_grad():
+            assert float(tr.loss(batch)) == before
+    finally:
+        eng.adapters.unregister("served9")
+
+
 def test_masked_loss_is_the_scripts():
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 4, 5, 5, generator=g)

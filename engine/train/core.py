@@ -144,6 +144,10 @@ def engine_forward(engine, method: Method, texts: list[str], x_t: torch.Tensor, 
     adapters = tuple((u.name, float(u.scale), tuple(sorted(u.options.items()))) for u in uses)
     files = {u.name: u.file for u in uses}
     with engine._worker.boundary:
+        # the last serving layout's LoRA tables must not apply to the training rows; the worker
+        # builds its layout again at its next step (owner None)
+        engine.lora.set_tables(None, 0)
+        engine.state.owner = None
         plan = build_plan([Branch(text, adapters) for text in texts], engine.base, engine.attn2, engine.lora,
                           _TrainingStore(engine.adapters, uses), files, engine.device, engine.dtype,
                           engine.te_lora, grad=True)

@@ -202,9 +202,6 @@ class PairTrainer(Trainer):
         x_t = self.noise_scheduler.add_noise(lat, noise, t)
         e = self.engine
         with e._worker.boundary, self.method.active(e, phase):
-            # the serving LoRA tables of the last layout must not apply to the training rows
-            e.lora.set_tables(None, 0)
-            e.state.owner = None
             pred = engine_forward(e, self.method, [batch.texts[i]], x_t, t).float()
         return torch.nn.functional.mse_loss(pred, noise.float(), reduction="mean")
 
