@@ -8,6 +8,7 @@ folder given as `config=`; the tokenizer is impasto's copy of CLIP's BPE vocabul
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -86,13 +87,7 @@ def load_base_model(path: str, *, device, dtype, scheduler=None, config=None) ->
         if not os.path.isdir(os.path.join(path, name)):
             raise ModelLoadError(f"{path}: component {name!r} is missing (expected the folder {name}/)")
 
-    def load(name, fn):
-        try:
-            return fn()
-        except ModelLoadError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any library failure becomes a named load error
-            raise ModelLoadError(f"{path}: component {name!r} could not be loaded: {type(e).__name__}: {e}") from e
+    load = functools.partial(_component, path, "loaded")
 
     kw = dict(local_files_only=True, torch_dtype=dtype)
     unet = load("unet", lambda: diffusers.UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw))
@@ -103,6 +98,16 @@ def load_base_model(path: str, *, device, dtype, scheduler=None, config=None) ->
     sched = load("scheduler", lambda: resolve_scheduler(scheduler, folder_scheduler))
 
     return _finish(path, unet, text_encoder, tokenizer, vae, sched, device)
+
+
+def _component(path: str, how: str, name: str, fn):
+    """fn()'s component, any library failure raised as a ModelLoadError naming the file and the component."""
+    try:
+        return fn()
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any library failure becomes a named load error
+        raise ModelLoadError(f"{path}: component {name!r} could not be {how}: {type(e).__name__}: {e}") from e
 
 
 def _finish(path, unet, text_encoder, tokenizer, vae, sched, device) -> BaseModel:
@@ -220,14 +225,7 @@ def load_single_file(path: str, *, device, dtype, scheduler=None, config=None) -
     checkpoint = _read_checkpoint(path)
     conv_in = checkpoint.get(_UNET + "input_blocks.0.0.weight")
 
-    def load(name, fn):
-        try:
-            return fn()
-        except ModelLoadError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any library failure becomes a named load error
-            raise ModelLoadError(f"{path}: component {name!r} could not be converted with the configs of {config}: "
-                                 f"{type(e).__name__}: {e}") from e
+    load = functools.partial(_component, path, f"converted with the configs of {config}")
 
     kw = dict(config=config, local_files_only=True, torch_dtype=dtype)
     extra = {"in_channels": int(conv_in.shape[1])} if conv_in is not None and conv_in.dim() == 4 else {}

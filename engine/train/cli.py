@@ -10,6 +10,14 @@ import os
 import sys
 
 
+
+def _run_options(p) -> None:
+    """The options every method's run has: its seed, checkpoints, resume and the progress bar."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
 def add_train_parser(sub) -> None:
     t = sub.add_parser("train", help="train an adapter through the engine's own kernels (docs/training.md)")
     methods = t.add_subparsers(dest="method", required=True)
@@ -29,13 +37,10 @@ def add_train_parser(sub) -> None:
     cd.add_argument("--prior-images", default=None, help="a folder of class images (instead of generating them)")
     cd.add_argument("--prior-weight", type=float, default=1.0)
     cd.add_argument("--freeze", default="crossattn_kv", choices=("crossattn_kv", "crossattn"))
-    cd.add_argument("--seed", type=int, default=0)
+    _run_options(cd)
     cd.add_argument("--compress", action="store_true", help="also write impasto's SVD-compressed kv file")
-    cd.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
-    cd.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     cd.add_argument("--hflip", action="store_true", help="random horizontal flips")
     cd.add_argument("--noaug", action="store_true", help="no random-rescale augmentation")
-    cd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     cd.set_defaults(func=_custom_diffusion)
     add_pair_parser(methods)
     _add_perfusion_parser(methods)
@@ -55,10 +60,7 @@ def add_encoder_parser(methods) -> None:
                      "(default: the model's image_encoder/)")
     enc.add_argument("--no-cross-reference", action="store_true", help="ablation: condition on the target's own render")
     enc.add_argument("--no-drop", action="store_true", help="ablation: never drop the object embedding or the text")
-    enc.add_argument("--seed", type=int, default=0)
-    enc.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
-    enc.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
-    enc.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _run_options(enc)
     enc.set_defaults(func=_encoder)
 
 
@@ -71,15 +73,6 @@ def _encoder(args) -> int:
                 progress=not args.quiet)
     _summary(r)
     return 0
-
-
-def _summary(r) -> None:
-    per_step = r.seconds / max(1, len(r.losses))
-    print(f"trained {r.steps} steps in {r.seconds:.1f} s ({per_step:.2f} s/step), final loss "
-          f"{r.losses[-1] if r.losses else float('nan'):.4f}")
-    for role, path in r.files.items():
-        print(f"  {role}: {path} ({os.path.getsize(path):,} bytes)")
-    print(f"wrote {r.nbytes:,} bytes to {os.path.abspath(r.path)}")
 
 
 def _custom_diffusion(args) -> int:
@@ -116,11 +109,8 @@ def add_pair_parser(methods) -> None:
     p.add_argument("--steps", type=int, default=750, help="steps (official: 750)")
     p.add_argument("--style-start", type=int, default=250, help="the first step of the style update (official: 250)")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate, constant (official: 1e-5)")
-    p.add_argument("--seed", type=int, default=0)
+    _run_options(p)
     p.add_argument("--basis-seed", type=int, default=123846, help="seed of the orthonormal basis of the A matrices")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_pair)
 
 
@@ -162,11 +152,8 @@ def _add_perfusion_parser(methods) -> None:
     pf.add_argument("--global-lock", action="store_true", help="the K pathway reads the prompt with the super word")
     pf.add_argument("--captions", default=None, help="a text file, one caption per line: computes C⁻¹ if the base has none")
     pf.add_argument("--adapter-root", default=None, help="where engine state (C⁻¹) lives (default: the user cache)")
-    pf.add_argument("--seed", type=int, default=0)
-    pf.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
-    pf.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    _run_options(pf)
     pf.add_argument("--hflip", action="store_true", help="random horizontal flips (not for asymmetric objects)")
-    pf.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     pf.set_defaults(func=_perfusion)
 
 

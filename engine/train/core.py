@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..adapters.families import Use
 from ..plan import Branch, build_plan
-from .data import TrainInputError, augment, square, to_tensor
+from .data import TrainInputError, augment, to_tensor
 
 CHECKPOINT = "checkpoint-{step}"
 STATE_FILE = "state.pt"
@@ -214,7 +214,6 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def make_batch(self) -> Batch:
         """Draw one step's examples, augmentation, latents, noise and timesteps."""
-        e = self.engine
         idx = self.rng.integers(len(self.instance), size=self.batch_size)
         pixels, masks, texts = [], [], []
         for i in idx:
@@ -227,16 +226,24 @@ class Trainer:
                 ex = self.prior[int(i)]
                 pixels.append(to_tensor(ex.image))
                 texts.append(ex.prompt)
-        x = torch.stack(pixels).to(e.device, e.base.vae.dtype)
-        with torch.no_grad():
-            dist = e.base.vae.encode(x).latent_dist
-            latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=self.gen).to(dist.mean)
-            latents = (latents * e.base.vae.config.scaling_factor).float()
-        noise = torch.randn(latents.shape, generator=self.gen).to(latents.device)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                          generator=self.gen).to(latents.device)
+        latents, noise, t = self.draw(torch.stack(pixels))
         mask = torch.stack(masks)[:, None].to(latents.device)
         return Batch(texts, latents, noise, t, mask, len(idx))
+
+    def draw(self, pixels: torch.Tensor, rows: int | None = None):
+        """Semantics: pixels Shape [R, 3, H, W] in [-1, 1] -> (latents [R, C, h, w], noise
+        [n, C, h, w], timesteps [n] int64), n = `rows` or R: the VAE posterior sampled, then ε, then
+        uniform t, all from the run's generator in that order (what makes seeds and resumes
+        reproducible). Methods that share one ε and t over several rows pass rows=1."""
+        e = self.engine
+        with torch.no_grad():
+            dist = e.base.vae.encode(pixels.to(e.device, e.base.vae.dtype)).latent_dist
+            latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=self.gen).to(dist.mean)
+            latents = (latents * e.base.vae.config.scaling_factor).float()
+        n = latents.shape[0] if rows is None else rows
+        noise = torch.randn((n, *latents.shape[1:]), generator=self.gen).to(latents.device)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=self.gen).to(latents.device)
+        return latents, noise, t
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """The method-independent loss of one batch through the engine (module docstring)."""

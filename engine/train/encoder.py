@@ -123,17 +123,9 @@ class EncoderTrainer(Trainer):
         self.seed, self.cross_reference, self.drop_rates = seed, cross_reference, tuple(drop_rates)
 
     def make_batch(self) -> EncoderBatch:
-        e = self.engine
         b = references.training_batch(self.seed, self.step, self.batch_size, cross_reference=self.cross_reference,
                                       drop_rates=self.drop_rates)
-        x = torch.from_numpy(b["targets"]).to(e.device, e.base.vae.dtype)
-        with torch.no_grad():  # as core.Trainer.make_batch: the posterior sampled with the run's generator
-            dist = e.base.vae.encode(x).latent_dist
-            latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=self.gen).to(dist.mean)
-            latents = (latents * e.base.vae.config.scaling_factor).float()
-        noise = torch.randn(latents.shape, generator=self.gen).to(latents.device)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                          generator=self.gen).to(latents.device)
+        latents, noise, t = self.draw(torch.from_numpy(b["targets"]))
         mask = torch.ones(latents.shape[0], 1, *latents.shape[2:], device=latents.device)
         feats = self.method.embed(b["references"], b["drop_image"])
         return EncoderBatch(list(b["captions"]), latents, noise, t, mask, latents.shape[0], feats)

@@ -184,14 +184,7 @@ class PairTrainer(Trainer):
 
     def make_batch(self) -> Batch:
         """Latents of [content, style] (posterior samples), one ε and one t shared by both rows."""
-        e = self.engine
-        x = torch.stack([to_tensor(self.content_image), to_tensor(self.style_image)]).to(e.device, e.base.vae.dtype)
-        with torch.no_grad():
-            dist = e.base.vae.encode(x).latent_dist
-            latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=self.gen).to(dist.mean)
-            latents = (latents * e.base.vae.config.scaling_factor).float()
-        noise = torch.randn(latents[:1].shape, generator=self.gen).to(latents.device)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (1,), generator=self.gen).to(latents.device)
+        latents, noise, t = self.draw(torch.stack([to_tensor(self.content_image), to_tensor(self.style_image)]), rows=1)
         mask = torch.ones(1, 1, *latents.shape[2:], device=latents.device)
         return Batch([self.content_prompt, self.style_prompt], latents, noise.repeat(2, 1, 1, 1), t.repeat(2), mask, 1)
 
