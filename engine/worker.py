@@ -110,6 +110,7 @@ class Job(JobResult):
     def cancelled(self) -> bool:
         return self.done() and isinstance(self._future.result().error, RequestCancelledError)
 
+
 class _Queued:
     """A validated request waiting for admission."""
 
@@ -378,14 +379,14 @@ class Worker:
         plan = build_plan([Branch(text, adapters, *spec) for (text, adapters), spec in zip(branches, specs)], e.base,
                           e.attn2, e.lora, e.adapters, files, e.device, e.dtype, e.te_lora)
         t_plan = time.perf_counter() - t_plan
-        for r, b0 in zip(group, first):
+        for r, b0, variant in zip(group, first, variants):
             n, branches = r.prep.request.num_images, len(r.branch_rows)  # one LoRA row per branch (_load)
             row_branch = torch.tensor([plan.index[b0 + b] for b in range(branches) for _ in range(n)], device=e.device)
             L = plan.lengths[plan.index[b0]]  # every branch of a request has its chunks (engine/prompts.py)
             r.embeds = plan.embeds[row_branch, :L]
             r.kv = {name: (k[row_branch, :L], v[row_branch, :L]) for name, (k, v) in plan.kv.items()}
             if r.prep.scheduled:
-                r.schedule = _Schedule(r.prep.scheduled, plan, variants[group.index(r)], branches=branches, n=n, L=L)
+                r.schedule = _Schedule(r.prep.scheduled, plan, variant, branches=branches, n=n, L=L)
             r.images = [plan.image[plan.index[b0 + b]] if plan.image else None for b in range(branches) for _ in range(n)]
             r.row_adapters = [row for row in r.branch_rows for _ in range(n)]
             r.rows, r.n, r.branches = len(r.row_adapters), n, branches
