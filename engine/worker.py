@@ -134,6 +134,7 @@ class _Running:
         self.i = 0
         self.timesteps = None  # set once planned
         self.schedule = None  # a _Schedule when some adapter has start/end
+        self.lora_key = ()  # the LoRAs its rows name (_load)
         self.bar = None
         self.t_admit = time.perf_counter()
 
@@ -275,7 +276,7 @@ class Worker:
             key = min(groups, key=lambda k: self._last_step.get(k, -1))
             self._turn += 1
             self._last_step[key] = self._turn
-            self._step([r for r in self._running if r.key == key and r.timesteps is not None])
+            self._step(_adjacent_by_lora([r for r in self._running if r.key == key and r.timesteps is not None]))
         for r in [r for r in self._running if r.finished]:
             self._retire(r)
         live = {r.key for r in self._running}
@@ -352,6 +353,7 @@ class Worker:
         for n in sorted(lora_names):
             e.lora.load(n, r.all_files[n], pinned=lora_names)
         r.files = {n: r.all_files[n] for n in lora_names}
+        r.lora_key = tuple(tuple(n for n, _ in row) for row in r.branch_rows)
         for a in r.prep.scheduled:
             if e.adapters.family(a.name).text_encoder_lora(r.all_files[a.name]) is not None:
                 raise RequestError(f"adapters: {a.name!r} takes no start/end: it has text-encoder layers, whose "
@@ -574,6 +576,17 @@ class Worker:
                                warnings=list(q.prep.warnings))
         out.timings["total"] = time.perf_counter() - q.t_submit
         q.job._resolve(out)
+
+
+def _adjacent_by_lora(group: list[_Running]) -> list[_Running]:
+    """`group` with requests naming the same LoRAs next to each other (otherwise in admission
+    order). The CPU LoRA op runs one matmul pair per run of consecutive rows sharing a slot
+    (kernels/lora.py `_segments`), so two requests for one adapter cost one pair, not two. The
+    order is a function of the members alone, so the layout is not rewritten while they stay."""
+    first: dict[tuple, int] = {}
+    for r in group:
+        first.setdefault(r.lora_key, len(first))
+    return sorted(group, key=lambda r: first[r.lora_key])
 
 
 def _request_error(job: Job, error: BaseException, stage: str) -> ImpastoError:

@@ -165,6 +165,35 @@ def test_mixed_batch_one_forward_equals_solo_and_diffusers(lora_engine, ref_pipe
         assert _diff(out.images, reference(ref_pipe, req.prompt, req.seed, ref_adapters)) <= TOL
 
 
+def test_requests_sharing_a_lora_are_adjacent_one_matmul_pair_each(lora_engine, monkeypatch):
+    """Interleaved requests for two adapters: the step orders them so that each adapter's rows
+    form one run (one matmul pair per hooked projection), and each request still gets its own
+    image back, equal to generating it alone."""
+    from impasto.kernels import lora as lora_kernels
+
+    runs, in_step = [], []  # runs per call inside the UNet forward (the plan's attn2 K/V runs once)
+    segments = lora_kernels._segments
+    monkeypatch.setattr(lora_kernels, "_segments",
+                        lambda slots: (in_step and runs.append(len(segments(slots)))) or segments(slots))
+    unet = lora_engine.base.unet
+    hooks = [unet.register_forward_pre_hook(lambda m, a: in_step.append(1)),
+             unet.register_forward_hook(lambda m, a, o: in_step.clear())]
+    names = ["plain", "second", "plain", "second"]
+    reqs = [impasto.Request(f"prompt {i}", adapters=[n], seed=20 + i, steps=STEPS, output_type="np")
+            for i, n in enumerate(names)]
+    try:
+        outs, calls = generate_counting_rows(lora_engine, reqs)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [2 * len(reqs)] * STEPS
+    assert runs and set(runs) == {2}, "two adapters: two runs of rows per projection, not one per request"
+    monkeypatch.setattr(lora_kernels, "_segments", segments)
+    for req, out in zip(reqs, outs):
+        assert out.error is None
+        assert _diff(out.images, lora_engine.generate_batch([req])[0].images) <= TOL
+
+
 def test_base_weights_never_modified(lora_engine):
     def digest():
         h = hashlib.sha256()
