@@ -2,6 +2,13 @@
 
     .venv/bin/python benchmarks/bench_multi_lora.py [--n 1 4 16] [--steps 10] [--repeats 2]
     .venv/bin/python benchmarks/bench_multi_lora.py --forward [--rows 8] [--repeats 16]
+    .venv/bin/python benchmarks/bench_multi_lora.py --stream [--requests 300] [--adapters 200]
+
+--stream: a Zipf(1.1) request stream over rank-8 LoRAs (the tiny random SD-layout model, batches
+of `--batch` requests through `generate_batch`), each batch served four ways, interleaved: every
+request with its own LoRA; the same, with requests for one adapter not stepped next to each other
+(the worker's order before `_adjacent_by_lora`); every request naming one shared LoRA (the
+stream's arithmetic floor: the same FLOPs, one adapter); no adapters.
 
 --forward: one UNet forward of the 35 M-parameter SD-1.5-shaped UNet (bench_conditioning.py's
 MEDIUM, 32x32 latents, rank-16 LoRAs on to_q/to_k/to_v/to_out.0) over `rows` rows, side by side:
@@ -43,18 +50,18 @@ class Setup:
     size: int
 
 
-def build(folder: str, n_max: int):
+def build(folder: str, n_max: int, rank: int = RANK, unet_config: dict | None = None):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from peft import LoraConfig, get_peft_model_state_dict
 
     from impasto.tiny import build_random_model
 
-    build_random_model(os.path.join(folder, "model"), seed=0, unet_config=UNET)
+    build_random_model(os.path.join(folder, "model"), seed=0, unet_config=UNET if unet_config is None else unet_config)
     unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "model"), subfolder="unet")
     paths = []
     for i in range(n_max):
         torch.manual_seed(i)
-        unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS, init_lora_weights=False),
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=False),
                          adapter_name=f"a{i}")
         out = os.path.join(folder, f"a{i}")
         StableDiffusionPipeline.save_lora_weights(
@@ -229,9 +236,71 @@ def forward_main(args):
                   f"calls per forward {len(rt.pools)}")
 
 
+def stream_main(args):
+    """Semantics: img/s of one request stream served four ways (module docstring), batch by batch
+    with the variants' order rotated per batch, so load drift hits each alike; medians of rounds."""
+    import numpy as np
+
+    import impasto
+    from impasto import worker
+
+    rng = np.random.default_rng(0)
+    p = 1.0 / np.arange(1, args.adapters + 1) ** args.zipf_a
+    picks = rng.choice(args.adapters, size=args.requests, p=p / p.sum())
+    with tempfile.TemporaryDirectory() as tmp:
+        model, paths = build(tmp, args.adapters, rank=8, unet_config={})
+        engine = impasto.Engine.from_pretrained(model, slots_per_bucket=2 * args.batch)
+        for i, path in enumerate(paths):
+            engine.adapters.register(f"a{i}", path)
+        grouped = worker._adjacent_by_lora
+
+        def serve(batch, variant):
+            names = {"own": lambda i: [f"a{i}"], "own, not adjacent": lambda i: [f"a{i}"],
+                     "one shared": lambda i: ["a0"], "none": lambda i: []}[variant]
+            reqs = [impasto.Request(f"a red star number {j}", adapters=names(int(i)), seed=j, steps=args.steps,
+                                    height=args.size, width=args.size, output_type="np") for j, i in batch]
+            worker._adjacent_by_lora = (lambda g: g) if variant == "own, not adjacent" else grouped
+            try:
+                t = time.perf_counter()
+                outs = engine.generate_batch(reqs)
+                wall = time.perf_counter() - t
+            finally:
+                worker._adjacent_by_lora = grouped
+            assert all(o.error is None for o in outs), [o.error for o in outs]
+            return wall
+
+        variants = ["own", "own, not adjacent", "one shared", "none"]
+        batches = [list(enumerate(picks))[k : k + args.batch] for k in range(0, args.requests, args.batch)]
+        serve(batches[0], "own")  # warm-up
+        rounds = {v: [] for v in variants}
+        for _ in range(args.rounds):
+            wall = dict.fromkeys(variants, 0.0)
+            for b, batch in enumerate(batches):
+                for v in variants[b % 4:] + variants[:b % 4]:
+                    wall[v] += serve(batch, v)
+            for v in variants:
+                rounds[v].append(args.requests / wall[v])
+        distinct = statistics.mean(len({int(i) for _, i in batch}) for batch in batches)
+        print(f"config: tiny random SD-layout model ({sum(q.numel() for q in engine.base.unet.parameters()) / 1e6:.2f} M "
+              f"UNet params), {args.requests} requests Zipf({args.zipf_a}) over {args.adapters} rank-8 LoRAs on {TARGETS} "
+              f"({len({int(i) for i in picks})} drawn, {distinct:.1f} distinct per batch), batches of {args.batch}, "
+              f"{args.steps} DDIM steps, cfg 7.5, {args.size}x{args.size} px, float32, {torch.get_num_threads()} threads, "
+              f"median of {args.rounds} rounds")
+        med = {v: statistics.median(r) for v, r in rounds.items()}
+        print("| variant | img/s | x one shared | x none |")
+        print("|---|---|---|---|")
+        for v in variants:
+            print(f"| {v} | {med[v]:.2f} | {med[v] / med['one shared']:.3f} | {med[v] / med['none']:.3f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--forward", action="store_true", help="the UNet-forward comparison (see the docstring)")
+    ap.add_argument("--stream", action="store_true", help="the request-stream comparison (see the docstring)")
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--adapters", type=int, default=200)
+    ap.add_argument("--zipf-a", type=float, default=1.1)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--n", type=int, nargs="+", default=[1, 4, 16])
@@ -242,6 +311,8 @@ def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.forward:
         return forward_main(args)
+    if args.stream:
+        return stream_main(args)
 
     import impasto
     from diffusers import StableDiffusionPipeline
