@@ -82,8 +82,10 @@ def run_one(obj, method, args, work):
                   progress=False, num_prior=args.num_prior)
     adapters, phrase = [], cs.class_word
     if method in ("ti", "cd"):
-        r = custom_diffusion(engine, cs.images, steps=args.steps[method], lr=args.lr[method], train_kv=method == "cd",
-                             compress=method == "cd", aug=args.rescale_aug, **common)
+        cd = method == "cd"
+        r = custom_diffusion(engine, cs.images, steps=args.steps[method], lr=args.lr[method], train_kv=cd,
+                             compress=cd and args.freeze == "crossattn_kv", aug=args.rescale_aug,
+                             freeze=args.freeze if cd else "crossattn_kv", **common)
         engine.adapters.register("trained", r.path)
         adapters, phrase = ["trained"], f"<new1> {cs.class_word}"
     elif method == "ft":
@@ -127,6 +129,8 @@ def main(argv=None):
     p.add_argument("--lr", default="ti=1e-3,ft=1e-4,cd=1e-4", help="per method (ti, cd: base rate x batch)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--num-prior", type=int, default=0)
+    p.add_argument("--freeze", default="crossattn_kv", choices=("crossattn_kv", "crossattn"),
+                   help="cd: K/V only (the default) or Q, K, V and out of every attn2")
     p.add_argument("--no-masks", dest="masks", action="store_false", help="train without the exact masks")
     p.add_argument("--rescale-aug", action="store_true",
                    help="Custom Diffusion's random-rescale augmentation for ti/cd (off by default: at 32 px it "
