@@ -83,9 +83,11 @@ def run_one(obj, method, args, work):
     adapters, phrase = [], cs.class_word
     if method in ("ti", "cd"):
         cd = method == "cd"
+        t_call = time.perf_counter()  # with prior preservation this includes generating the class images
         r = custom_diffusion(engine, cs.images, steps=args.steps[method], lr=args.lr[method], train_kv=cd,
                              compress=cd and args.freeze == "crossattn_kv", aug=args.rescale_aug,
                              freeze=args.freeze if cd else "crossattn_kv", **common)
+        info["call_seconds"] = time.perf_counter() - t_call
         engine.adapters.register("trained", r.path)
         adapters, phrase = ["trained"], f"<new1> {cs.class_word}"
     elif method == "ft":
@@ -125,7 +127,9 @@ def main(argv=None):
     p.add_argument("--model", default="tiny")
     p.add_argument("--objects", nargs="+", default=["sparkle", "moon", "arrow"])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--steps", default="ti=250,ft=250,cd=250", help="per method, e.g. cd=250,ft=200")
+    p.add_argument("--steps", default="ti=250,ft=250,cd=1000",
+                   help="per method, e.g. cd=250,ft=200 (cd 1000: the best three-object concept mean of 250/500/1000 "
+                        "steps, 200 s; docs/training.md, 'The runs the corrected setup left open')")
     p.add_argument("--lr", default="ti=1e-3,ft=1e-4,cd=1e-4", help="per method (ti, cd: base rate x batch)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--num-prior", type=int, default=0)
