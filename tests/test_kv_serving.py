@@ -213,10 +213,17 @@ def test_crossattn_mixed_batch_with_other_adapters(tiny_dir, crossattn, cd):
     assert _diff(outs[1].images, reference(tiny_dir, corgi, str(d / "corgi"), reqs[1].prompt, 3)) <= TOL
 
 
-def test_crossattn_refusals(crossattn, tmp_path):
+def test_crossattn_refusals(tiny_dir, crossattn, tmp_path):
     eng, d, *_ = crossattn
     with pytest.raises(impasto.AdapterUnsupportedError, match="to_q / to_out.0"):
         eng.adapters.compress_kv("qout", tmp_path / "q.safetensors")
+    fixed = impasto.Engine.from_pretrained(tiny_dir, compile="eager")  # fixed pools: no variant path
+    try:
+        with pytest.raises(impasto.AdapterUnsupportedError, match="compile mode") as e:
+            fixed.adapters.register("qout", str(d / "qout"))
+        assert "to_q_custom_diffusion" in str(e.value)
+    finally:
+        fixed.close()
     # a layer with to_q but no to_out is a broken file, named
     from safetensors.torch import load_file
     state = load_file(str(d / "qout" / WEIGHTS))
