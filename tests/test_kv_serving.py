@@ -162,7 +162,7 @@ def crossattn(tiny_dir, cd):
     return eng, d, unet, info
 
 
-def test_crossattn_q_out_equals_diffusers(tiny_dir, crossattn, cd):
+def test_crossattn_q_out_equals_diffusers(tiny_dir, crossattn):
     eng, d, unet, info = crossattn
     assert info.family == "kv" and info.format == "diffusers"
     # the Q/out deltas are exact: served Q = W0 x + ΔW x equals diffusers' W' x (fp32)
@@ -182,7 +182,6 @@ def test_crossattn_q_out_equals_diffusers(tiny_dir, crossattn, cd):
     ref = reference(tiny_dir, unet, str(d / "qout"), prompt, 3, token="<qo>")
     assert _diff(out, ref) <= TOL
     # Q/out matter: the same K/V and token without them is far from diffusers' output
-    _, _, a, _, _ = cd
     kv_only = copy.deepcopy(unet)
     kv_only.set_attn_processor({n: (CustomDiffusionAttnProcessor2_0(
         train_kv=True, train_q_out=False, hidden_size=p.hidden_size, cross_attention_dim=p.cross_attention_dim)
