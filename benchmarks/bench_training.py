@@ -82,8 +82,12 @@ def run_one(obj, method, args, work):
                   progress=False, num_prior=args.num_prior)
     adapters, phrase = [], cs.class_word
     if method in ("ti", "cd"):
-        r = custom_diffusion(engine, cs.images, steps=args.steps[method], lr=args.lr[method], train_kv=method == "cd",
-                             compress=method == "cd", aug=args.rescale_aug, **common)
+        cd = method == "cd"
+        t_call = time.perf_counter()  # with prior preservation this includes generating the class images
+        r = custom_diffusion(engine, cs.images, steps=args.steps[method], lr=args.lr[method], train_kv=cd,
+                             compress=cd and args.freeze == "crossattn_kv", aug=args.rescale_aug,
+                             freeze=args.freeze if cd else "crossattn_kv", **common)
+        info["call_seconds"] = time.perf_counter() - t_call
         engine.adapters.register("trained", r.path)
         adapters, phrase = ["trained"], f"<new1> {cs.class_word}"
     elif method == "ft":
@@ -123,10 +127,14 @@ def main(argv=None):
     p.add_argument("--model", default="tiny")
     p.add_argument("--objects", nargs="+", default=["sparkle", "moon", "arrow"])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--steps", default="ti=250,ft=250,cd=250", help="per method, e.g. cd=250,ft=200")
+    p.add_argument("--steps", default="ti=250,ft=250,cd=1000",
+                   help="per method, e.g. cd=250,ft=200 (cd 1000: the best three-object concept mean of 250/500/1000 "
+                        "steps, 200 s; docs/training.md, 'The runs the corrected setup left open')")
     p.add_argument("--lr", default="ti=1e-3,ft=1e-4,cd=1e-4", help="per method (ti, cd: base rate x batch)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--num-prior", type=int, default=0)
+    p.add_argument("--freeze", default="crossattn_kv", choices=("crossattn_kv", "crossattn"),
+                   help="cd: K/V only (the default) or Q, K, V and out of every attn2")
     p.add_argument("--no-masks", dest="masks", action="store_false", help="train without the exact masks")
     p.add_argument("--rescale-aug", action="store_true",
                    help="Custom Diffusion's random-rescale augmentation for ti/cd (off by default: at 32 px it "

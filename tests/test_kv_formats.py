@@ -621,9 +621,50 @@ def case_unknown_key(tmp_path, unet, base):
     return _edit(_diffusers_file(tmp_path, unet), lambda s: s.update({key: torch.zeros(64)})), AdapterFormatError, "unknown key", key
 
 
-def case_q_out(tmp_path, unet, base):
+def case_q_without_out(tmp_path, unet, base):
     key = f"{L0}.processor.to_q_custom_diffusion.weight"
-    return _edit(_diffusers_file(tmp_path, unet), lambda s: s.update({key: torch.zeros(64, 64)})), AdapterUnsupportedError, "crossattn", key
+    return _edit(_diffusers_file(tmp_path, unet), lambda s: s.update({key: torch.zeros(64, 64)})), AdapterFormatError, "no to_out", key
+
+
+def _with_q_out(state, unet):
+    """Add train_q_out=True weights (to_q, to_out.0 weight and bias, each the base's + 0.01) to L0."""
+    attn = unet.get_submodule(L0)
+    pre = f"{L0}.processor."
+    state.update({pre + "to_q_custom_diffusion.weight": attn.to_q.weight.detach() + 0.01,
+                  pre + "to_out_custom_diffusion.0.weight": attn.to_out[0].weight.detach() + 0.01,
+                  pre + "to_out_custom_diffusion.0.bias": attn.to_out[0].bias.detach() + 0.01})
+
+
+def case_q_out_without_base(tmp_path, unet, base):
+    # read_kv(path, base) without qout_base: the Q/out weights cannot be checked or served
+    path = _edit(_diffusers_file(tmp_path, unet), lambda s: _with_q_out(s, unet))
+    return path, AdapterUnsupportedError, "qout_base", f"{L0}.processor.to_q_custom_diffusion.weight"
+
+
+def case_q_out_original_repo(tmp_path, unet, base):
+    _, truth = custom_diffusion_unet(unet)
+    write_delta_bin(tmp_path / "delta.bin", unet, truth, {"<new1>": token()})
+    sd = torch.load(tmp_path / "delta.bin", weights_only=True)
+    sd["unet"][f"{L0}.to_q.weight"] = torch.zeros(64, 64)
+    torch.save(sd, tmp_path / "delta.bin")
+    return tmp_path / "delta.bin", AdapterUnsupportedError, "diffusers' layout only", f"{L0}.to_q.weight"
+
+
+def test_q_out_deltas_are_exact(tmp_path, unet, base):
+    from impasto.adapters.kv import base_qout_weights
+
+    path = _edit(_diffusers_file(tmp_path, unet), lambda s: _with_q_out(s, unet))
+    qbase = base_qout_weights(unet)
+    h = read_kv_header(path, base, qbase)
+    assert list(h.qout) == [L0] and set(h.qout[L0]) == {"q", "out", "out_bias"}
+    kf = read_kv(path, base, qbase)
+    q = kf.qout[L0]
+    for d in (q.dq, q.dout, q.dbias):
+        assert torch.allclose(d, torch.full_like(d, 0.01), atol=1e-6)
+    assert len(kf.layers) == 7  # K/V read as before
+    with pytest.raises(AdapterShapeError, match="to_out.0 bias"):
+        read_kv_header(_edit(path, lambda s: s.update({f"{L0}.processor.to_out_custom_diffusion.0.bias": torch.zeros(3)})),
+                       base, qbase)
 
 
 def case_other_base(tmp_path, unet, base):
@@ -648,8 +689,8 @@ def case_missing(tmp_path, unet, base):
     return tmp_path / "nope.bin", AdapterFormatError, "no such file", "nope.bin"
 
 
-REFUSALS = [case_truncated, case_truncated_bin, case_missing_key, case_wrong_shape, case_unknown_key, case_q_out,
-            case_other_base, case_token_wrong_dim, case_sdxl_tokens, case_missing]
+REFUSALS = [case_truncated, case_truncated_bin, case_missing_key, case_wrong_shape, case_unknown_key, case_q_without_out,
+            case_q_out_without_base, case_q_out_original_repo, case_other_base, case_token_wrong_dim, case_sdxl_tokens, case_missing]
 
 
 @pytest.mark.parametrize("case", REFUSALS, ids=[c.__name__.removeprefix("case_") for c in REFUSALS])

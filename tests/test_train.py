@@ -252,6 +252,39 @@ def test_written_folder_loads_in_diffusers_and_the_engine(tiny_dir, eng, run_a):
         run_a.files["weights"])
 
 
+def test_crossattn_folder_round_trip(tiny_dir, eng, tmp_path):
+    """freeze="crossattn": train -> write -> engine.adapters.register -> generate equals diffusers'
+    processors with train_q_out=True on the written weights (and Q/out are what makes it so)."""
+    with pytest.raises(TrainInputError, match="compress"):
+        custom_diffusion(eng, renders(), class_word="star", steps=1, output=tmp_path / "x", progress=False,
+                         freeze="crossattn", compress=True)
+    r = custom_diffusion(eng, renders(), class_word="star", steps=2, batch_size=2, lr=1e-2, output=tmp_path / "q",
+                         progress=False, seed=3, freeze="crossattn")
+    weights = load_file(os.path.join(r.path, WEIGHTS_NAME))
+    assert any(k.endswith("to_out_custom_diffusion.0.bias") for k in weights)
+    prompt = "a <new1> star on a blue background"
+
+    def diffusers(q_out):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        keep = ("to_k", "to_v", "to_q", "to_out") if q_out else ("to_k", "to_v")
+        pipe.unet.set_attn_processor(custom_diffusion_processors(
+            pipe.unet, lambda name, _: {k.removeprefix(name + "."): v for k, v in weights.items()
+                                        if k.startswith(name + ".") and k.removeprefix(name + ".").startswith(keep)},
+            q_out))
+        pipe.load_textual_inversion(os.path.join(r.path, "<new1>.safetensors"), token="<new1>")
+        return pipe(prompt, num_inference_steps=4, generator=torch.Generator().manual_seed(2), output_type="np").images
+
+    eng.adapters.register("trained-q", r.path)
+    try:
+        out = eng.generate(prompt, adapters=["trained-q"], steps=4, seed=2, output_type="np").images
+    finally:
+        eng.adapters.unregister("trained-q")
+    ref = diffusers(True)
+    assert float(np.abs(out - ref).max()) <= 1e-3
+    assert float(np.abs(ref - diffusers(False)).max()) > 1e-2
+
+
 def test_joint_training_moves_every_token(eng, tmp_path):
     concepts = [{"images": renders("sparkle", 2), "placeholder": "<new1>", "class_word": "star"},
                 {"images": renders("moon", 2), "placeholder": "<new2>", "class_word": "circle"}]

@@ -15,6 +15,10 @@ Semantics:
     (``k_factors = (u [h, r], v [r, D])``: delta_k = u @ v; the same for ``v_factors``).
     ``tokens[placeholder]``  Shape: [D_emb], the new row of the CLIP token-embedding table.
     Layers absent from ``layers`` are unchanged (delta 0).
+    ``qout[name] = QOutLayer(dq, dout, dbias)`` (diffusers layout with ``--freeze_model crossattn``
+    only): W_q' = W_q + dq [h, h_in], W_out' = W_out + dout [h_out, h], b_out' = b_out + dbias [h_out];
+    Q and the output projection are per-step (they read the latents), so the engine serves them
+    through the per-row LoRA runtime (families/kv.py), not through the planned K/V.
 Legend: h = attention width (320/640/1280 in SD 1.5), D = cross_attention_dim (768 in SD 1.5),
 D_emb = text-encoder width (equal to D in every SD 1.x/2.x layout; checked), r = rank.
 
@@ -58,8 +62,9 @@ number of attentions of a down block (an up block has lpb+1). The block index ``
 so blocks without attention (SDXL's first, SD 1.5's last down block) need no special case.
 
 Refusals, each naming the file and the key: unknown keys and non-tensor values -> AdapterFormatError;
-a layer with k but no v (or u without v) -> AdapterFormatError; q/out weights (``--freeze_model
-crossattn``), a saved text encoder, SDXL two-encoder tokens -> AdapterUnsupportedError; a module the
+a layer with k but no v (or u without v), q without out or out without q -> AdapterFormatError; q/out
+weights outside the diffusers layout (the original repo's ``crossattn`` checkpoints), or read without
+the base's Q/out (``qout_base``), a saved text encoder, SDXL two-encoder tokens -> AdapterUnsupportedError; a module the
 base has no attn2 for, or a shape that does not fit the base -> AdapterShapeError naming the module;
 NaN/Inf -> AdapterValueError (``read_kv`` only). ``.bin``/``.ckpt`` are only ever read with
 ``torch.load(..., weights_only=True)``, also by ``read_kv_header``: a pickle that would run code is
@@ -67,9 +72,10 @@ refused with AdapterFormatError and nothing in it is executed.
 
 API:
     base_kv_weights(unet) -> {attn2 name: (W_k [h,D], W_v [h,D])}
+    base_qout_weights(unet) -> {attn2 name: (W_q [h,h_in], W_out [h_out,h], b_out [h_out] or None)}
     is_kv_layout(path) -> bool                         # named as a Custom Diffusion tool names its output
-    read_kv_header(path, base) -> KvFileHeader        # safetensors: header only, no tensor data
-    read_kv(path, base) -> KvFile                      # full-weight layouts become deltas W' - W0
+    read_kv_header(path, base, qout_base=None) -> KvFileHeader   # safetensors: header only, no tensor data
+    read_kv(path, base, qout_base=None) -> KvFile                # full-weight layouts become deltas W' - W0
     energy_rank(s, energy=0.6) -> int                  # the paper's rank rule on singular values
     compress_kv_delta(kvfile, *, rank=None, energy=0.6) -> (KvFile, {name: (r_k, r_v)})
     write_kv(path, kvfile) -> int                      # bytes written
@@ -96,6 +102,8 @@ from .files import MAX_EMBEDDING_VECTORS, MAX_TOKENS, PICKLE_SUFFIXES, WeightsFi
 
 __all__ = [
     "FORMATS",
+    "QOutLayer",
+    "base_qout_weights",
     "FORMAT_VERSION",
     "KvFile",
     "KvFileHeader",
@@ -123,6 +131,13 @@ _PROJ = ("to_k", "to_v")
 
 _DIFFUSERS_KEY = re.compile(r"^(?P<attn>.+)\.processor\.(?P<proj>to_k|to_v)_custom_diffusion\.weight$")
 _DIFFUSERS_UNSUPPORTED = re.compile(r"\.processor\.(to_q_custom_diffusion|to_out_custom_diffusion)\.")
+# diffusers' CustomDiffusionAttnProcessor(train_q_out=True) state: to_q_custom_diffusion (no bias) and
+# to_out_custom_diffusion = ModuleList([Linear, Dropout]), so its Linear is ".0"
+_DIFFUSERS_QOUT_KEY = re.compile(
+    r"^(?P<attn>.+)\.processor\.(?P<role>to_q_custom_diffusion\.weight|to_out_custom_diffusion\.0\.weight"
+    r"|to_out_custom_diffusion\.0\.bias)$")
+_QOUT_ROLES = {"to_q_custom_diffusion.weight": "q", "to_out_custom_diffusion.0.weight": "out",
+               "to_out_custom_diffusion.0.bias": "out_bias"}
 _FULL_KEY = re.compile(r"^(?P<attn>.+\.attn2)\.(?P<proj>to_k|to_v)\.weight$")
 _KV_KEY = re.compile(r"^(?P<attn>.+\.attn2)\.(?P<proj>to_k|to_v)\.(?P<role>u|v)$")
 _QOUT_KEY = re.compile(r"\.attn2\.(to_q\.weight|to_out\.0\.(weight|bias))$")
@@ -167,6 +182,15 @@ class KvLayer:
 
 
 @dataclass
+class QOutLayer:
+    """One attn2 module's change of W_q and of its output projection (to_out.0), dense."""
+
+    dq: torch.Tensor  # Shape: [h, h_in]
+    dout: torch.Tensor  # Shape: [h_out, h]
+    dbias: torch.Tensor | None  # Shape: [h_out]; None when the file has no output bias
+
+
+@dataclass
 class KvFile:
     """A fully read, validated Custom Diffusion adapter."""
 
@@ -176,6 +200,7 @@ class KvFile:
     tokens: dict[str, torch.Tensor]  # placeholder -> embedding row, Shape: [D_emb], float32
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors header metadata ({} for pickles)
     notes: list[str] = field(default_factory=list)
+    qout: dict[str, QOutLayer] = field(default_factory=dict)  # freeze_model="crossattn" files only
 
 
 @dataclass(frozen=True)
@@ -203,6 +228,7 @@ class KvFileHeader:
     nbytes: int  # bytes of the layer tensors as stored (tokens not counted)
     token_paths: dict[str, str] = field(default_factory=dict)  # placeholder -> file it came from
     notes: list[str] = field(default_factory=list)
+    qout: dict[str, dict[str, str]] = field(default_factory=dict)  # attn2 -> {"q"|"out"|"out_bias": key}
 
     @property
     def rank(self) -> int | None:
@@ -217,6 +243,18 @@ def base_kv_weights(unet) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     for name, module in unet.named_modules():
         if name.endswith(".attn2") and hasattr(module, "to_k") and hasattr(module, "to_v"):
             out[name] = (module.to_k.weight.detach(), module.to_v.weight.detach())
+    return out
+
+
+def base_qout_weights(unet) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """{attn2 module name: (W_q [h, h_in], W_out [h_out, h], b_out [h_out] or None)}, in module order
+    (no copies): what a ``freeze_model="crossattn"`` file's Q/out weights are read against."""
+    out = {}
+    for name, module in unet.named_modules():
+        if name.endswith(".attn2") and hasattr(module, "to_q") and hasattr(module, "to_out"):
+            lin = module.to_out[0]
+            out[name] = (module.to_q.weight.detach(), lin.weight.detach(),
+                         None if lin.bias is None else lin.bias.detach())
     return out
 
 
@@ -271,6 +309,7 @@ class _Parsed:
     full: bool  # entries hold full fine-tuned weights (subtract the base)
     tokens: dict[str, tuple[WeightsFile, str, int | None]]  # placeholder -> (source, key, row of a 2-D key)
     notes: list[str]
+    qout: dict[str, dict[str, str]] = field(default_factory=dict)  # attn2 -> {"q"|"out"|"out_bias": key}
 
 
 def _resolve(path) -> tuple[str, list[str]]:
@@ -370,12 +409,12 @@ def _parse(path) -> _Parsed:
 
 def _parse_diffusers(weights: str, src: WeightsFile, token_files: list[str]) -> _Parsed:
     entries: dict[str, dict[str, tuple[str, ...]]] = {}
+    qout: dict[str, dict[str, str]] = {}
     for k in src.keys():
-        if _DIFFUSERS_UNSUPPORTED.search(k):
-            raise AdapterUnsupportedError(
-                f"{weights}: key {k!r}: query/output weights (--freeze_model crossattn) are not supported; "
-                "the kv family carries K and V only"
-            )
+        q = _DIFFUSERS_QOUT_KEY.match(k)
+        if q:  # --freeze_model crossattn: full fine-tuned W_q, W_out, b_out of this attn2
+            qout.setdefault(q["attn"], {})[_QOUT_ROLES[q["role"]]] = k
+            continue
         m = _DIFFUSERS_KEY.match(k)
         if not m:
             raise AdapterFormatError(f"{weights}: unknown key {k!r} in a diffusers Custom Diffusion file")
@@ -395,7 +434,15 @@ def _parse_diffusers(weights: str, src: WeightsFile, token_files: list[str]) -> 
         if key in tokens:
             raise AdapterFormatError(f"{tf}: token {key!r} is also defined by {tokens[key][0].path}")
         tokens[key] = (tsrc, key, None)
-    return _Parsed("diffusers", src, entries, True, tokens, [])
+    for name, roles in qout.items():
+        have = next(iter(roles.values()))
+        if "q" not in roles or "out" not in roles:  # diffusers' processor loads all of them (strict)
+            raise AdapterFormatError(
+                f"{weights}: {have!r}: module {name!r} has {'no to_q' if 'q' not in roles else 'no to_out'}"
+                "_custom_diffusion weight beside it (train_q_out=True saves to_q and to_out.0 together)")
+        if name not in entries:
+            raise AdapterFormatError(f"{weights}: {have!r}: module {name!r} has query/output weights but no to_k/to_v")
+    return _Parsed("diffusers", src, entries, True, tokens, [], qout)
 
 
 def _parse_nested(weights: str, src: WeightsFile, top: str) -> _Parsed:
@@ -422,8 +469,9 @@ def _parse_nested(weights: str, src: WeightsFile, top: str) -> _Parsed:
         name, _, role = rest.partition("/")
         if _QOUT_KEY.search(name):
             raise AdapterUnsupportedError(
-                f"{weights}: key {k!r}: query/output weights (--freeze_model crossattn) are not supported; "
-                "the kv family carries K and V only"
+                f"{weights}: key {k!r}: query/output weights (--freeze_model crossattn) are read from diffusers' "
+                "layout only (pytorch_custom_diffusion_weights.safetensors, as train_custom_diffusion.py and "
+                "impasto.train write it); the original repo's crossattn checkpoints are not supported"
             )
         m = _FULL_KEY.match(name)
         if not m or role not in ("", "u", "v"):
@@ -517,7 +565,35 @@ def _map_names(parsed: _Parsed, base: Mapping) -> None:
     parsed.entries = renamed
 
 
-def _header(path, base: Mapping) -> tuple[KvFileHeader, _Parsed]:
+def _check_qout(parsed: _Parsed, qout_base: Mapping | None) -> int:
+    """Validate a crossattn file's Q/out keys against the base's to_q / to_out.0; their bytes."""
+    if not parsed.qout:
+        return 0
+    p, src = parsed.src.path, parsed.src
+    first = next(iter(parsed.qout.values()))["q"]  # every entry has one (_parse_diffusers)
+    if qout_base is None:
+        raise AdapterUnsupportedError(
+            f"{p}: key {first!r}: query/output weights (--freeze_model crossattn) need the base's to_q and "
+            "to_out.0 (read_kv(..., qout_base=base_qout_weights(unet)))")
+    nbytes = 0
+    for name, roles in parsed.qout.items():
+        if name not in qout_base:
+            raise AdapterShapeError(f"{p}: adapter made for another base model: no attn2 module {name!r} "
+                                    f"(key {roles['q']!r})")
+        wq, wout, _ = qout_base[name]
+        want = {"q": tuple(wq.shape), "out": tuple(wout.shape), "out_bias": (int(wout.shape[0]),)}
+        for role, key in roles.items():
+            if not src.dtype(key).is_floating_point:
+                raise AdapterValueError(f"{p}: {key!r} has dtype {src.dtype(key)}; weights must be floating point")
+            if tuple(src.shape(key)) != want[role]:
+                raise AdapterShapeError(f"{p}: module {name!r}: {key!r} has shape {list(src.shape(key))}, the base "
+                                        f"{'to_q' if role == 'q' else 'to_out.0'} {'bias' if role == 'out_bias' else 'weight'} "
+                                        f"is {list(want[role])}")
+            nbytes += src.nbytes(key)
+    return nbytes
+
+
+def _header(path, base: Mapping, qout_base: Mapping | None = None) -> tuple[KvFileHeader, _Parsed]:
     parsed = _parse(path)
     _map_names(parsed, base)
     p, src = parsed.src.path, parsed.src
@@ -578,10 +654,11 @@ def _header(path, base: Mapping) -> tuple[KvFileHeader, _Parsed]:
         if not tsrc.dtype(key).is_floating_point:
             raise AdapterValueError(f"{tsrc.path}: token {key!r} has dtype {tsrc.dtype(key)}")
         token_dim = int(width)
+    nbytes += _check_qout(parsed, qout_base)
     header = KvFileHeader(
         path=p, format=parsed.format, layers=layers, placeholders=list(parsed.tokens), token_dim=token_dim,
         metadata=src.metadata, nbytes=nbytes, token_paths={t: s.path for t, (s, _, _) in parsed.tokens.items()},
-        notes=parsed.notes,
+        notes=parsed.notes, qout=parsed.qout,
     )
     return header, parsed
 
@@ -591,18 +668,21 @@ def _header(path, base: Mapping) -> tuple[KvFileHeader, _Parsed]:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_kv_header(path, base: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> KvFileHeader:
+def read_kv_header(path, base: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                   qout_base: Mapping | None = None) -> KvFileHeader:
     """Detect the layout and describe every layer (shapes, ranks) and token without reading tensor data.
 
     Args:
       path: a weights file, or the folder its tool wrote (diffusers output folder; a folder or its
         ``checkpoints/`` holding exactly one ``delta*``/``compressed_delta*`` file).
       base: ``base_kv_weights(unet)``; only shapes are used here.
+      qout_base: ``base_qout_weights(unet)``, needed for a ``freeze_model="crossattn"`` file (its
+        to_q / to_out keys are checked against it; without it such a file is AdapterUnsupportedError).
     For safetensors only the header is read; ``.bin``/``.ckpt`` have no header and are loaded whole,
     always with ``torch.load(weights_only=True)``.
     Raises: AdapterFormatError, AdapterUnsupportedError, AdapterShapeError (module docstring).
     """
-    return _header(path, base)[0]
+    return _header(path, base, qout_base)[0]
 
 
 def _finite(t: torch.Tensor, path: str, key: str) -> torch.Tensor:
@@ -612,16 +692,18 @@ def _finite(t: torch.Tensor, path: str, key: str) -> torch.Tensor:
     return t
 
 
-def read_kv(path, base: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> KvFile:
+def read_kv(path, base: Mapping[str, tuple[torch.Tensor, torch.Tensor]], qout_base: Mapping | None = None) -> KvFile:
     """Read and validate a Custom Diffusion file into deltas relative to ``base``.
 
     Semantics:
       full-weight layouts (diffusers, delta-bin, compvis): dk = W_k' - W_k, dv = W_v' - W_v (float32, dense)
       compressed / kv: k_factors = (u [h, r], v [r, D]) float32, as stored (delta_k = u @ v)
       tokens[placeholder]: float32 [D_emb]
+      qout[name] (crossattn files): dq = W_q' - W_q, dout = W_out' - W_out, dbias = b_out' - b_out
+        (b_out = 0 for a base without an output bias; dbias None when the file has none), float32
     Raises what read_kv_header raises, plus AdapterValueError for NaN/Inf.
     """
-    header, parsed = _header(path, base)
+    header, parsed = _header(path, base, qout_base)
     src, p = parsed.src, header.path
     keys = [k for info in header.layers.values() for k in info.keys]
     raw = src.tensors(keys)
@@ -644,7 +726,29 @@ def read_kv(path, base: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> KvFi
         t = tsrc.tensors([key])[key]
         t = t[row] if row is not None else t
         tokens[placeholder] = _finite(t, tsrc.path, key).contiguous()
-    return KvFile(path=p, format=header.format, layers=layers, tokens=tokens, metadata=header.metadata, notes=header.notes)
+    qout = {}
+    if header.qout:
+        raw = src.tensors([k for roles in header.qout.values() for k in roles.values()])
+        for name, roles in header.qout.items():
+            wq, wout, bout = qout_base[name]
+            db = None
+            if "out_bias" in roles:
+                db = _finite(raw[roles["out_bias"]], p, roles["out_bias"])
+                db = db - (0.0 if bout is None else bout.detach().to(torch.float32))
+            qout[name] = QOutLayer(dq=_finite(raw[roles["q"]], p, roles["q"]) - wq.detach().to(torch.float32),
+                                   dout=_finite(raw[roles["out"]], p, roles["out"]) - wout.detach().to(torch.float32),
+                                   dbias=db)
+    return KvFile(path=p, format=header.format, layers=layers, tokens=tokens, metadata=header.metadata,
+                  notes=header.notes, qout=qout)
+
+
+def _kv_only(kvfile: KvFile, what: str) -> None:
+    """AdapterUnsupportedError for a crossattn file where only K/V have a closed form / a slot."""
+    kvfile = getattr(kvfile, "kv", kvfile)  # the kv family's serving wrapper (families/kv.py) holds it
+    if kvfile.qout:
+        raise AdapterUnsupportedError(
+            f"{kvfile.path}: {what}: the adapter also changes to_q / to_out.0 (freeze_model='crossattn'); "
+            "impasto's kv file and the closed-form merge hold K and V only")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -692,6 +796,7 @@ def compress_kv_delta(kvfile: KvFile, *, rank: int | None = None, energy: float 
     SVD runs in float64 on the dense delta; factors come back float32 (``write_kv`` stores fp16).
     Returns the compressed KvFile (format "kv", tokens copied) and {name: (r_k, r_v)}.
     """
+    _kv_only(kvfile, "compress_kv")
     if rank is None and not (0.0 < energy < 1.0):
         raise ValueError(f"energy must be in (0, 1), got {energy}")
     if rank is not None and rank < 0:
@@ -738,6 +843,7 @@ def write_kv(path, kvfile: KvFile) -> int:
     ``impasto.format_version``, ``impasto.rank``, ``impasto.energy`` (from ``kvfile.metadata`` when
     compress_kv_delta made it). Dense layers are refused: compress first.
     """
+    _kv_only(kvfile, "write_kv")
     tensors = {}
     for name, layer in kvfile.layers.items():
         if not layer.factored:
@@ -852,6 +958,8 @@ def merge_kv(
         raise ValueError(f"merge_kv: {len(kvfiles)} adapters but {len(categories)} categories")
     if len(kvfiles) < 1:
         raise ValueError("merge_kv: nothing to merge")
+    for kf in kvfiles:
+        _kv_only(kf, "merge_kv")
     names = token_names or [f"<new{i + 1}>" for i in range(len(kvfiles))]
     tokens: dict[str, torch.Tensor] = {}
     strings = []

@@ -15,6 +15,9 @@ for every row r naming the adapter at the user's scale s (c: the file's scale, a
                       w2 = w2 | w2_a @ w2_b | einsum("ij..., jr, ip -> pr...", t2, w2_b, w2_a)
     dora            : g = m / ||W0 + s*c*(up @ down)||_row       (norm over every axis but out)
                       y[r] += (g - 1) * (y0[r] - b) + g * s * c * up(down(x[r]))
+    full            : y[r] += s * (x[r] @ diff.T + diff_b)     diff [out, in], diff_b [out] (optional):
+                      a dense fine-tuned change of a Linear and its bias; no LoRA file layout is read
+                      into it, the kv family builds it for Custom Diffusion's Q/out (families/kv.py)
     y0: the module's base output. dW is reshaped to W0's shape.
 
 Costs, and what is cached. LoHa/LoKr dW is rebuilt from the factors in every forward, one layer
@@ -41,7 +44,7 @@ import torch.nn.functional as F
 
 from ..errors import AdapterFormatError, AdapterShapeError, AdapterUnsupportedError
 
-KINDS = ("conv", "loha", "lokr", "dora")
+KINDS = ("conv", "loha", "lokr", "dora", "full")
 VARIANTS = "variants"  # the key of the per-module variant table inside a LoRA runtime's tables
 
 LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -202,6 +205,8 @@ def delta_weight(layer: VariantLayer, shape: tuple) -> torch.Tensor:
     """Semantics: the dense dW of a LoHa / LoKr / conv layer at user scale 1, Shape `shape`
     (the base weight's), as the module docstring writes it."""
     t, c = layer.tensors, layer.scale
+    if layer.kind == "full":
+        return (c * t["diff"]).reshape(shape)
     if layer.kind in ("conv", "dora"):
         r = layer.rank
         return (c * (t["up"].reshape(-1, r) @ t["down"].reshape(r, -1))).reshape(shape)
@@ -298,6 +303,10 @@ def variant_delta(module, x: torch.Tensor, y0: torch.Tensor, uses: list[VariantU
             d = s * _op(module, xs, delta_weight(layer, shape).to(x.dtype))
         elif layer.kind == "conv":
             d = s * _lora_out(module, xs, layer.tensors, layer.scale)
+        elif layer.kind == "full":
+            t = layer.tensors
+            d = s * F.linear(xs, (layer.scale * t["diff"]).to(x.dtype),
+                             None if t.get("diff_b") is None else (layer.scale * t["diff_b"]).to(x.dtype))
         else:  # dora: one scale per use
             g = use.gain.to(y0.dtype)
             g = g.reshape(-1, 1, 1) if conv else g

@@ -261,6 +261,9 @@ def custom_diffusion(base, images=None, *, placeholder: str = "<new1>", class_wo
     if output is None:
         raise TrainInputError("output: a folder to write the adapter to is required")
     output = os.fspath(output)
+    if compress and train_kv and freeze != "crossattn_kv":  # refused before training, not after it
+        raise TrainInputError("compress=True: impasto's kv file holds K/V only (freeze='crossattn_kv'); "
+                              "a freeze='crossattn' folder is served as written")
     engine, owned = resolve_engine(base, device, dtype)
     try:
         if concepts is None:
@@ -276,8 +279,6 @@ def custom_diffusion(base, images=None, *, placeholder: str = "<new1>", class_wo
                           prior_weight=prior_weight, seed=seed, max_grad_norm=max_grad_norm, hflip=hflip, aug=aug)
         result = train(trainer, output, checkpoint_every=checkpoint_every, resume=resume, progress=progress)
         if compress and train_kv:
-            if freeze != "crossattn_kv":
-                raise TrainInputError("compress=True: impasto's kv file holds K/V only (freeze='crossattn_kv')")
             full = kv_format.read_kv(output, method.base_kv)
             small, _ = kv_format.compress_kv_delta(full)
             result.files["compressed"] = os.path.join(output, COMPRESSED_NAME)

@@ -4,6 +4,20 @@ tokens, folded into the planned K/V once per branch (kv.py reads every layout):
     K = W_K e_key + Σ_a s_a·ΔW_K,a e_key,   V = W_V e + Σ_a s_a·ΔW_V,a e
 
 for the branch's kv adapters a at scales s_a; ΔW dense [h, D] or factored u [h, r] @ v [r, D].
+
+A `freeze_model="crossattn"` file also changes W_Q and the output projection (to_out.0, weight and
+bias). Those read the latents, so they act in every step, per row: they go through the per-row
+LoRA runtime's variant path, as a dense change of each Linear (lora_variants kind "full"):
+
+    q[r] += s·(x[r] @ ΔW_Qᵀ),   out[r] += s·(o[r] @ ΔW_outᵀ + Δb_out)   for the rows naming the adapter
+
+Why dense, not a LoRA pair in the slot pools (A = I, B = ΔW, or an SVD of ΔW): a fine-tuned
+full matrix has full rank (every entry moves under AdamW), so its exact factorisation has
+r = min(h, h_in), costing r·(h_in + h) multiply-adds per token against h_in·h dense (2× for a
+square layer; A = I costs h_in·(h_in + h)); the pools cap r at max_rank (64 by default, 512 at
+most: SD 1.5's attn2 is 320–1280 wide); and a LoRA pair has no bias, so Δb_out would not be exact.
+The dense change is exact (W0 x + ΔW x = W′x up to fp rounding) and the cheapest exact form.
+K/V stay on the planned once-per-request path above.
 """
 
 from __future__ import annotations
@@ -13,14 +27,42 @@ import functools
 import torch
 
 from ...api import AdapterInfo
-from ...errors import AdapterNameError
+from ...errors import AdapterNameError, AdapterUnsupportedError
 from .. import kv as kv_format
+from ..lora_variants import VariantLayer
 from . import FAMILY_KEY, Family
 
 
 def kv_base(store) -> dict:
     """attn2 K/V weights of the (frozen) base, walked once per store: every kv read needs them."""
     return store.base_value("kv.base", lambda: kv_format.base_kv_weights(store.unet))
+
+
+def kv_qout_base(store) -> dict:
+    """attn2 to_q / to_out.0 weights of the base, walked once per store (crossattn files)."""
+    return store.base_value("kv.qout_base", lambda: kv_format.base_qout_weights(store.unet))
+
+
+class ServedKv:
+    """A crossattn adapter as the plan and the LoRA runtime take it: `kv` (the KvFile: K/V deltas
+    for the planned K/V, tokens) and, for the runtime, no slot-pool layers and one "full"
+    variant per attn2 to_q / to_out.0 (the module docstring)."""
+
+    def __init__(self, kv: kv_format.KvFile):
+        self.kv, self.path, self.layers = kv, kv.path, {}
+        self.variants = {}
+        for name, q in kv.qout.items():
+            self.variants[f"{name}.to_q"] = VariantLayer("full", {"diff": q.dq}, rank=0, scale=1.0)
+            self.variants[f"{name}.to_out.0"] = VariantLayer("full", {"diff": q.dout, "diff_b": q.dbias}, rank=0,
+                                                             scale=1.0)
+
+    @property
+    def tokens(self) -> dict:
+        return self.kv.tokens
+
+
+def _kv(file) -> kv_format.KvFile:
+    return getattr(file, "kv", file)
 
 
 class KvFamily(Family):
@@ -30,7 +72,12 @@ class KvFamily(Family):
         return metadata.get(FAMILY_KEY) == kv_format.FAMILY or kv_format.is_kv_layout(path)
 
     def register(self, store, name, path, *, suffix, token) -> AdapterInfo:
-        header = kv_format.read_kv_header(path, kv_base(store))
+        header = kv_format.read_kv_header(path, kv_base(store), kv_qout_base(store))
+        if header.qout and store.targets is not store.all_targets:
+            raise AdapterUnsupportedError(
+                f"{path}: query/output weights (freeze_model='crossattn', e.g. {next(iter(header.qout.values()))['q']!r}) "
+                "are served per row through the LoRA runtime's variant path, which compile mode's fixed pools do not "
+                "have (serve it without compile=, or train with freeze='crossattn_kv')")
         placeholders = list(header.placeholders)
         if token is not None and len(placeholders) != 1:
             raise AdapterNameError(f"{path}: token= renames one placeholder, the file defines {placeholders}")
@@ -48,12 +95,21 @@ class KvFamily(Family):
             token_map=token_map,
         )
 
-    def load(self, store, info) -> kv_format.KvFile:
-        kvfile = kv_format.read_kv(info.path, kv_base(store))
+    def load(self, store, info) -> kv_format.KvFile | ServedKv:
+        kvfile = kv_format.read_kv(info.path, kv_base(store), kv_qout_base(store))
         kvfile.layers = {k: _to(v, store.dtype) for k, v in kvfile.layers.items()}
-        return kvfile
+        if not kvfile.qout:
+            return kvfile
+        cast = (lambda t: t) if store.dtype is None else (lambda t: None if t is None else t.to(store.dtype))  # noqa: E731
+        kvfile.qout = {k: kv_format.QOutLayer(cast(q.dq), cast(q.dout), cast(q.dbias)) for k, q in kvfile.qout.items()}
+        return ServedKv(kvfile)
+
+    def lora_rows(self, name, scale, file) -> list[tuple[str, float]]:
+        # crossattn files: Q/out per row through the LoRA runtime (its variant path, no slot)
+        return [(name, scale)] if getattr(file, "variants", None) else []
 
     def tokens(self, info, file) -> dict:
+        file = _kv(file)
         missing = [file_ph for _, file_ph in info.token_map if file_ph not in file.tokens]
         if missing:
             raise AdapterNameError(f"{info.path}: adapter {info.name!r}: token {missing[0]!r} is no longer in the file "
@@ -65,7 +121,7 @@ class KvFamily(Family):
         users: dict[str, tuple] = {}
         for r, row in enumerate(rows):
             for use in row:
-                users.setdefault(use.name, (use.file, []))[1].append((r, use.scale))
+                users.setdefault(use.name, (_kv(use.file), []))[1].append((r, use.scale))
         return functools.partial(_add_deltas, users=users)
 
 
