@@ -82,6 +82,35 @@ def train(engine, cs, obj, lock, args, steps):
     return r, info
 
 
+@torch.no_grad()
+def gate_inputs(engine, path, prompts, placeholder="<sks>"):
+    """Why a gate opens where: s(e) = i*ᵀC⁻¹e / (i*ᵀC⁻¹i*) of a trained file's i* over the held-out
+    prompts' encodings, averaged by kind of position: the placeholder, the prompt's other words,
+    the EOS, the padding after it (a 77-token chunk is mostly padding). Returns {kind: mean s}."""
+    from impasto.adapters.rank1 import read_rank1
+    from impasto.prompts import chunk_prompt, encode_prompts
+
+    f = read_rank1(path)
+    b = engine.base
+    C_inv = engine.adapters.covariance().double()
+    i = f.i_star.double()
+    g = C_inv @ i / (i @ C_inv @ i)
+    kinds = {"placeholder": [], "words": [], "eos": [], "padding": []}
+    encs = encode_prompts(b.tokenizer, b.text_encoder, [(t, 1, 1, False) for t in prompts],
+                          [{placeholder: f.token_embedding}] * len(prompts), engine.device)
+    for text, enc in zip(prompts, encs):
+        chunk = chunk_prompt(b.tokenizer, text, [placeholder])[0]
+        s = (enc.double() @ g).tolist()
+        marks = {pos for pos, _ in chunk.marks}
+        # CLIP's unk id (the placeholder's slot) is its EOS id: the first EOS that is not a placeholder
+        eos = next(k for k in range(1, len(chunk.ids)) if chunk.ids[k] == b.tokenizer.eos_token_id and k not in marks)
+        kinds["placeholder"] += [s[k] for k in marks]
+        kinds["words"] += [s[k] for k in range(1, eos) if k not in marks]
+        kinds["eos"].append(s[eos])
+        kinds["padding"] += s[eos + 1:]
+    return {k: float(np.mean(v)) for k, v in kinds.items()}
+
+
 def pareto(points):
     """The points no other point beats on both axes (concept, prompt), sorted by prompt fidelity."""
     front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)]
@@ -273,6 +302,8 @@ def main(argv=None):
     p.add_argument("--pair-tau", type=float, default=0.15)
     p.add_argument("--sheet", default=None, help="PNG contact sheet of prompts naming both --pair concepts")
     p.add_argument("--cd", default=CD_FILE, help="Custom Diffusion's points, a JSON file as perfusion_cd_points.json")
+    p.add_argument("--gate-inputs", action="store_true",
+                   help="print s(e) by kind of position for the concepts trained in --work, run nothing else")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="the Pareto PNG")
     p.add_argument("--replot", nargs="+", default=None,
@@ -291,6 +322,21 @@ def main(argv=None):
                            "results": results}, f, indent=1)
         return
     torch.set_num_threads(args.threads)
+    if args.gate_inputs:
+        engine = impasto.Engine.from_pretrained(args.model, device="cpu")
+        rows = []
+        for obj, method in itertools.product(args.objects, ("lock", "nolock")):
+            path = os.path.join(args.work, f"{obj}-{method}", "adapter.rank1.safetensors")
+            if os.path.isfile(path):
+                cs = ev.concept_set(obj, args.seed)
+                rows.append({"object": obj, "method": method,
+                             **gate_inputs(engine, path, [t.format("<sks>") for t, _ in cs.templates[:args.prompts]])})
+                print(json.dumps(rows[-1]), flush=True)
+        engine.close()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "gate_inputs": rows}, f, indent=1)
+        return
     os.makedirs(args.work, exist_ok=True)
     if args.betas or args.taus:
         grid = list(itertools.product([float(x) for x in args.betas.split(",")], [float(x) for x in args.taus.split(",")]))
