@@ -201,14 +201,15 @@ def pair_check(args, results, objs):
     files = {o: os.path.join(args.work, f"{o}-lock", "adapter.rank1.safetensors") for o in objs}
     engine.adapters.register("A", files[a], token="<sks>")
     engine.adapters.register("B", files[b], token="<sks2>")
-    gate = dict(beta=args.pair_beta, tau=args.pair_tau)
-    A, B = impasto.Adapter("A", **gate), impasto.Adapter("B", **gate)
+    (ba, ta), (bb, tb) = parse_gates(args.pair_gates) if args.pair_gates else [(args.pair_beta, args.pair_tau)] * 2
+    A, B = impasto.Adapter("A", beta=ba, tau=ta), impasto.Adapter("B", beta=bb, tau=tb)
+    gates = {a: (ba, ta), b: (bb, tb)}
     out = []
     for obj, ph, solo, both in ((a, "<sks>", [A], [A, B]), (b, "<sks2>", [B], [A, B])):
         cs = ev.concept_set(obj, args.seed)
         c_solo, p_solo, _ = evaluate(engine, cs, obj, solo, ph, args)
         c_both, p_both, _ = evaluate(engine, cs, obj, both, ph, args)
-        info = {"object": obj, "method": "pair", "beta": args.pair_beta, "tau": args.pair_tau, "solo": c_solo,
+        info = {"object": obj, "method": "pair", "beta": gates[obj][0], "tau": gates[obj][1], "solo": c_solo,
                 "with_other": c_both, "kept": c_both / c_solo if c_solo else float("nan"), "prompt_solo": p_solo,
                 "prompt_with_other": p_both}
         print(json.dumps(info), flush=True)
@@ -300,6 +301,7 @@ def main(argv=None):
     p.add_argument("--pair", nargs=2, default=None, metavar=("A", "B"))
     p.add_argument("--pair-beta", type=float, default=0.6)
     p.add_argument("--pair-tau", type=float, default=0.15)
+    p.add_argument("--pair-gates", default=None, help="A's and B's own β/τ, e.g. 0.5/0.15,0.75/0.1 (else --pair-beta/-tau for both)")
     p.add_argument("--sheet", default=None, help="PNG contact sheet of prompts naming both --pair concepts")
     p.add_argument("--cd", default=CD_FILE, help="Custom Diffusion's points, a JSON file as perfusion_cd_points.json")
     p.add_argument("--gate-inputs", action="store_true",
