@@ -248,11 +248,15 @@ def report(results, objs, cd):
         summary["matched"][obj] = rows
         if fronts["lock"] and fronts["nolock"] and not rows:
             print(f"{obj}: the key-locked and no-lock fronts share no concept fidelity range")
+        for m, other in (("lock", "nolock"), ("nolock", "lock")):
+            if fronts[m] and fronts[other] and all(any(dominates(q, p) for q in fronts[other]) for p in fronts[m]):
+                print(f"{obj}: every {m} front point is dominated by a {other} point")
+                summary.setdefault("dominated", {})[obj] = m
         for c, a, b in rows:
             print(f"{obj}: at concept {c:.3f} key-locked prompt {a:.3f}, no lock {b:.3f} ({a - b:+.3f})")
         if rows:
             print(f"{obj}: mean gap {np.mean([a - b for _, a, b in rows]):+.3f} over {len(rows)} levels")
-    if cd and all(o in cd for o in objs):
+    if cd and objs and all(o in cd for o in objs):
         cd_mean = tuple(float(x) for x in np.mean([cd[o] for o in objs], 0))
         for method in ("lock", "nolock"):
             gates = {}
