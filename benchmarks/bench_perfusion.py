@@ -4,17 +4,23 @@ locking against no lock, operating points without retraining, two concepts in on
 For each held-out object (impasto.eval.concept_set: 8 references with exact masks, held-out
 prompts with fixed seeds), side by side in one run:
     base     the base model with the class word ("a star ...")
-    lock     Perfusion (impasto.train.perfusion, key_lock=True), then a sweep of inference β × τ
-    nolock   the same run with key_lock=False (o*_K trained too), the same sweep
+    lock     Perfusion (impasto.train.perfusion, key_lock=True), then the inference gates --gates
+    nolock   the same run with key_lock=False (o*_K trained too), the same gates
 Prompts name the concept by its placeholder alone ("two <sks> on a red background, flat"), as
 Perfusion trains it ("a <sks>"); prompt fidelity is scored on the base's wording of the same
 contexts (the probes parse "star", not "<sks>"). Concept fidelity = eval.concept_accuracy,
 prompt fidelity = eval.prompt_fidelity over background, count and style.
+The report: key lock against no lock at matched concept fidelity (both Pareto fronts read at
+the concept fidelities they share), and each gate's mean point against Custom Diffusion's.
 --pair A B: the two objects' locked concepts in one request (A's placeholder <sks>, B's
-<sks2>): each prompted alone with the other loaded, against its solo fidelity; and a contact
-sheet of prompts naming both.
+<sks2>; --pair-gates for each its own β/τ): each prompted alone with the other loaded, against
+its solo fidelity; and a contact sheet of prompts naming both.
 --plot: concept fidelity against prompt fidelity per object and averaged, one curve per lock
-mode over the sweep (Pareto front marked), the base, and Custom Diffusion's point (--cd).
+mode over the gates (Pareto front marked), the base, and Custom Diffusion's point (--cd, a JSON
+file: benchmarks/perfusion_cd_points.json by default).
+--at-steps: a step front (one run per mode, resumed from step to step). --gate-inputs: the
+gate's input s(e) by kind of position for the trained files. --replot: report and plot joined
+JSON files of earlier runs.
 
     python benchmarks/bench_perfusion.py --objects sparkle moon arrow --json out.json \\
         --plot docs/perfusion_pareto.png --pair sparkle arrow --sheet docs/perfusion_pair.png
