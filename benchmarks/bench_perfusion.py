@@ -4,17 +4,23 @@ locking against no lock, operating points without retraining, two concepts in on
 For each held-out object (impasto.eval.concept_set: 8 references with exact masks, held-out
 prompts with fixed seeds), side by side in one run:
     base     the base model with the class word ("a star ...")
-    lock     Perfusion (impasto.train.perfusion, key_lock=True), then a sweep of inference β × τ
-    nolock   the same run with key_lock=False (o*_K trained too), the same sweep
+    lock     Perfusion (impasto.train.perfusion, key_lock=True), then the inference gates --gates
+    nolock   the same run with key_lock=False (o*_K trained too), the same gates
 Prompts name the concept by its placeholder alone ("two <sks> on a red background, flat"), as
 Perfusion trains it ("a <sks>"); prompt fidelity is scored on the base's wording of the same
 contexts (the probes parse "star", not "<sks>"). Concept fidelity = eval.concept_accuracy,
 prompt fidelity = eval.prompt_fidelity over background, count and style.
+The report: key lock against no lock at matched concept fidelity (both Pareto fronts read at
+the concept fidelities they share), and each gate's mean point against Custom Diffusion's.
 --pair A B: the two objects' locked concepts in one request (A's placeholder <sks>, B's
-<sks2>): each prompted alone with the other loaded, against its solo fidelity; and a contact
-sheet of prompts naming both.
+<sks2>; --pair-gates for each its own β/τ): each prompted alone with the other loaded, against
+its solo fidelity; and a contact sheet of prompts naming both.
 --plot: concept fidelity against prompt fidelity per object and averaged, one curve per lock
-mode over the sweep (Pareto front marked), the base, and Custom Diffusion's point (--cd).
+mode over the gates (Pareto front marked), the base, and Custom Diffusion's point (--cd, a JSON
+file: benchmarks/perfusion_cd_points.json by default).
+--at-steps: a step front (one run per mode, resumed from step to step). --gate-inputs: the
+gate's input s(e) by kind of position for the trained files. --replot: report and plot joined
+JSON files of earlier runs.
 
     python benchmarks/bench_perfusion.py --objects sparkle moon arrow --json out.json \\
         --plot docs/perfusion_pareto.png --pair sparkle arrow --sheet docs/perfusion_pair.png
@@ -36,9 +42,16 @@ import impasto
 from impasto import eval as ev
 from impasto.train import perfusion
 
-# Custom Diffusion on main (docs/training.md, "Feasibility"): 250 steps, lr 1e-4 x 4, the full
-# protocol (48 prompts, 25 DDIM steps, guidance 7.5), masks, one torch thread.
-CD_POINTS = {"sparkle": (0.417, 0.771), "moon": (0.000, 0.708), "arrow": (0.125, 0.667)}
+# Custom Diffusion's (concept, prompt) points per object, drawn on the same axes: a file, so a
+# newer Custom Diffusion result is one edit (or --cd FILE) away; {"label": ..., "points": {obj: [c, p]}}.
+CD_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "perfusion_cd_points.json")
+
+
+def load_cd(path):
+    """(points {object: (concept, prompt)}, label) from a JSON file as CD_FILE."""
+    with open(path) as f:
+        d = json.load(f)
+    return {k: tuple(v) for k, v in d["points"].items()}, d.get("label", "Custom Diffusion")
 
 
 def evaluate(engine, cs, obj, adapters, phrase, args):
@@ -56,12 +69,52 @@ def evaluate(engine, cs, obj, adapters, phrase, args):
     return ev.concept_accuracy(images, obj), pf["overall"], images
 
 
-def train(engine, cs, obj, lock, args):
+def train(engine, cs, obj, lock, args, steps):
+    """Train one concept to `steps` (resuming the latest checkpoint in args.work, so a finished run
+    is reused and --at-steps continues one run); returns (TrainResult, info)."""
     out = os.path.join(args.work, f"{obj}-{'lock' if lock else 'nolock'}")
+    cached = os.path.isfile(os.path.join(out, f"checkpoint-{steps}", "state.pt"))
+    done = [int(n.split("-")[1]) for n in (os.listdir(out) if os.path.isdir(out) else []) if n.startswith("checkpoint-")]
+    start = max([d for d in done if d <= steps], default=0)
+    load0, t0 = os.getloadavg()[0], time.perf_counter()
     r = perfusion(engine, cs.images, masks=cs.masks if args.masks else None, super_word=cs.class_word,
-                  steps=args.steps, lr_embedding=args.lr_embedding, lr_value=args.lr_value, batch_size=args.batch_size,
-                  key_lock=lock, seed=args.seed, output=out, progress=False, checkpoint_every=args.steps, resume=True)
-    return r
+                  steps=steps, lr_embedding=args.lr_embedding, lr_value=args.lr_value, batch_size=args.batch_size,
+                  key_lock=lock, seed=args.seed, output=out, progress=False, checkpoint_every=steps, resume=True)
+    seconds = time.perf_counter() - t0
+    info = {"train_seconds": None if cached else seconds, "trained_from": start,
+            "s_per_step": None if cached else seconds / (steps - start),
+            "load": None if cached else [load0, os.getloadavg()[0]], "cached": cached,
+            "final_loss_mean50": float(np.mean(r.losses[-50:])) if r.losses else None}
+    return r, info
+
+
+@torch.no_grad()
+def gate_inputs(engine, path, prompts, placeholder="<sks>"):
+    """Why a gate opens where: s(e) = i*ᵀC⁻¹e / (i*ᵀC⁻¹i*) of a trained file's i* over the held-out
+    prompts' encodings, averaged by kind of position: the placeholder, the prompt's other words,
+    the EOS, the padding after it (a 77-token chunk is mostly padding). Returns {kind: mean s}."""
+    from impasto.adapters.rank1 import read_rank1
+    from impasto.prompts import chunk_prompt, encode_prompts
+
+    f = read_rank1(path)
+    b = engine.base
+    C_inv = engine.adapters.covariance().double()
+    i = f.i_star.double()
+    g = C_inv @ i / (i @ C_inv @ i)
+    kinds = {"placeholder": [], "words": [], "eos": [], "padding": []}
+    encs = encode_prompts(b.tokenizer, b.text_encoder, [(t, 1, 1, False) for t in prompts],
+                          [{placeholder: f.token_embedding}] * len(prompts), engine.device)
+    for text, enc in zip(prompts, encs):
+        chunk = chunk_prompt(b.tokenizer, text, [placeholder])[0]
+        s = (enc.double() @ g).tolist()
+        marks = {pos for pos, _ in chunk.marks}
+        # CLIP's unk id (the placeholder's slot) is its EOS id: the first EOS that is not a placeholder
+        eos = next(k for k in range(1, len(chunk.ids)) if chunk.ids[k] == b.tokenizer.eos_token_id and k not in marks)
+        kinds["placeholder"] += [s[k] for k in marks]
+        kinds["words"] += [s[k] for k in range(1, eos) if k not in marks]
+        kinds["eos"].append(s[eos])
+        kinds["padding"] += s[eos + 1:]
+    return {k: float(np.mean(v)) for k, v in kinds.items()}
 
 
 def pareto(points):
@@ -71,12 +124,32 @@ def pareto(points):
 
 
 def pf_at(front, concept):
-    """Prompt fidelity of a front at a concept fidelity, interpolated linearly; None outside it."""
+    """Prompt fidelity of a front at a concept fidelity, interpolated linearly between its two
+    neighbouring points; None outside the front's concept range."""
     pts = sorted(front)
+    if len(pts) == 1:
+        return pts[0][1] if pts[0][0] == concept else None
     for (c0, p0), (c1, p1) in zip(pts, pts[1:]):
         if c0 <= concept <= c1:
             return p0 if c1 == c0 else p0 + (p1 - p0) * (concept - c0) / (c1 - c0)
-    return pts[0][1] if len(pts) == 1 and pts[0][0] == concept else None
+    return None
+
+
+def matched(front_a, front_b):
+    """Prompt fidelity of two fronts at the same concept fidelity: at every front point of either
+    whose concept fidelity lies in both fronts' ranges, each front's prompt fidelity there (linear
+    between neighbours). Returns [(concept, prompt_a, prompt_b)] (empty: the ranges do not meet)."""
+    if not front_a or not front_b:
+        return []
+    lo = max(min(c for c, _ in front_a), min(c for c, _ in front_b))
+    hi = min(max(c for c, _ in front_a), max(c for c, _ in front_b))
+    levels = sorted({c for c, _ in front_a + front_b if lo <= c <= hi})
+    return [(c, pf_at(front_a, c), pf_at(front_b, c)) for c in levels]
+
+
+def dominates(q, p):
+    """q beats p on both axes (concept, prompt), strictly on at least one."""
+    return q[0] >= p[0] and q[1] >= p[1] and q != p
 
 
 def plot(results, path, cd, cd_label=None):
@@ -94,7 +167,7 @@ def plot(results, path, cd, cd_label=None):
             pts = {}
             for r in rows:
                 if r["method"] == method:
-                    pts.setdefault((r["beta"], r["tau"]), []).append((r["concept"], r["prompt"]))
+                    pts.setdefault((r["beta"], r["tau"], r["steps"]), []).append((r["concept"], r["prompt"]))
             if obj == "mean":
                 pts = {k: v for k, v in pts.items() if len(v) == len(objs)}
             pts = {k: tuple(np.mean(v, 0)) for k, v in pts.items()}
@@ -107,9 +180,9 @@ def plot(results, path, cd, cd_label=None):
                        label=f"Perfusion, {'key-locked' if method == 'lock' else 'no lock'} ({'/'.join(map(str, steps))} steps)")
             front = pareto(list(pts.values()))
             ax.plot([p[1] for p in front], [p[0] for p in front], c=colour)
-            for (b, t), p in pts.items():
+            for (b, t, n), p in pts.items():
                 if p in front:
-                    ax.annotate(f"{b:g}/{t:g}", (p[1], p[0]), fontsize=6, xytext=(2, 2), textcoords="offset points")
+                    ax.annotate(f"{b:g}/{t:g}" + (f" @{n}" if len(steps) > 1 else ""), (p[1], p[0]), fontsize=6, xytext=(2, 2), textcoords="offset points")
         base = [(r["concept"], r["prompt"]) for r in rows if r["method"] == "base"]
         if base and (obj != "mean" or len(base) == len(objs)):
             b = np.mean(base, 0)
@@ -134,14 +207,15 @@ def pair_check(args, results, objs):
     files = {o: os.path.join(args.work, f"{o}-lock", "adapter.rank1.safetensors") for o in objs}
     engine.adapters.register("A", files[a], token="<sks>")
     engine.adapters.register("B", files[b], token="<sks2>")
-    gate = dict(beta=args.pair_beta, tau=args.pair_tau)
-    A, B = impasto.Adapter("A", **gate), impasto.Adapter("B", **gate)
+    (ba, ta), (bb, tb) = parse_gates(args.pair_gates) if args.pair_gates else [(args.pair_beta, args.pair_tau)] * 2
+    A, B = impasto.Adapter("A", beta=ba, tau=ta), impasto.Adapter("B", beta=bb, tau=tb)
+    gates = {a: (ba, ta), b: (bb, tb)}
     out = []
     for obj, ph, solo, both in ((a, "<sks>", [A], [A, B]), (b, "<sks2>", [B], [A, B])):
         cs = ev.concept_set(obj, args.seed)
         c_solo, p_solo, _ = evaluate(engine, cs, obj, solo, ph, args)
         c_both, p_both, _ = evaluate(engine, cs, obj, both, ph, args)
-        info = {"object": obj, "method": "pair", "beta": args.pair_beta, "tau": args.pair_tau, "solo": c_solo,
+        info = {"object": obj, "method": "pair", "beta": gates[obj][0], "tau": gates[obj][1], "solo": c_solo,
                 "with_other": c_both, "kept": c_both / c_solo if c_solo else float("nan"), "prompt_solo": p_solo,
                 "prompt_with_other": p_both}
         print(json.dumps(info), flush=True)
@@ -160,17 +234,74 @@ def pair_check(args, results, objs):
     results += out
 
 
+def report(results, objs, cd):
+    """The table, key locking against no lock at matched concept fidelity, and each gate's mean
+    point over the objects against Custom Diffusion's mean."""
+    print(f"{'object':8} {'method':7} {'steps':>5} {'beta':>5} {'tau':>5} {'concept':>8} {'prompt':>7}")
+    for r in results:
+        if r["method"] != "pair":
+            print(f"{r['object']:8} {r['method']:7} {r.get('steps', 0):5d} {r.get('beta', 0):5.2f} {r.get('tau', 0):5.2f} "
+                  f"{r['concept']:8.3f} {r['prompt']:7.3f}")
+    for r in results:
+        if r["method"] == "pair":
+            print(f"pair {r['object']}: solo {r['solo']:.3f}, with the other loaded {r['with_other']:.3f} "
+                  f"(kept {r['kept']:.0%}); prompt {r['prompt_solo']:.3f} / {r['prompt_with_other']:.3f}")
+    summary = {"matched": {}, "mean": {}}
+    for obj in objs:
+        fronts = {m: pareto([(r["concept"], r["prompt"]) for r in results if r["object"] == obj and r["method"] == m])
+                  for m in ("lock", "nolock")}
+        rows = matched(fronts["lock"], fronts["nolock"])
+        summary["matched"][obj] = rows
+        if fronts["lock"] and fronts["nolock"] and not rows:
+            print(f"{obj}: the key-locked and no-lock fronts share no concept fidelity range")
+        for m, other in (("lock", "nolock"), ("nolock", "lock")):
+            if fronts[m] and fronts[other] and all(any(dominates(q, p) for q in fronts[other]) for p in fronts[m]):
+                print(f"{obj}: every {m} front point is dominated by a {other} point")
+                summary.setdefault("dominated", {})[obj] = m
+        for c, a, b in rows:
+            print(f"{obj}: at concept {c:.3f} key-locked prompt {a:.3f}, no lock {b:.3f} ({a - b:+.3f})")
+        if rows:
+            print(f"{obj}: mean gap {np.mean([a - b for _, a, b in rows]):+.3f} over {len(rows)} levels")
+    if cd and objs and all(o in cd for o in objs):
+        cd_mean = tuple(float(x) for x in np.mean([cd[o] for o in objs], 0))
+        for method in ("lock", "nolock"):
+            gates = {}
+            for r in results:
+                if r["method"] == method and r["object"] in objs:
+                    gates.setdefault((r["beta"], r["tau"], r["steps"]), []).append((r["concept"], r["prompt"]))
+            for (b, t, n), v in sorted(gates.items()):
+                if len(v) == len(objs):
+                    m = tuple(float(x) for x in np.mean(v, 0))
+                    summary["mean"][f"{method} {b:g}/{t:g} @{n}"] = m
+                    print(f"mean {method:6} {b:g}/{t:g} @{n}: {m[0]:.3f} / {m[1]:.3f} vs Custom Diffusion "
+                          f"{cd_mean[0]:.3f} / {cd_mean[1]:.3f}: {'dominated' if dominates(cd_mean, m) else 'not dominated'}")
+    return summary
+
+
+def parse_gates(text):
+    """"0.4/0.15,0.5/0.1" -> [(0.4, 0.15), (0.5, 0.1)]."""
+    out = []
+    for g in text.split(","):
+        b, _, t = g.partition("/")
+        out.append((float(b), float(t)))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny")
-    p.add_argument("--objects", nargs="+", default=["sparkle", "moon", "arrow"])
+    p.add_argument("--objects", nargs="*", default=["sparkle", "moon", "arrow"])
     p.add_argument("--methods", nargs="+", default=["base", "lock", "nolock"], choices=("base", "lock", "nolock"))
     p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--at-steps", default=None,
+                   help="e.g. 100,150,200: one run per lock mode, resumed from step to step, the sweep at each (a step front)")
     p.add_argument("--lr-embedding", type=float, default=0.006)
     p.add_argument("--lr-value", type=float, default=0.03)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--betas", default="0.5,0.6,0.7,0.8", help="inference β sweep")
-    p.add_argument("--taus", default="0.1,0.15,0.25", help="inference τ sweep")
+    p.add_argument("--gates", default="0.4/0.15,0.5/0.15,0.6/0.15,0.7/0.15,0.5/0.1,0.5/0.25",
+                   help="the inference β/τ points swept on every trained concept (no retraining)")
+    p.add_argument("--betas", default=None, help="with --taus: sweep their product instead of --gates")
+    p.add_argument("--taus", default=None)
     p.add_argument("--prompts", type=int, default=48, help="held-out prompts per point (the protocol: 48)")
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps (the protocol: 25)")
     p.add_argument("--no-masks", dest="masks", action="store_false")
@@ -180,62 +311,82 @@ def main(argv=None):
     p.add_argument("--pair", nargs=2, default=None, metavar=("A", "B"))
     p.add_argument("--pair-beta", type=float, default=0.6)
     p.add_argument("--pair-tau", type=float, default=0.15)
+    p.add_argument("--pair-gates", default=None, help="A's and B's own β/τ, e.g. 0.5/0.15,0.75/0.1 (else --pair-beta/-tau for both)")
     p.add_argument("--sheet", default=None, help="PNG contact sheet of prompts naming both --pair concepts")
-    p.add_argument("--cd", default=None, help='JSON {"object": [concept, prompt]} (default: main\'s docs/training.md numbers)')
+    p.add_argument("--cd", default=CD_FILE, help="Custom Diffusion's points, a JSON file as perfusion_cd_points.json")
+    p.add_argument("--gate-inputs", action="store_true",
+                   help="print s(e) by kind of position for the concepts trained in --work, run nothing else")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="the Pareto PNG")
-    p.add_argument("--replot", default=None, help="draw --plot from a --json file of an earlier run, run nothing")
+    p.add_argument("--replot", nargs="+", default=None,
+                   help="report and draw --plot from the --json files of earlier runs (results joined), run nothing")
     args = p.parse_args(argv)
+    cd, cd_label = load_cd(args.cd)
     if args.replot:
-        saved = json.load(open(args.replot))
-        plot(saved["results"], args.plot, {k: tuple(v) for k, v in saved.get("cd", CD_POINTS).items()},
-             saved.get("cd_label"))
+        results = [r for path in args.replot for r in json.load(open(path))["results"]]
+        objs = list(dict.fromkeys(r["object"] for r in results if r["method"] != "pair"))
+        summary = report(results, objs, cd)
+        if args.plot:
+            plot(results, args.plot, cd, cd_label)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"sources": args.replot, "cd": cd, "cd_label": cd_label, "summary": summary,
+                           "results": results}, f, indent=1)
         return
     torch.set_num_threads(args.threads)
+    if args.gate_inputs:
+        engine = impasto.Engine.from_pretrained(args.model, device="cpu")
+        rows = []
+        for obj, method in itertools.product(args.objects, ("lock", "nolock")):
+            path = os.path.join(args.work, f"{obj}-{method}", "adapter.rank1.safetensors")
+            if os.path.isfile(path):
+                cs = ev.concept_set(obj, args.seed)
+                rows.append({"object": obj, "method": method,
+                             **gate_inputs(engine, path, [t.format("<sks>") for t, _ in cs.templates[:args.prompts]])})
+                print(json.dumps(rows[-1]), flush=True)
+        engine.close()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "gate_inputs": rows}, f, indent=1)
+        return
     os.makedirs(args.work, exist_ok=True)
-    cd = CD_POINTS if args.cd is None else {k: tuple(v) for k, v in json.load(open(args.cd)).items()}
-    grid = list(itertools.product([float(x) for x in args.betas.split(",")], [float(x) for x in args.taus.split(",")]))
+    if args.betas or args.taus:
+        grid = list(itertools.product([float(x) for x in args.betas.split(",")], [float(x) for x in args.taus.split(",")]))
+    else:
+        grid = parse_gates(args.gates)
+    step_list = sorted(int(x) for x in args.at_steps.split(",")) if args.at_steps else [args.steps]
     results = []
     for obj in args.objects:
         cs = ev.concept_set(obj, args.seed)
         engine = impasto.Engine.from_pretrained(args.model, device="cpu")
         if "base" in args.methods:
-            c, pf, _ = evaluate(engine, cs, obj, [], cs.class_word, args)
-            results.append({"object": obj, "method": "base", "concept": c, "prompt": pf})
-            print(json.dumps(results[-1]), flush=True)
-        for method in [m for m in args.methods if m != "base"]:
             t0 = time.perf_counter()
-            r = train(engine, cs, obj, method == "lock", args)
-            seconds = time.perf_counter() - t0
-            name = f"{obj}-{method}"
+            c, pf, _ = evaluate(engine, cs, obj, [], cs.class_word, args)
+            results.append({"object": obj, "method": "base", "concept": c, "prompt": pf,
+                            "eval_seconds": time.perf_counter() - t0, "load": os.getloadavg()[0]})
+            print(json.dumps(results[-1]), flush=True)
+        for method, steps in itertools.product([m for m in args.methods if m != "base"], step_list):
+            r, info = train(engine, cs, obj, method == "lock", args, steps)
+            print(json.dumps({"object": obj, "method": method, "steps": r.steps, **info}), flush=True)
+            name = f"{obj}-{method}-{steps}"
             engine.adapters.register(name, r.files["rank1"])
             for beta, tau in grid:
+                t0 = time.perf_counter()
                 c, pf, _ = evaluate(engine, cs, obj, [impasto.Adapter(name, beta=beta, tau=tau)], "<sks>", args)
                 results.append({"object": obj, "method": method, "beta": beta, "tau": tau, "concept": c, "prompt": pf,
-                                "train_seconds": seconds, "steps": r.steps, "bytes": r.nbytes})
+                                "bytes": r.nbytes, **info, "steps": r.steps,
+                                "eval_seconds": time.perf_counter() - t0, "eval_load": os.getloadavg()[0]})
                 print(json.dumps(results[-1]), flush=True)
         engine.close()
     if args.pair:
         pair_check(args, results, args.pair)
-    print(f"{'object':8} {'method':7} {'beta':>5} {'tau':>5} {'concept':>8} {'prompt':>7}")
-    for r in results:
-        if r["method"] != "pair":
-            print(f"{r['object']:8} {r['method']:7} {r.get('beta', 0):5.2f} {r.get('tau', 0):5.2f} "
-                  f"{r['concept']:8.3f} {r['prompt']:7.3f}")
-    for method in ("lock", "nolock"):  # key locking against no lock at matched concept fidelity
-        for obj in args.objects:
-            mine = pareto([(r["concept"], r["prompt"]) for r in results if r["object"] == obj and r["method"] == method])
-            other = pareto([(r["concept"], r["prompt"]) for r in results if r["object"] == obj
-                            and r["method"] == ("nolock" if method == "lock" else "lock")])
-            if method == "lock" and mine and other:
-                gaps = [(c, pf, q) for c, pf in mine if (q := pf_at(other, c)) is not None]
-                for c, pf, q in gaps:
-                    print(f"{obj}: at concept {c:.3f} key-locked prompt {pf:.3f}, no lock {q:.3f} ({pf - q:+.3f})")
+    summary = report(results, args.objects, cd)
     if args.plot:
-        plot(results, args.plot, cd)
+        plot(results, args.plot, cd, cd_label)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "cd": cd, "results": results}, f, indent=1)
+            json.dump({"args": vars(args), "cd": cd, "cd_label": cd_label, "summary": summary, "results": results},
+                      f, indent=1)
 
 
 if __name__ == "__main__":
