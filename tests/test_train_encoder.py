@@ -5,6 +5,7 @@ the CLI; the server's ip_adapter_image."""
 import base64
 import io
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -91,6 +92,37 @@ def test_the_trained_file_serves_with_the_training_forwards_image_kv(eng, traine
         assert np.isfinite(out.images).all() and np.abs(out.images - plain.images).max() > 1e-2
     finally:
         eng.adapters.unregister("trained-enc")
+
+
+def test_coarse_captions_leave_the_shape_to_the_reference():
+    from impasto.tiny import world
+    from impasto.train.encoder import CATEGORY, COARSE_RATES, coarse_caption, training_batch
+
+    s = world.Scene("cross", "orange", "large", 1, "center", "blue", "striped")
+    full = "a large orange cross on a blue background, striped"
+    assert coarse_caption(full, s, "category") == "a large star on a blue background, striped"
+    assert coarse_caption(full, s, "none") == "a large on a blue background, striped"
+    assert coarse_caption(full, s, "full") == full and coarse_caption("", s, "none") == ""
+    two = world.Scene("heart", "orange", "small", 2, "center", "white", "flat")
+    assert coarse_caption("two orange hearts on a white background", two, "category") == "two circles on a white background"
+    assert coarse_caption("an orange heart on a white background", replace(two, count=1), "category") == (
+        "a circle on a white background")
+    with pytest.raises(ValueError, match="mode"):
+        coarse_caption(full, s, "fine")
+    with pytest.raises(ValueError, match="not in the caption"):
+        coarse_caption("a red star on a blue background", s, "category")
+    b = training_batch(5, 0, 800)
+    modes = np.array(b["modes"])
+    assert abs((modes == "category").mean() - COARSE_RATES[0]) < 0.05 and abs((modes == "none").mean() - COARSE_RATES[1]) < 0.04
+    for c, sc, m in zip(b["captions"], b["scenes"], b["modes"]):
+        if c and m != "full":  # a coarse caption names neither the exact shape nor the colour
+            words = set(c.replace(",", "").split()) - {CATEGORY[sc.shape], CATEGORY[sc.shape] + "s"}
+            assert sc.colour not in words and not {sc.shape, world.PLURALS.get(sc.shape, sc.shape + "s")} & words, (c, sc)
+            assert (CATEGORY[sc.shape] in " ".join(words)) == (m == "category"), (c, m)
+    assert not training_batch(5, 0, 200, coarse_rates=(0, 0))["modes"].count("category")
+    assert training_batch(5, 3, 50)["captions"] == training_batch(5, 3, 50)["captions"]  # a pure function of (seed, step)
+    with pytest.raises(ValueError, match="coarse rates"):
+        training_batch(5, 0, 4, coarse_rates=(0.8, 0.4))
 
 
 def test_dropped_rows_get_the_base_variants_unconditional_tokens(eng):

@@ -60,6 +60,8 @@ def add_encoder_parser(methods) -> None:
                      "(default: the model's image_encoder/)")
     enc.add_argument("--no-cross-reference", action="store_true", help="ablation: condition on the target's own render")
     enc.add_argument("--no-drop", action="store_true", help="ablation: never drop the object embedding or the text")
+    enc.add_argument("--no-coarse", action="store_true", help="every caption names the exact shape and colour "
+                     "(the first recipe)")
     _run_options(enc)
     enc.set_defaults(func=_encoder)
 
@@ -69,6 +71,7 @@ def _encoder(args) -> int:
 
     r = encoder(args.model, steps=args.steps, lr=args.lr, batch_size=args.batch_size, tokens=args.tokens,
                 seed=args.seed, output=args.output, cross_reference=not args.no_cross_reference, drop=not args.no_drop,
+                coarse=not args.no_coarse,
                 image_encoder=args.image_encoder, checkpoint_every=args.checkpoint_every, resume=args.resume,
                 progress=not args.quiet)
     _summary(r)

@@ -36,13 +36,67 @@ from PIL import Image
 
 from ..adapters import encoder as encoder_format
 from ..adapters.families import encoder as encoder_family
-from ..tiny import references
+from ..tiny import references, world
 from .core import Batch, Example, Method, Trainer, train
 from .custom_diffusion import resolve_engine
 from .data import TrainInputError
 
 WEIGHTS_NAME = "ip_adapter.safetensors"
 DROP_RATES = (references.DROP_IMAGE, references.DROP_TEXT, references.DROP_BOTH)
+
+# Taming Encoder's captions name the category and leave the instance to the image. The world's
+# captions name the exact shape and colour, so an adapter trained on them alone learns that the
+# image is redundant and stays out of the way (docs/training.md, "The encoder adapter"). For a
+# share of rows the caption therefore names the object only by a coarse word (the category of its
+# geometry, colour dropped) or not at all, so the reference alone decides shape and colour. The
+# categories are the held-out objects' class words (world.NOVEL_OBJECTS' supercategory: star,
+# circle, triangle) plus "square", so training poses the same question as a zero-shot prompt:
+# "a star ..." with a reference of something else star-like.
+CATEGORY = {"circle": "circle", "hexagon": "circle", "heart": "circle", "triangle": "triangle",
+            "diamond": "triangle", "star": "star", "cross": "star", "square": "square"}
+COARSE_RATES = (0.35, 0.15)  # per row: (category word, no object word); the rest keep the full caption
+
+
+def _plural(noun: str) -> str:
+    return world.PLURALS.get(noun, noun + "s")
+
+
+def coarse_caption(caption: str, scene: world.Scene, mode: str) -> str:
+    """Semantics: the world's `caption` of `scene` with its object phrase ("red star", "red
+    stars") replaced: mode "category" -> the category word of CATEGORY ("star", "stars"), colour
+    dropped; "none" -> no colour and no object word ("a on a blue background"); "full" ->
+    unchanged. Size, position, background and style words stay as the caption had them; the
+    leading article is re-chosen for the word that now follows it."""
+    if mode == "full" or not caption:
+        return caption
+    if scene.shape not in CATEGORY:
+        raise ValueError(f"coarse_caption: {scene.shape!r} is not a seen shape {tuple(CATEGORY)}")
+    noun = scene.shape if scene.count == 1 else _plural(scene.shape)
+    phrase = f" {scene.colour} {noun} "
+    if phrase not in caption:
+        raise ValueError(f"coarse_caption: {phrase.strip()!r} not in the caption {caption!r}")
+    if mode == "category":
+        word = CATEGORY[scene.shape]
+        new = f" {word if scene.count == 1 else _plural(word)} "
+    elif mode == "none":
+        new = " "
+    else:
+        raise ValueError(f"coarse_caption: mode {mode!r} is not 'full', 'category' or 'none'")
+    text = caption.replace(phrase, new, 1)
+    head, _, rest = text.partition(" ")
+    if head in ("a", "an"):
+        text = f"{world._article(rest)} {rest}" if not rest.startswith("on ") else f"a {rest}"
+    return text
+
+
+def coarse_modes(seed: int, step: int, batch_size: int, rates: tuple = COARSE_RATES) -> list[str]:
+    """Semantics: B modes for batch `step` of stream `seed` ("category" with probability rates[0],
+    "none" with rates[1], else "full"), a pure function of (seed, step) like the batch itself."""
+    category, none = rates
+    if not (0 <= category and 0 <= none and category + none <= 1):
+        raise ValueError(f"coarse rates: expected two shares summing to at most 1, got {rates!r}")
+    u = np.random.default_rng([seed, step, 2]).random(batch_size)
+    return ["category" if x < category else "none" if x < category + none else "full" for x in u]
 
 
 class EncoderAdapter(Method):
@@ -107,6 +161,17 @@ class EncoderAdapter(Method):
         return {"weights": path}
 
 
+def training_batch(seed: int, step: int, batch_size: int, *, cross_reference: bool = True,
+                   drop_rates: tuple = DROP_RATES, coarse_rates: tuple = COARSE_RATES) -> dict:
+    """references.training_batch with the captions coarsened per `coarse_modes` (a dropped
+    caption stays ""); adds "modes": the B caption modes."""
+    b = references.training_batch(seed, step, batch_size, cross_reference=cross_reference, drop_rates=drop_rates)
+    modes = coarse_modes(seed, step, batch_size, coarse_rates)
+    b["captions"] = [coarse_caption(c, s, m) for c, s, m in zip(b["captions"], b["scenes"], modes)]
+    b["modes"] = modes
+    return b
+
+
 @dataclass
 class EncoderBatch(Batch):
     features: torch.Tensor | None = None  # [R, E]: each row's (possibly dropped) object embedding
@@ -117,14 +182,16 @@ class EncoderTrainer(Trainer):
     concept's images: batch `step` is a pure function of (seed, step), so resume is exact."""
 
     def __init__(self, engine, method: EncoderAdapter, *, seed: int, cross_reference: bool = True,
-                 drop_rates: tuple = DROP_RATES, **kw):
+                 drop_rates: tuple = DROP_RATES, coarse_rates: tuple = COARSE_RATES, **kw):
         # the stream replaces the instance list; one stand-in Example satisfies the loop's check
         super().__init__(engine, method, [Example(None, "")], seed=seed, aug=False, **kw)
         self.seed, self.cross_reference, self.drop_rates = seed, cross_reference, tuple(drop_rates)
+        self.coarse_rates = tuple(coarse_rates)
+        coarse_modes(seed, 0, 1, self.coarse_rates)  # bad rates fail here, not at step 1
 
     def make_batch(self) -> EncoderBatch:
-        b = references.training_batch(self.seed, self.step, self.batch_size, cross_reference=self.cross_reference,
-                                      drop_rates=self.drop_rates)
+        b = training_batch(self.seed, self.step, self.batch_size, cross_reference=self.cross_reference,
+                           drop_rates=self.drop_rates, coarse_rates=self.coarse_rates)
         latents, noise, t = self.draw(torch.from_numpy(b["targets"]))
         mask = torch.ones(latents.shape[0], 1, *latents.shape[2:], device=latents.device)
         feats = self.method.embed(b["references"], b["drop_image"])
@@ -139,7 +206,7 @@ class EncoderTrainer(Trainer):
 
 
 def encoder(base, *, steps: int = 600, lr: float = 1e-3, batch_size: int = 8, tokens: int = 4, seed: int = 0,
-            output=None, cross_reference: bool = True, drop: bool = True, image_encoder: str | None = None,
+            output=None, cross_reference: bool = True, drop: bool = True, coarse: bool = True, image_encoder: str | None = None,
             max_grad_norm: float = 1.0, weight_decay: float = 1e-2, checkpoint_every: int = 0,
             resume: bool = False, progress: bool = True, device=None, dtype=None):
     """Train an encoder adapter (IP-Adapter base layout) on the miniature world's seen objects with
@@ -147,7 +214,9 @@ def encoder(base, *, steps: int = 600, lr: float = 1e-3, batch_size: int = 8, to
 
     cross_reference=False conditions on the target's own render (masked) instead of another render
     of its object (the ablation); drop=False never drops the object embedding or the text (the
-    other ablation). The world's stream is the seen world of engine/tiny/world.py: the data is
+    other ablation); coarse=False keeps every caption's exact shape and colour (COARSE_RATES
+    otherwise: that share of rows names the object by its category or not at all, so the
+    reference decides its shape). The world's stream is the seen world of engine/tiny/world.py: the data is
     references.training_batch(seed, step, batch_size). Returns a TrainResult (.files["weights"]).
     """
     if output is None:
@@ -159,7 +228,8 @@ def encoder(base, *, steps: int = 600, lr: float = 1e-3, batch_size: int = 8, to
     try:
         method = EncoderAdapter(engine, tokens=tokens, seed=seed, image_encoder=image_encoder)
         trainer = EncoderTrainer(engine, method, seed=seed, cross_reference=cross_reference,
-                                 drop_rates=DROP_RATES if drop else (0.0, 0.0, 0.0), steps=steps, lr=lr,
+                                 drop_rates=DROP_RATES if drop else (0.0, 0.0, 0.0),
+                                 coarse_rates=COARSE_RATES if coarse else (0.0, 0.0), steps=steps, lr=lr,
                                  batch_size=batch_size, max_grad_norm=max_grad_norm, weight_decay=weight_decay)
         result = train(trainer, output, checkpoint_every=checkpoint_every, resume=resume, progress=progress)
         result.nbytes = sum(os.path.getsize(p) for p in result.files.values())
