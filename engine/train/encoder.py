@@ -105,7 +105,8 @@ class EncoderAdapter(Method):
     name = "encoder"
     aug = False  # the world's own renders vary position, size and background
 
-    def __init__(self, engine, *, tokens: int = 4, seed: int = 0, image_encoder: str | None = None):
+    def __init__(self, engine, *, tokens: int = 4, seed: int = 0, image_encoder: str | None = None,
+                 variant: str = encoder_format.BASE, depth: int = 2, heads: int = 1):
         store = engine.adapters
         folder = image_encoder or os.path.join(store.model_dir or "", "image_encoder")
         if not os.path.isdir(folder):
@@ -114,7 +115,14 @@ class EncoderAdapter(Method):
         self.folder = os.path.realpath(folder)
         self.model, self.processor = encoder_family.image_encoder(store, self.folder)
         self.embed_dim = self.model.config.projection_dim
-        proj, ip = encoder_format.initial_weights(engine.base.unet, self.embed_dim, tokens=tokens, seed=seed)
+        if variant == encoder_format.BASE:
+            proj, ip = encoder_format.initial_weights(engine.base.unet, self.embed_dim, tokens=tokens, seed=seed)
+        elif variant == encoder_format.PLUS:  # the Resampler reads every token of hidden_states[-2]
+            proj, ip = encoder_format.initial_plus_weights(engine.base.unet, self.model.config.hidden_size,
+                                                           tokens=tokens, depth=depth, heads=heads, seed=seed)
+        else:
+            raise TrainInputError(f"variant: expected {encoder_format.BASE!r} or {encoder_format.PLUS!r}, got {variant!r}")
+        self.variant, self.depth, self.heads = variant, depth, heads
         device = next(engine.base.unet.parameters()).device
         as_param = lambda t: torch.nn.Parameter(t.to(device=device, dtype=torch.float32))  # noqa: E731
         self.proj = {k: as_param(v) for k, v in proj.items()}
@@ -130,17 +138,23 @@ class EncoderAdapter(Method):
     def file(self) -> encoder_format.EncoderFile:
         """The adapter as the serving path holds it, its tensors the trained Parameters."""
         layers = {name: (self.ip[f"{i}.to_k_ip.weight"], self.ip[f"{i}.to_v_ip.weight"]) for name, i in self.ids.items()}
-        return encoder_format.EncoderFile("", encoder_format.BASE, self.tokens, 0, 0, self.proj, layers, self.folder)
+        heads, depth = (self.heads, self.depth) if self.variant == encoder_format.PLUS else (0, 0)
+        return encoder_format.EncoderFile("", self.variant, self.tokens, heads, depth, self.proj, layers, self.folder)
 
     @torch.no_grad()
     def embed(self, images, drop: np.ndarray) -> torch.Tensor:
-        """Semantics: Shape [N, E]: row i = image_embeds(images[i]) (the frozen encoder, the
-        serving path's processor), or zeros where drop[i] (the dropped object embedding)."""
-        device = next(self.model.parameters()).device
+        """Semantics: base: Shape [N, E]: row i = image_embeds(images[i]) (the frozen encoder, the
+        serving path's processor), or zeros where drop[i] (the dropped object embedding).
+        plus: Shape [N, P, E']: hidden_states[-2] of images[i], or of a zero image where drop[i]
+        (the Plus variant's unconditional input, as serving plans it)."""
+        param = next(self.model.parameters())
         px = encoder_format.pixels(self.processor, [Image.fromarray(np.asarray(im)) for im in images])
-        e = self.model(pixel_values=px.to(device=device, dtype=next(self.model.parameters()).dtype)).image_embeds
-        keep = torch.from_numpy(~np.asarray(drop, bool)).to(device)[:, None]
-        return e.float() * keep
+        px = px.to(device=param.device, dtype=param.dtype)
+        keep = torch.from_numpy(~np.asarray(drop, bool)).to(param.device)
+        if self.variant == encoder_format.PLUS:
+            px = px * keep[:, None, None, None]
+            return self.model(pixel_values=px, output_hidden_states=True).hidden_states[-2].float()
+        return self.model(pixel_values=px).image_embeds.float() * keep[:, None]
 
     def hooks(self, engine):
         @contextlib.contextmanager
@@ -205,10 +219,10 @@ class EncoderTrainer(Trainer):
             self.method.features = None
 
 
-def encoder(base, *, steps: int = 600, lr: float = 1e-3, batch_size: int = 8, tokens: int = 4, seed: int = 0,
+def encoder(base, *, steps: int = 600, lr: float = 1e-3, batch_size: int = 8, tokens: int | None = None, seed: int = 0,
             output=None, cross_reference: bool = True, drop: bool = True, coarse: bool = True, image_encoder: str | None = None,
             max_grad_norm: float = 1.0, weight_decay: float = 1e-2, checkpoint_every: int = 0,
-            resume: bool = False, progress: bool = True, device=None, dtype=None):
+            resume: bool = False, progress: bool = True, device=None, dtype=None, variant: str = encoder_format.BASE):
     """Train an encoder adapter (IP-Adapter base layout) on the miniature world's seen objects with
     Taming Encoder's two additions, and write `<output>/ip_adapter.safetensors`.
 
@@ -221,12 +235,14 @@ def encoder(base, *, steps: int = 600, lr: float = 1e-3, batch_size: int = 8, to
     """
     if output is None:
         raise TrainInputError("output: a folder to write the adapter to is required")
+    if tokens is None:
+        tokens = 16 if variant == encoder_format.PLUS else 4  # IP-Adapter's and IP-Adapter Plus's counts
     if not isinstance(tokens, int) or isinstance(tokens, bool) or not 0 < tokens <= encoder_format.MAX_TOKENS_PER_IMAGE:
         raise TrainInputError(f"tokens: expected an integer in 1..{encoder_format.MAX_TOKENS_PER_IMAGE}, got {tokens!r}")
     output = os.fspath(output)
     engine, owned = resolve_engine(base, device, dtype)
     try:
-        method = EncoderAdapter(engine, tokens=tokens, seed=seed, image_encoder=image_encoder)
+        method = EncoderAdapter(engine, tokens=tokens, seed=seed, image_encoder=image_encoder, variant=variant)
         trainer = EncoderTrainer(engine, method, seed=seed, cross_reference=cross_reference,
                                  drop_rates=DROP_RATES if drop else (0.0, 0.0, 0.0),
                                  coarse_rates=COARSE_RATES if coarse else (0.0, 0.0), steps=steps, lr=lr,
