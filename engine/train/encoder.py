@@ -6,20 +6,24 @@ Trained (fp32 master weights, initialised as IP-Adapter's tutorial_train.py does
 layer's decoupled W'_K, W'_V [h, D]. Frozen: the UNet, text encoder, VAE and the image encoder
 (the model folder's image_encoder/, a CLIPVisionModelWithProjection).
 
-Semantics of one step (batch `step` of `references.training_batch(seed, step, B)`):
+Semantics of one step (batch `step` of `training_batch(seed, step, B)`):
 
-    x0_b   a seen-world scene (never a held-out object), its caption ("" for 10 % of rows)
+    x0_b   a seen-world scene (never a held-out object), its caption ("" for 10 % of rows; for
+           35 % the object named only by its category word, for 15 % not at all, colour dropped:
+           `coarse_caption`, so the reference must decide what the caption leaves open)
     ref_b  ANOTHER render of the same object (size, position, background drawn again), its
            background masked to gray    [cross-reference regularization; off: the target itself]
     e_b    = image_embeds(ref_b), or 0 for 10 % of rows [object-embedding dropping; the zero
            embedding is the base variant's unconditional branch, as serving plans it]
     c_b    = LayerNorm(reshape(proj(e_b), [T, D]))             (encoder.project: the serving math)
+           [Plus variant: e_b = hidden_states[-2](ref_b) (a zero image's when dropped), c_b = the
+           Resampler of e_b, T = 16]
     K'_l, V'_l = c_b W'_K,lᵀ, c_b W'_V,lᵀ per attn2 layer l     (encoder.image_kv)
     pred   = UNet(x_t, t) with Z_l = softmax(QKᵀ/√d)V + 1·softmax(QK'ᵀ/√d)V'  (attention.image_attention,
              K'/V' held in the BatchState like the planned text K/V)
     loss   = the loop's ε (or v) MSE, mask 1
 
-The result is one IP-Adapter base-layout file (`ip_adapter.safetensors`: image_proj.*,
+The result is one IP-Adapter base- (or Plus-) layout file (`ip_adapter.safetensors`: image_proj.*,
 ip_adapter.<id>.to_{k,v}_ip.weight) that `engine.adapters.register` and diffusers'
 `load_ip_adapter` read.
 """
@@ -100,7 +104,7 @@ def coarse_modes(seed: int, step: int, batch_size: int, rates: tuple = COARSE_RA
 
 
 class EncoderAdapter(Method):
-    """The trainable projection + K'/V' of an IP-Adapter base-variant adapter (module docstring)."""
+    """The trainable projection (base) or Resampler (Plus) + K'/V' of an IP-Adapter adapter (module docstring)."""
 
     name = "encoder"
     aug = False  # the world's own renders vary position, size and background
