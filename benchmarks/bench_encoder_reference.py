@@ -5,7 +5,8 @@ Two measurements, both on seen shapes only (the held-out objects stay out of it)
     information   how well the frozen tiny image encoder's `image_embeds` (the base variant's
                   only input) encode a masked reference's shape and colour: a linear probe
                   (softmax regression, standardized features) fit on `--fit` cross-reference
-                  references of stream 3 and scored on `--test` more. No adapter can copy an
+                  references of stream 3 and scored on `--test` more (also the reference's
+                  size and position, what copy-paste would copy). No adapter can copy an
                   attribute from the reference that this embedding does not carry. For
                   comparison, the same probe on the penultimate hidden states (all 65 tokens,
                   flattened: what the Plus variant's Resampler reads).
@@ -68,6 +69,9 @@ def information(engine, fit: int, test: int) -> dict:
     e = torch.cat([method.embed(refs[i:i + 200], np.zeros(len(refs[i:i + 200]), bool)) for i in range(0, len(refs), 200)])
     shape = torch.tensor([world.SHAPES.index(p.scene.shape) for p in pairs])
     colour = torch.tensor([world.COLOUR_NAMES.index(p.scene.colour) for p in pairs])
+    # what copy-paste would copy: the reference's own size and position (its count is always one)
+    size = torch.tensor([world.SIZE_NAMES.index(p.reference_scene.size) for p in pairs])
+    position = torch.tensor([world.POSITIONS.index(p.reference_scene.position) for p in pairs])
     px = [encoder_format.pixels(method.processor, [Image.fromarray(r) for r in refs[i:i + 200]])
           for i in range(0, len(refs), 200)]
     with torch.no_grad():  # what IP-Adapter Plus reads instead: the penultimate hidden states, all tokens
@@ -75,7 +79,12 @@ def information(engine, fit: int, test: int) -> dict:
     return {"shape": linear_probe(e, shape, fit, len(world.SHAPES)), "shape_chance": 1 / len(world.SHAPES),
             "shape_from_hidden_states": linear_probe(h.float(), shape, fit, len(world.SHAPES)),
             "colour": linear_probe(e, colour, fit, len(world.COLOUR_NAMES)),
-            "colour_chance": 1 / len(world.COLOUR_NAMES), "fit": fit, "test": test}
+            "colour_chance": 1 / len(world.COLOUR_NAMES),
+            "size": linear_probe(e, size, fit, len(world.SIZE_NAMES)),
+            "size_majority": float(max((size[fit:] == k).float().mean() for k in range(len(world.SIZE_NAMES)))),
+            "position": linear_probe(e, position, fit, len(world.POSITIONS)),
+            "position_majority": float(max((position[fit:] == k).float().mean() for k in range(len(world.POSITIONS)))),
+            "fit": fit, "test": test}
 
 
 def _request(prompt, seed, steps, name, ref):
