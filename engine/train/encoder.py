@@ -223,7 +223,7 @@ class EncoderTrainer(Trainer):
             self.method.features = None
 
 
-def encoder(base, *, steps: int = 600, lr: float = 1e-3, batch_size: int = 8, tokens: int | None = None, seed: int = 0,
+def encoder(base, *, steps: int = 1000, lr: float = 1e-3, batch_size: int = 8, tokens: int | None = None, seed: int = 0,
             output=None, cross_reference: bool = True, drop: bool = True, coarse: bool = True, image_encoder: str | None = None,
             max_grad_norm: float = 1.0, weight_decay: float = 1e-2, checkpoint_every: int = 0,
             resume: bool = False, progress: bool = True, device=None, dtype=None, variant: str = encoder_format.BASE):
