@@ -5,6 +5,7 @@ the CLI; the server's ip_adapter_image."""
 import base64
 import io
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -93,6 +94,64 @@ def test_the_trained_file_serves_with_the_training_forwards_image_kv(eng, traine
         eng.adapters.unregister("trained-enc")
 
 
+def test_coarse_captions_leave_the_shape_to_the_reference():
+    from impasto.tiny import world
+    from impasto.train.encoder import CATEGORY, COARSE_RATES, coarse_caption, training_batch
+
+    s = world.Scene("cross", "orange", "large", 1, "center", "blue", "striped")
+    full = "a large orange cross on a blue background, striped"
+    assert coarse_caption(full, s, "category") == "a large star on a blue background, striped"
+    assert coarse_caption(full, s, "none") == "a large on a blue background, striped"
+    assert coarse_caption(full, s, "full") == full and coarse_caption("", s, "none") == ""
+    two = world.Scene("heart", "orange", "small", 2, "center", "white", "flat")
+    assert coarse_caption("two orange hearts on a white background", two, "category") == "two circles on a white background"
+    assert coarse_caption("an orange heart on a white background", replace(two, count=1), "category") == (
+        "a circle on a white background")
+    with pytest.raises(ValueError, match="mode"):
+        coarse_caption(full, s, "fine")
+    with pytest.raises(ValueError, match="not in the caption"):
+        coarse_caption("a red star on a blue background", s, "category")
+    b = training_batch(5, 0, 800)
+    modes = np.array(b["modes"])
+    assert abs((modes == "category").mean() - COARSE_RATES[0]) < 0.05 and abs((modes == "none").mean() - COARSE_RATES[1]) < 0.04
+    for c, sc, m in zip(b["captions"], b["scenes"], b["modes"]):
+        if c and m != "full":  # a coarse caption names neither the exact shape nor the colour
+            words = set(c.replace(",", "").split())
+            category = {CATEGORY[sc.shape], CATEGORY[sc.shape] + "s"}
+            exact = {sc.shape, world.PLURALS.get(sc.shape, sc.shape + "s")} - category
+            assert sc.colour not in words and not exact & words, (c, sc)
+            assert bool(category & words) == (m == "category"), (c, m)
+    assert not training_batch(5, 0, 200, coarse_rates=(0, 0))["modes"].count("category")
+    assert training_batch(5, 3, 50)["captions"] == training_batch(5, 3, 50)["captions"]  # a pure function of (seed, step)
+    with pytest.raises(ValueError, match="coarse rates"):
+        training_batch(5, 0, 4, coarse_rates=(0.8, 0.4))
+
+
+def test_plus_variant_trains_and_serves_with_the_training_forwards_image_kv(eng, tmp_path):
+    method = EncoderAdapter(eng, seed=0, variant=encoder_format.PLUS, tokens=16)
+    trainer = EncoderTrainer(eng, method, seed=0, steps=2, lr=1e-3, batch_size=2)
+    result = impasto.train.train(trainer, str(tmp_path), progress=False)
+    info = eng.adapters.register("trained-plus", result.files["weights"])  # the Resampler layout, read by detection
+    try:
+        assert info.format == encoder_format.PLUS and info.image_tokens == 16
+        ref = Image.fromarray(references.object_reference("cross", seed=5, colour="green"))
+        family = FAMILIES["encoder"]
+        use = Use(family, "trained-plus", 1.0, {"image": ReferenceImages([ref])}, info, family.load(eng.adapters, info))
+        planned = family.image_kv(eng.adapters, [[use]])[0]
+        feats = method.embed([np.asarray(ref)], np.array([False]))  # [1, P, E'] hidden_states[-2]
+        assert feats.shape[1] > 1
+        tokens = encoder_format.project(method.file(), feats)[0]
+        for name, (W_k, W_v) in method.file().layers.items():
+            k, v = encoder_format.image_kv(tokens, W_k, W_v)
+            torch.testing.assert_close(planned.kv[name][0], k.detach(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(planned.kv[name][1], v.detach(), atol=1e-5, rtol=1e-5)
+        # a dropped row is the Plus variant's unconditional input: the encoder of a zero image
+        zero = method.model(pixel_values=torch.zeros(1, 3, 32, 32), output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(method.embed([np.asarray(ref)], np.array([True])), zero.float())
+    finally:
+        eng.adapters.unregister("trained-plus")
+
+
 def test_dropped_rows_get_the_base_variants_unconditional_tokens(eng):
     method = EncoderAdapter(eng, seed=0)
     refs = [references.object_reference("star", seed=1), references.object_reference("circle", seed=2)]
@@ -109,6 +168,8 @@ def test_bad_settings_are_named(eng, tmp_path):
         encoder(eng, steps=1, output=str(tmp_path), image_encoder=str(tmp_path / "nope"))
     with pytest.raises(TrainInputError, match="steps"):
         encoder(eng, steps=0, output=str(tmp_path))
+    with pytest.raises(TrainInputError, match="variant"):
+        encoder(eng, steps=1, output=str(tmp_path), variant="plus-plus")
 
 
 def test_cli_train_encoder(tmp_path, capsys):
@@ -160,11 +221,38 @@ def test_shipped_adapter_loads():
         e.close()
 
 
+def test_shipped_adapter_takes_the_colour_the_prompt_leaves_open(eng):
+    """The prompt names a seen shape and no colour, the reference is that shape in one of four
+    colours: with the shipped adapter the colour probe reads the reference's colour >= 0.25 more
+    often than without it (the first, full-caption adapter: 1 of 16, as the base)."""
+    eng.adapters.register("col", SHIPPED)
+    try:
+        reqs, want = {None: [], "col": []}, []
+        for c in ("red", "green", "yellow", "white"):
+            for j, (shape, bg) in enumerate((("star", "blue"), ("heart", "black"), ("circle", "purple"), ("square", "gray"))):
+                ref = Image.fromarray(references.object_reference(shape, seed=20 + j, colour=c))
+                prompt = f"a {shape} on a {bg} background, flat"
+                reqs[None].append(impasto.Request(prompt, seed=900 + j, steps=10, guidance=7.5))
+                reqs["col"].append(impasto.Request(prompt, seed=900 + j, steps=10, guidance=7.5, adapters=[("col", 1.0)],
+                                                   ip_adapter_image=ref))
+                want.append(c)
+        share = {}
+        for k, rs in reqs.items():
+            outs = eng.generate_batch(rs)
+            assert all(o.error is None for o in outs)
+            probs = ev._read([o.images[0] for o in outs], None)
+            share[k] = np.mean([ev.CLASSES["colour"][i] == w for i, w in zip(probs["colour"].argmax(1), want)])
+        assert share["col"] >= share[None] + 0.25, share
+    finally:
+        eng.adapters.unregister("col")
+
+
 ZERO_SHOT_OBJECT = "sparkle"
 
 
-@pytest.mark.xfail(strict=True, reason="target not met: the shipped adapter (600 steps) adds ~0 concept "
-                   "fidelity zero-shot (docs/training.md, 'The encoder adapter'); strict: passing would be news")
+@pytest.mark.xfail(strict=True, reason="target not met: the shipped adapter (coarse captions, 1000 steps) adds "
+                   "+0.03 here (0.094 -> 0.125; +0.167 at 25 steps): the frozen tiny image encoder's image_embeds "
+                   "barely encode shape (docs/training.md, 'The encoder adapter'); strict: passing would be news")
 def test_shipped_adapter_zero_shot_concept_fidelity(eng):
     """32 fixed seeds of the protocol's held-out prompts (the class word, one masked reference in)
     against the base on the same prompts and seeds: the encoder adds >= 0.25 concept fidelity on

@@ -421,6 +421,35 @@ def initial_weights(unet, embed_dim: int, *, tokens: int = 4, seed: int = 0) -> 
     return image_proj, ip_adapter
 
 
+def initial_plus_weights(unet, embed_dim: int, *, tokens: int = 16, depth: int = 2, heads: int = 1,
+                         width: int | None = None, ff_mult: int = 4, seed: int = 0) -> tuple[dict, dict]:
+    """(image_proj, ip_adapter) of a fresh Plus-variant adapter in the original Resampler's key
+    layout (`resampler`): latents ~ N(0, 1)/√W as IP-Adapter's resampler.py starts them, every
+    Linear default-initialized, LayerNorms (ones, zeros); K'/V' copies of to_k / to_v as in
+    `initial_weights`. W = width (default D, the cross-attention width). float32."""
+    D = unet.config.cross_attention_dim
+    W, inner, F_ = width or D, heads * DIM_HEAD, ff_mult * (width or D)
+    torch.manual_seed(seed)
+    lin = lambda o, i, bias=True: torch.nn.Linear(i, o, bias=bias)  # noqa: E731
+    p = {"latents": torch.randn(1, tokens, W) / W ** 0.5}
+    m = lin(W, embed_dim)
+    p["proj_in.weight"], p["proj_in.bias"] = m.weight.detach(), m.bias.detach()
+    for i in range(depth):
+        q = f"layers.{i}."
+        for n in ("0.norm1", "0.norm2", "1.0"):
+            p[q + n + ".weight"], p[q + n + ".bias"] = torch.ones(W), torch.zeros(W)
+        p[q + "0.to_q.weight"] = lin(inner, W, False).weight.detach()
+        p[q + "0.to_kv.weight"] = lin(2 * inner, W, False).weight.detach()
+        p[q + "0.to_out.weight"] = lin(W, inner, False).weight.detach()
+        p[q + "1.1.weight"] = lin(F_, W, False).weight.detach()
+        p[q + "1.3.weight"] = lin(W, F_, False).weight.detach()
+    m = lin(D, W)
+    p["proj_out.weight"], p["proj_out.bias"] = m.weight.detach(), m.bias.detach()
+    p["norm_out.weight"], p["norm_out.bias"] = torch.ones(D), torch.zeros(D)
+    _, ip_adapter = initial_weights(unet, embed_dim, tokens=1, seed=seed)
+    return {k: v.clone().float() for k, v in p.items()}, ip_adapter
+
+
 def save(path, image_proj: dict, ip_adapter: dict) -> None:
     """Write an IP-Adapter file: `.safetensors` flat with prefixes, anything else as the nested
     torch dict the original repo saves ({"image_proj": ..., "ip_adapter": ...})."""

@@ -6,20 +6,24 @@ Trained (fp32 master weights, initialised as IP-Adapter's tutorial_train.py does
 layer's decoupled W'_K, W'_V [h, D]. Frozen: the UNet, text encoder, VAE and the image encoder
 (the model folder's image_encoder/, a CLIPVisionModelWithProjection).
 
-Semantics of one step (batch `step` of `references.training_batch(seed, step, B)`):
+Semantics of one step (batch `step` of `training_batch(seed, step, B)`):
 
-    x0_b   a seen-world scene (never a held-out object), its caption ("" for 10 % of rows)
+    x0_b   a seen-world scene (never a held-out object), its caption ("" for 10 % of rows; for
+           35 % the object named only by its category word, for 15 % not at all, colour dropped:
+           `coarse_caption`, so the reference must decide what the caption leaves open)
     ref_b  ANOTHER render of the same object (size, position, background drawn again), its
            background masked to gray    [cross-reference regularization; off: the target itself]
     e_b    = image_embeds(ref_b), or 0 for 10 % of rows [object-embedding dropping; the zero
            embedding is the base variant's unconditional branch, as serving plans it]
     c_b    = LayerNorm(reshape(proj(e_b), [T, D]))             (encoder.project: the serving math)
+           [Plus variant: e_b = hidden_states[-2](ref_b) (a zero image's when dropped), c_b = the
+           Resampler of e_b, T = 16]
     K'_l, V'_l = c_b W'_K,lᵀ, c_b W'_V,lᵀ per attn2 layer l     (encoder.image_kv)
     pred   = UNet(x_t, t) with Z_l = softmax(QKᵀ/√d)V + 1·softmax(QK'ᵀ/√d)V'  (attention.image_attention,
              K'/V' held in the BatchState like the planned text K/V)
     loss   = the loop's ε (or v) MSE, mask 1
 
-The result is one IP-Adapter base-layout file (`ip_adapter.safetensors`: image_proj.*,
+The result is one IP-Adapter base- (or Plus-) layout file (`ip_adapter.safetensors`: image_proj.*,
 ip_adapter.<id>.to_{k,v}_ip.weight) that `engine.adapters.register` and diffusers'
 `load_ip_adapter` read.
 """
@@ -36,7 +40,7 @@ from PIL import Image
 
 from ..adapters import encoder as encoder_format
 from ..adapters.families import encoder as encoder_family
-from ..tiny import references
+from ..tiny import references, world
 from .core import Batch, Example, Method, Trainer, train
 from .custom_diffusion import resolve_engine
 from .data import TrainInputError
@@ -44,14 +48,69 @@ from .data import TrainInputError
 WEIGHTS_NAME = "ip_adapter.safetensors"
 DROP_RATES = (references.DROP_IMAGE, references.DROP_TEXT, references.DROP_BOTH)
 
+# Taming Encoder's captions name the category and leave the instance to the image. The world's
+# captions name the exact shape and colour, so an adapter trained on them alone learns that the
+# image is redundant and stays out of the way (docs/training.md, "The encoder adapter"). For a
+# share of rows the caption therefore names the object only by a coarse word (the category of its
+# geometry, colour dropped) or not at all, so the reference alone decides shape and colour. The
+# categories are the held-out objects' class words (world.NOVEL_OBJECTS' supercategory: star,
+# circle, triangle) plus "square", so training poses the same question as a zero-shot prompt:
+# "a star ..." with a reference of something else star-like.
+CATEGORY = {"circle": "circle", "hexagon": "circle", "heart": "circle", "triangle": "triangle",
+            "diamond": "triangle", "star": "star", "cross": "star", "square": "square"}
+COARSE_RATES = (0.35, 0.15)  # per row: (category word, no object word); the rest keep the full caption
+
+
+def _plural(noun: str) -> str:
+    return world.PLURALS.get(noun, noun + "s")
+
+
+def coarse_caption(caption: str, scene: world.Scene, mode: str) -> str:
+    """Semantics: the world's `caption` of `scene` with its object phrase ("red star", "red
+    stars") replaced: mode "category" -> the category word of CATEGORY ("star", "stars"), colour
+    dropped; "none" -> no colour and no object word ("a on a blue background"); "full" ->
+    unchanged. Size, position, background and style words stay as the caption had them; the
+    leading article is re-chosen for the word that now follows it."""
+    if mode == "full" or not caption:
+        return caption
+    if scene.shape not in CATEGORY:
+        raise ValueError(f"coarse_caption: {scene.shape!r} is not a seen shape {tuple(CATEGORY)}")
+    noun = scene.shape if scene.count == 1 else _plural(scene.shape)
+    phrase = f" {scene.colour} {noun} "
+    if phrase not in caption:
+        raise ValueError(f"coarse_caption: {phrase.strip()!r} not in the caption {caption!r}")
+    if mode == "category":
+        word = CATEGORY[scene.shape]
+        new = f" {word if scene.count == 1 else _plural(word)} "
+    elif mode == "none":
+        new = " "
+    else:
+        raise ValueError(f"coarse_caption: mode {mode!r} is not 'full', 'category' or 'none'")
+    text = caption.replace(phrase, new, 1)
+    head, _, rest = text.partition(" ")
+    if head in ("a", "an"):
+        text = f"{world._article(rest)} {rest}" if not rest.startswith("on ") else f"a {rest}"
+    return text
+
+
+def coarse_modes(seed: int, step: int, batch_size: int, rates: tuple = COARSE_RATES) -> list[str]:
+    """Semantics: B modes for batch `step` of stream `seed` ("category" with probability rates[0],
+    "none" with rates[1], else "full"), a pure function of (seed, step) like the batch itself."""
+    category, none = rates
+    if not (0 <= category and 0 <= none and category + none <= 1):
+        raise ValueError(f"coarse rates: expected two shares summing to at most 1, got {rates!r}")
+    u = np.random.default_rng([seed, step, 2]).random(batch_size)
+    return ["category" if x < category else "none" if x < category + none else "full" for x in u]
+
 
 class EncoderAdapter(Method):
-    """The trainable projection + K'/V' of an IP-Adapter base-variant adapter (module docstring)."""
+    """The trainable projection (base) or Resampler (Plus) + K'/V' of an IP-Adapter adapter (module docstring)."""
 
     name = "encoder"
     aug = False  # the world's own renders vary position, size and background
 
-    def __init__(self, engine, *, tokens: int = 4, seed: int = 0, image_encoder: str | None = None):
+    def __init__(self, engine, *, tokens: int = 4, seed: int = 0, image_encoder: str | None = None,
+                 variant: str = encoder_format.BASE, depth: int = 2, heads: int = 1):
         store = engine.adapters
         folder = image_encoder or os.path.join(store.model_dir or "", "image_encoder")
         if not os.path.isdir(folder):
@@ -60,7 +119,14 @@ class EncoderAdapter(Method):
         self.folder = os.path.realpath(folder)
         self.model, self.processor = encoder_family.image_encoder(store, self.folder)
         self.embed_dim = self.model.config.projection_dim
-        proj, ip = encoder_format.initial_weights(engine.base.unet, self.embed_dim, tokens=tokens, seed=seed)
+        if variant == encoder_format.BASE:
+            proj, ip = encoder_format.initial_weights(engine.base.unet, self.embed_dim, tokens=tokens, seed=seed)
+        elif variant == encoder_format.PLUS:  # the Resampler reads every token of hidden_states[-2]
+            proj, ip = encoder_format.initial_plus_weights(engine.base.unet, self.model.config.hidden_size,
+                                                           tokens=tokens, depth=depth, heads=heads, seed=seed)
+        else:
+            raise TrainInputError(f"variant: expected {encoder_format.BASE!r} or {encoder_format.PLUS!r}, got {variant!r}")
+        self.variant, self.depth, self.heads = variant, depth, heads
         device = next(engine.base.unet.parameters()).device
         as_param = lambda t: torch.nn.Parameter(t.to(device=device, dtype=torch.float32))  # noqa: E731
         self.proj = {k: as_param(v) for k, v in proj.items()}
@@ -76,17 +142,23 @@ class EncoderAdapter(Method):
     def file(self) -> encoder_format.EncoderFile:
         """The adapter as the serving path holds it, its tensors the trained Parameters."""
         layers = {name: (self.ip[f"{i}.to_k_ip.weight"], self.ip[f"{i}.to_v_ip.weight"]) for name, i in self.ids.items()}
-        return encoder_format.EncoderFile("", encoder_format.BASE, self.tokens, 0, 0, self.proj, layers, self.folder)
+        heads, depth = (self.heads, self.depth) if self.variant == encoder_format.PLUS else (0, 0)
+        return encoder_format.EncoderFile("", self.variant, self.tokens, heads, depth, self.proj, layers, self.folder)
 
     @torch.no_grad()
     def embed(self, images, drop: np.ndarray) -> torch.Tensor:
-        """Semantics: Shape [N, E]: row i = image_embeds(images[i]) (the frozen encoder, the
-        serving path's processor), or zeros where drop[i] (the dropped object embedding)."""
-        device = next(self.model.parameters()).device
+        """Semantics: base: Shape [N, E]: row i = image_embeds(images[i]) (the frozen encoder, the
+        serving path's processor), or zeros where drop[i] (the dropped object embedding).
+        plus: Shape [N, P, E']: hidden_states[-2] of images[i], or of a zero image where drop[i]
+        (the Plus variant's unconditional input, as serving plans it)."""
+        param = next(self.model.parameters())
         px = encoder_format.pixels(self.processor, [Image.fromarray(np.asarray(im)) for im in images])
-        e = self.model(pixel_values=px.to(device=device, dtype=next(self.model.parameters()).dtype)).image_embeds
-        keep = torch.from_numpy(~np.asarray(drop, bool)).to(device)[:, None]
-        return e.float() * keep
+        px = px.to(device=param.device, dtype=param.dtype)
+        keep = torch.from_numpy(~np.asarray(drop, bool)).to(param.device)
+        if self.variant == encoder_format.PLUS:
+            px = px * keep[:, None, None, None]
+            return self.model(pixel_values=px, output_hidden_states=True).hidden_states[-2].float()
+        return self.model(pixel_values=px).image_embeds.float() * keep[:, None]
 
     def hooks(self, engine):
         @contextlib.contextmanager
@@ -107,6 +179,17 @@ class EncoderAdapter(Method):
         return {"weights": path}
 
 
+def training_batch(seed: int, step: int, batch_size: int, *, cross_reference: bool = True,
+                   drop_rates: tuple = DROP_RATES, coarse_rates: tuple = COARSE_RATES) -> dict:
+    """references.training_batch with the captions coarsened per `coarse_modes` (a dropped
+    caption stays ""); adds "modes": the B caption modes."""
+    b = references.training_batch(seed, step, batch_size, cross_reference=cross_reference, drop_rates=drop_rates)
+    modes = coarse_modes(seed, step, batch_size, coarse_rates)
+    b["captions"] = [coarse_caption(c, s, m) for c, s, m in zip(b["captions"], b["scenes"], modes)]
+    b["modes"] = modes
+    return b
+
+
 @dataclass
 class EncoderBatch(Batch):
     features: torch.Tensor | None = None  # [R, E]: each row's (possibly dropped) object embedding
@@ -117,14 +200,16 @@ class EncoderTrainer(Trainer):
     concept's images: batch `step` is a pure function of (seed, step), so resume is exact."""
 
     def __init__(self, engine, method: EncoderAdapter, *, seed: int, cross_reference: bool = True,
-                 drop_rates: tuple = DROP_RATES, **kw):
+                 drop_rates: tuple = DROP_RATES, coarse_rates: tuple = COARSE_RATES, **kw):
         # the stream replaces the instance list; one stand-in Example satisfies the loop's check
         super().__init__(engine, method, [Example(None, "")], seed=seed, aug=False, **kw)
         self.seed, self.cross_reference, self.drop_rates = seed, cross_reference, tuple(drop_rates)
+        self.coarse_rates = tuple(coarse_rates)
+        coarse_modes(seed, 0, 1, self.coarse_rates)  # bad rates fail here, not at step 1
 
     def make_batch(self) -> EncoderBatch:
-        b = references.training_batch(self.seed, self.step, self.batch_size, cross_reference=self.cross_reference,
-                                      drop_rates=self.drop_rates)
+        b = training_batch(self.seed, self.step, self.batch_size, cross_reference=self.cross_reference,
+                           drop_rates=self.drop_rates, coarse_rates=self.coarse_rates)
         latents, noise, t = self.draw(torch.from_numpy(b["targets"]))
         mask = torch.ones(latents.shape[0], 1, *latents.shape[2:], device=latents.device)
         feats = self.method.embed(b["references"], b["drop_image"])
@@ -138,28 +223,33 @@ class EncoderTrainer(Trainer):
             self.method.features = None
 
 
-def encoder(base, *, steps: int = 600, lr: float = 1e-3, batch_size: int = 8, tokens: int = 4, seed: int = 0,
-            output=None, cross_reference: bool = True, drop: bool = True, image_encoder: str | None = None,
+def encoder(base, *, steps: int = 1000, lr: float = 1e-3, batch_size: int = 8, tokens: int | None = None, seed: int = 0,
+            output=None, cross_reference: bool = True, drop: bool = True, coarse: bool = True, image_encoder: str | None = None,
             max_grad_norm: float = 1.0, weight_decay: float = 1e-2, checkpoint_every: int = 0,
-            resume: bool = False, progress: bool = True, device=None, dtype=None):
+            resume: bool = False, progress: bool = True, device=None, dtype=None, variant: str = encoder_format.BASE):
     """Train an encoder adapter (IP-Adapter base layout) on the miniature world's seen objects with
     Taming Encoder's two additions, and write `<output>/ip_adapter.safetensors`.
 
     cross_reference=False conditions on the target's own render (masked) instead of another render
     of its object (the ablation); drop=False never drops the object embedding or the text (the
-    other ablation). The world's stream is the seen world of engine/tiny/world.py: the data is
+    other ablation); coarse=False keeps every caption's exact shape and colour (COARSE_RATES
+    otherwise: that share of rows names the object by its category or not at all, so the
+    reference decides its shape). The world's stream is the seen world of engine/tiny/world.py: the data is
     references.training_batch(seed, step, batch_size). Returns a TrainResult (.files["weights"]).
     """
     if output is None:
         raise TrainInputError("output: a folder to write the adapter to is required")
+    if tokens is None:
+        tokens = 16 if variant == encoder_format.PLUS else 4  # IP-Adapter's and IP-Adapter Plus's counts
     if not isinstance(tokens, int) or isinstance(tokens, bool) or not 0 < tokens <= encoder_format.MAX_TOKENS_PER_IMAGE:
         raise TrainInputError(f"tokens: expected an integer in 1..{encoder_format.MAX_TOKENS_PER_IMAGE}, got {tokens!r}")
     output = os.fspath(output)
     engine, owned = resolve_engine(base, device, dtype)
     try:
-        method = EncoderAdapter(engine, tokens=tokens, seed=seed, image_encoder=image_encoder)
+        method = EncoderAdapter(engine, tokens=tokens, seed=seed, image_encoder=image_encoder, variant=variant)
         trainer = EncoderTrainer(engine, method, seed=seed, cross_reference=cross_reference,
-                                 drop_rates=DROP_RATES if drop else (0.0, 0.0, 0.0), steps=steps, lr=lr,
+                                 drop_rates=DROP_RATES if drop else (0.0, 0.0, 0.0),
+                                 coarse_rates=COARSE_RATES if coarse else (0.0, 0.0), steps=steps, lr=lr,
                                  batch_size=batch_size, max_grad_norm=max_grad_norm, weight_decay=weight_decay)
         result = train(trainer, output, checkpoint_every=checkpoint_every, resume=resume, progress=progress)
         result.nbytes = sum(os.path.getsize(p) for p in result.files.values())

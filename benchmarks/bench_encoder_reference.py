@@ -1,0 +1,155 @@
+"""What the encoder adapter can take from a reference image on the miniature world.
+
+Two measurements, both on seen shapes only (the held-out objects stay out of it):
+
+    information   how well the frozen tiny image encoder's `image_embeds` (the base variant's
+                  only input) encode a masked reference's shape and colour: a linear probe
+                  (softmax regression, standardized features) fit on `--fit` cross-reference
+                  references of stream 3 and scored on `--test` more (also the reference's
+                  size and position, what copy-paste would copy). No adapter can copy an
+                  attribute from the reference that this embedding does not carry. For
+                  comparison, the same probe on the penultimate hidden states (all 65 tokens,
+                  flattened: what the Plus variant's Resampler reads).
+    follow        whether generations take what the prompt leaves open from the reference: the
+                  prompt names a shape and no colour ("a star on a blue background, flat"), the
+                  reference is that shape in one of 4 colours; "colour" = share of images whose
+                  colour probe reads the reference's colour. "swap": the prompt names a category
+                  word (star / circle / triangle), the reference is another shape of the category
+                  (cross / heart / hexagon / diamond; engine/train/encoder.py CATEGORY); "shape" =
+                  share whose shape probe reads the reference's shape. The base (no adapter) row
+                  is the chance level of each.
+
+    python benchmarks/bench_encoder_reference.py [--files A.safetensors=label ...] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+import impasto
+from impasto import eval as ev
+from impasto.adapters import encoder as encoder_format
+from impasto.tiny import SHIPPED_DIR, references, world
+
+COLOURS = ("red", "green", "yellow", "white")
+FOLLOW = (("star", "blue"), ("heart", "black"), ("circle", "purple"), ("square", "gray"))
+SWAP = (("star", "cross", "white"), ("circle", "heart", "red"), ("circle", "hexagon", "green"),
+        ("triangle", "diamond", "yellow"))
+SWAP_BGS = ("blue", "black", "gray", "pink", "purple", "orange")
+
+
+def linear_probe(x: torch.Tensor, y: torch.Tensor, fit: int, classes: int, iters: int = 500) -> float:
+    """Test accuracy of softmax regression fit on the first `fit` rows of x [N, E], labels y [N]."""
+    mu, sd = x[:fit].mean(0), x[:fit].std(0) + 1e-6
+    z = (x - mu) / sd
+    g = torch.Generator().manual_seed(0)
+    w = (0.01 * torch.randn(x.shape[1], classes, generator=g)).requires_grad_()
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.Adam([w, b], 1e-2)
+    for _ in range(iters):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(z[:fit] @ w + b, y[:fit]).backward()
+        opt.step()
+    with torch.no_grad():
+        return float(((z[fit:] @ w + b).argmax(1) == y[fit:]).float().mean())
+
+
+def information(engine, fit: int, test: int) -> dict:
+    from impasto.train.encoder import EncoderAdapter
+
+    method = EncoderAdapter(engine)
+    pairs = references.cross_reference_pairs(3, fit + test)
+    refs = [p.reference for p in pairs]
+    e = torch.cat([method.embed(refs[i:i + 200], np.zeros(len(refs[i:i + 200]), bool)) for i in range(0, len(refs), 200)])
+    shape = torch.tensor([world.SHAPES.index(p.scene.shape) for p in pairs])
+    colour = torch.tensor([world.COLOUR_NAMES.index(p.scene.colour) for p in pairs])
+    # what copy-paste would copy: the reference's own size and position (its count is always one)
+    size = torch.tensor([world.SIZE_NAMES.index(p.reference_scene.size) for p in pairs])
+    position = torch.tensor([world.POSITIONS.index(p.reference_scene.position) for p in pairs])
+    px = [encoder_format.pixels(method.processor, [Image.fromarray(r) for r in refs[i:i + 200]])
+          for i in range(0, len(refs), 200)]
+    with torch.no_grad():  # what IP-Adapter Plus reads instead: the penultimate hidden states, all tokens
+        h = torch.cat([method.model(pixel_values=x, output_hidden_states=True).hidden_states[-2].flatten(1) for x in px])
+    return {"shape": linear_probe(e, shape, fit, len(world.SHAPES)), "shape_chance": 1 / len(world.SHAPES),
+            "shape_from_hidden_states": linear_probe(h.float(), shape, fit, len(world.SHAPES)),
+            "colour": linear_probe(e, colour, fit, len(world.COLOUR_NAMES)),
+            "colour_chance": 1 / len(world.COLOUR_NAMES),
+            "size": linear_probe(e, size, fit, len(world.SIZE_NAMES)),
+            "size_majority": float(max((size[fit:] == k).float().mean() for k in range(len(world.SIZE_NAMES)))),
+            "position": linear_probe(e, position, fit, len(world.POSITIONS)),
+            "position_majority": float(max((position[fit:] == k).float().mean() for k in range(len(world.POSITIONS)))),
+            "fit": fit, "test": test}
+
+
+def _request(prompt, seed, steps, name, ref):
+    extra = {} if name is None else dict(adapters=[(name, 1.0)], ip_adapter_image=Image.fromarray(ref))
+    return impasto.Request(prompt, seed=seed, steps=steps, guidance=7.5, **extra)
+
+
+def _read(engine, reqs, head):
+    outs = engine.generate_batch(reqs)
+    for o in outs:
+        if o.error is not None:
+            raise o.error
+    probs = ev._read([o.images[0] for o in outs], None)
+    return [ev.CLASSES[head][i] for i in probs[head].argmax(1)]
+
+
+def follow(engine, name, steps: int, per: int) -> dict:
+    reqs, want = [], []
+    for c in COLOURS:
+        for j, (shape, bg) in enumerate(FOLLOW):
+            reqs.append(_request(f"a {shape} on a {bg} background, flat", 900 + j, steps, name,
+                                 references.object_reference(shape, seed=20 + j, colour=c)))
+            want.append(c)
+    colour = float(np.mean([g == w for g, w in zip(_read(engine, reqs, "colour"), want)]))
+    reqs, want = [], []
+    for word, shape, c in SWAP:
+        ref = references.object_reference(shape, seed=11, colour=c)
+        for j in range(per):
+            bg = [b for b in SWAP_BGS if b != c][j % 5]
+            reqs.append(_request(f"a {word} on a {bg} background, flat", 500 + j, steps, name, ref))
+            want.append(shape)
+    got = _read(engine, reqs, "shape")
+    return {"colour": colour, "shape": float(np.mean([g == w for g, w in zip(got, want)])),
+            "n_colour": len(COLOURS) * len(FOLLOW), "n_shape": len(want)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--files", nargs="*", default=None, help="FILE[=LABEL] encoder adapters (default: the shipped one)")
+    p.add_argument("--steps", type=int, default=10, help="sampling steps of the follow checks")
+    p.add_argument("--per", type=int, default=4, help="swap: images per (category, shape)")
+    p.add_argument("--fit", type=int, default=900)
+    p.add_argument("--test", type=int, default=300)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    files = args.files or [os.path.join(SHIPPED_DIR, "ip_adapter", "ip_adapter.safetensors") + "=shipped"]
+    engine = impasto.Engine.from_pretrained("tiny", device="cpu")
+    out = {"information": information(engine, args.fit, args.test), "follow": {}}
+    print("image_embeds linear probe:", json.dumps(out["information"]), flush=True)
+    for i, spec in enumerate([None] + files):
+        path, _, label = (spec or "").partition("=")
+        name = None
+        if spec is not None:
+            name = f"enc{i}"
+            engine.adapters.register(name, path)
+        row = follow(engine, name, args.steps, args.per)
+        out["follow"][label or path or "base"] = row
+        print(f"{label or path or 'base':24} colour follows the reference {row['colour']:.3f} (of {row['n_colour']})  "
+              f"shape follows the reference {row['shape']:.3f} (of {row['n_shape']})", flush=True)
+    engine.close()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
