@@ -53,7 +53,9 @@ def run(args) -> dict:
             eng.adapters.register(name, path, family="style")
             rows = []
             for w in args.weights:
-                reqs = [impasto.Request(p, guidance=impasto.Guidance(cfg=args.cfg, styles={name: w} if w else {}),
+                # --start: style guidance over the later part of the schedule only (a scheduled style)
+                styles = {name: impasto.Adapter(name, w, start=args.start) if args.start else w} if w else {}
+                reqs = [impasto.Request(p, guidance=impasto.Guidance(cfg=args.cfg, styles=styles),
                                         steps=args.sample_steps, seed=s) for p, s in prompts]
                 images = [im for o in eng.generate_batch(reqs) for im in o.images]
                 texts = [p for p, _ in prompts]
@@ -131,6 +133,7 @@ def main(argv=None):
     p.add_argument("--suffix", default="in sks style")
     p.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 5.0])
     p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--start", type=float, default=0.0, help="style guidance from this fraction of the steps on")
     p.add_argument("--n", type=int, default=32, help="held-out prompts per weight")
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)

@@ -80,7 +80,8 @@ def split_style_windows(guidance):
         if value.name != name:
             raise RequestError(f"{where}: the Adapter is named {value.name!r}; name it as its key")
         if value.options:
-            raise RequestError(f"{where}: a style takes a weight, start and end only, got options {sorted(value.options)}")
+            raise RequestError(f"{where}: a style takes a weight, start and end only, "
+                               f"got options {sorted(value.options)}")
         if not (_finite(value.start) and _finite(value.end) and 0.0 <= value.start < value.end <= 1.0):
             raise RequestError(f"{where}: start and end must be fractions of the schedule with 0 <= start < end <= 1, "
                                f"got start={value.start!r}, end={value.end!r}")

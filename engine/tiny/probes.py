@@ -130,7 +130,8 @@ def load_probes(path: str | None = None, *, without_extra: bool = False) -> Prob
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in load_file(path).items()}, strict=False)
     missing = [k for k in missing if not (without_extra and k.startswith("extra."))]
     if missing or unexpected:
-        raise ValueError(f"{path}: not a probes file of this world (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(f"{path}: not a probes file of this world "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval().requires_grad_(False)
 
 
