@@ -126,7 +126,12 @@ def test_scheduled_lora_and_kv_equal_the_diffusers_callback(tiny_dir, world, eng
     assert _diff(alone, lo.images) <= 1e-5
 
 
-def test_compile_mode_schedules_without_a_recompile(tiny_dir, world, eng):
+def _styled_request(steps):
+    return impasto.Request(STYLE_PROMPT, guidance=impasto.Guidance(cfg=5.0, styles={"wv": impasto.Adapter("wv", 3.0, start=0.5)}),
+                           steps=steps, seed=13, output_type="np")
+
+
+def test_compile_mode_schedules_without_a_recompile(tiny_dir, world, eng, style_pipe):
     compiles = []
 
     def backend(gm, example_inputs):  # aot_eager, counting the graphs Dynamo hands over
@@ -138,19 +143,24 @@ def test_compile_mode_schedules_without_a_recompile(tiny_dir, world, eng):
 
     torch._dynamo.reset()
     compiled = _engine(tiny_dir, world[0], compile=backend, max_rank=4, slots_per_bucket=2)
+    compiled.adapters.register("wv", str(world[0] / "wv" / "pytorch_lora_weights.safetensors"), family="style",
+                               suffix="in wavy style")
     try:
         # 2 steps: each scheduled adapter turns on or off once (lo: step 1 only; cd: step 0 only)
         first = compiled.generate(PROMPT, adapters=[("lo", 0.8)], steps=2, seed=3, output_type="np").images
+        # a style request has 3 rows: its graph is compiled here, unscheduled
+        compiled.generate(STYLE_PROMPT, guidance=impasto.Guidance(cfg=5.0, styles={"wv": 3.0}), steps=2, seed=13)
         n_graphs = len(compiles)
         assert n_graphs > 0
         with torch._dynamo.config.patch(error_on_recompile=True):
-            lo, kv, _ = compiled.generate_batch(_requests(2))
-        assert lo.error is None and kv.error is None, (lo.error, kv.error)
+            lo, kv, _, st = compiled.generate_batch(_requests(2) + [_styled_request(2)])
+        assert lo.error is None and kv.error is None and st.error is None, (lo.error, kv.error, st.error)
         assert len(compiles) == n_graphs, "a scheduled adapter compiled a new graph"
     finally:
         compiled.close()
-    eager_lo, eager_kv, _ = eng.generate_batch(_requests(2))
+    eager_lo, eager_kv, _, eager_st = eng.generate_batch(_requests(2) + [_styled_request(2)])
     assert _diff(lo.images, eager_lo.images) <= 1e-4 and _diff(kv.images, eager_kv.images) <= 1e-4
+    assert _diff(st.images, eager_st.images) <= 1e-4
     assert _diff(first, eager_lo.images) > 10 * TOL
 
 
