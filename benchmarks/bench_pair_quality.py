@@ -8,10 +8,12 @@ scored by the probes:
     style strength          style_strength accuracy of the style
     structure preservation  prompt_fidelity over shape, colour and background
     content leakage         content_leakage of the pair's (shape, colour)
+    own-pair style          style strength on the pair's own content prompt (16 seeds)
 Writes a JSON of every number and a PNG of style strength against structure preservation.
 
-    python benchmarks/bench_pair_quality.py --styles wavy --steps 100 --threads 1 \\
-        --json benchmarks/pair_quality.json --png docs/pair_quality.png
+    python benchmarks/bench_pair_quality.py --styles banded wavy --steps 300 --style-start 100 --lr 5e-3 \\
+        --weights 0 1 2 3 4 6 --n 32 --sample-steps 10 --json benchmarks/pair_quality.json \\
+        --png docs/pair_quality.png --sheet docs/pair_sheet.png
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 
@@ -33,6 +36,7 @@ def run(args) -> dict:
     eng = impasto.Engine.from_pretrained(args.model)
     prompts = ev.pair_prompts(args.n)
     out = {"config": vars(args), "styles": {}}
+    sheet = {}  # (style, method, weight) -> the first 8 images, for --sheet
     tmp = tempfile.mkdtemp(prefix="pairq-")
     for style in args.styles:
         ceiling = ev.vae_ceiling(eng.base.vae, style)
@@ -49,21 +53,47 @@ def run(args) -> dict:
             eng.adapters.register(name, path, family="style")
             rows = []
             for w in args.weights:
-                reqs = [impasto.Request(p, guidance=impasto.Guidance(cfg=args.cfg, styles={name: w} if w else {}),
+                # --start: style guidance over the later part of the schedule only (a scheduled style)
+                styles = {name: impasto.Adapter(name, w, start=args.start) if args.start else w} if w else {}
+                reqs = [impasto.Request(p, guidance=impasto.Guidance(cfg=args.cfg, styles=styles),
                                         steps=args.sample_steps, seed=s) for p, s in prompts]
                 images = [im for o in eng.generate_batch(reqs) for im in o.images]
                 texts = [p for p, _ in prompts]
+                sheet[(style, method, w)] = [np.asarray(im) for im in images[:8]]
                 rows.append({
                     "weight": w,
                     "style": ev.style_strength(images, style)["accuracy"],
                     "structure": ev.prompt_fidelity(images, texts, attributes=("shape", "colour", "background"))["overall"],
                     "leakage": ev.content_leakage(images, texts, content)["leakage"],
                 })
+                own = [impasto.Request(content_prompt, guidance=reqs[0].guidance, steps=args.sample_steps, seed=s)
+                       for s in range(16)]  # the training pair's own content prompt: does the LoRA fit its pair?
+                own_images = [im for o in eng.generate_batch(own) for im in o.images]
+                rows[-1]["own_pair_style"] = ev.style_strength(own_images, style)["accuracy"]
                 print(style, method, rows[-1], flush=True)
             rec["methods"][method] = {"train_seconds": seconds, "sweep": rows}
             eng.adapters.unregister(name)
         out["styles"][style] = rec
+        sheet[(style, "pair", "train")] = [np.asarray(plain), np.asarray(styled)]
+    if args.sheet:
+        write_sheet(sheet, args.sheet)
     return out
+
+
+def write_sheet(sheet: dict, path: str) -> None:
+    """One row per (style, method, weight): the first 8 held-out images, 3x upscaled; the
+    training pair first in each style's block."""
+    from PIL import Image, ImageDraw
+
+    rows = list(sheet.items())
+    cell, label = 96, 150
+    im = Image.new("RGB", (label + 8 * cell, len(rows) * cell), (255, 255, 255))
+    d = ImageDraw.Draw(im)
+    for r, ((style, method, w), ims) in enumerate(rows):
+        d.text((4, r * cell + 40), f"{style} {method} {w}", fill=(0, 0, 0))
+        for c, x in enumerate(ims):
+            im.paste(Image.fromarray(x).resize((cell, cell), Image.NEAREST), (label + c * cell, r * cell))
+    im.save(path)
 
 
 def plot(result: dict, path: str) -> None:
@@ -103,12 +133,14 @@ def main(argv=None):
     p.add_argument("--suffix", default="in sks style")
     p.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 5.0])
     p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--start", type=float, default=0.0, help="style guidance from this fraction of the steps on")
     p.add_argument("--n", type=int, default=32, help="held-out prompts per weight")
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
     p.add_argument("--png", default=None)
+    p.add_argument("--sheet", default=None, help="PNG of the first 8 images of every (style, method, weight)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = run(args)

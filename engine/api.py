@@ -51,7 +51,8 @@ class Guidance:
     """Guidance of one request.
 
     `cfg` is the classifier-free guidance scale (no uncond branch when cfg <= 1, as diffusers);
-    `styles` maps style-adapter names to their guidance weights (Pair Customization);
+    `styles` maps style-adapter names to their guidance weights (Pair Customization), or to
+    `Adapter(name, weight, start=, end=)` for a style active over part of the schedule;
     `rescale` is diffusers' `guidance_rescale` (arXiv 2305.08891 §3.4), against the cond branch.
     """
 

@@ -38,6 +38,7 @@ from .api import (
 )
 from .attention import cross_attention_layers, install_planned_attention, uninstall_planned_attention
 from .batch import BatchState
+from .guidance import split_style_windows
 from . import images as image_io
 from .errors import AdapterError, AdapterNameError, ImpastoError, RequestError
 from .loading import BaseModel, load_base_model
@@ -79,6 +80,7 @@ class Prepared:
     chunks: int = 1  # 77-token chunks every branch is encoded to: the longest branch's, capped
     mask: object = None  # inpainting: float32 [1, 1, height, width] in {0, 1}, 1 = repaint
     strength: float = 1.0  # img2img / inpainting: the part of the schedule run (1.0 without an image)
+    style_windows: tuple = ()  # Adapter(style name, 1.0, start=, end=) per step-scheduled style
 
     @property
     def has_uncond(self) -> bool:
@@ -101,8 +103,9 @@ class Prepared:
 
     @property
     def scheduled(self) -> list:
-        """The adapters active over only part of the schedule (Adapter start/end)."""
-        return [a for a in self.adapters if a.scheduled]
+        """The adapters active over only part of the schedule (Adapter start/end), then the
+        scheduled styles (their LoRA, at scale 1 in their own branch while active)."""
+        return [a for a in self.adapters if a.scheduled] + list(self.style_windows)
 
     def branches(self, off=frozenset()) -> list[tuple[str, tuple]]:
         """(text, adapters) per branch: [uncond], cond, then one per style, whose text gets the
@@ -113,7 +116,7 @@ class Prepared:
         out = ([(self.negative_prompt, uncond)] if self.has_uncond else []) + [(self.prompt, base)]
         for name, suffix in self.styles:
             text = self.prompt + (" " + suffix if suffix else "")
-            out.append((text, base + ((name, 1.0, ()),)))
+            out.append((text, base + ((name, 0.0 if name in off else 1.0, ()),)))
         return out
 
 
@@ -401,7 +404,8 @@ class Engine:
             raise RequestError(f"requests[{index}]: expected impasto.Request, got {type(req).__name__}")
         validate_request(req)
         lim = self.limits
-        guidance = normalize_guidance(req.guidance)
+        guidance, style_windows = split_style_windows(req.guidance)  # styles with start/end
+        guidance = normalize_guidance(guidance)
         adapters = normalize_adapters(req.adapters)
         syntax = req.prompt_syntax or self.prompt_syntax
         prompt_text = req.prompt
@@ -472,7 +476,8 @@ class Engine:
         if req.mask_image is not None:
             mask = image_io.preprocess_mask(self.mask_processor, req.mask_image, height, width, "mask_image")
         prep = Prepared(index, req, guidance, adapters, height, width, seed, tuple(styles), prompt, negative, warnings,
-                        uncond_key, seeds, init, clip_skip, syntax, mask=mask, strength=strength)
+                        uncond_key, seeds, init, clip_skip, syntax, mask=mask, strength=strength,
+                        style_windows=style_windows)
         from .prompts import count_chunks
 
         need = max(count_chunks(self.base.tokenizer, text, set(re.findall(PLACEHOLDER, text)),

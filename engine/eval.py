@@ -289,7 +289,7 @@ def vae_round_trip(vae, images) -> list:
 
 
 # ---------------------------------------------------------------------------- Pair Customization protocol
-PAIR_STYLES = ("wavy", "checkered", "pixelated")  # held out from the base; probes know them
+PAIR_STYLES = ("wavy", "checkered", "pixelated", "banded")  # held out from the base; probes know them
 
 
 def style_pair(style: str, seed: int = 0):

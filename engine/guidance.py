@@ -9,6 +9,12 @@ per style. Pair Customization's style guidance (eq. 10/11), then diffusers' guid
 With no styles this is exactly diffusers' classifier-free guidance. The blend of every branch
 of every request runs as one fused op, `impasto.kernels.guidance_blend`, over a table built
 once per group.
+
+A style may be scheduled over steps: `Guidance(styles={"wavy": Adapter("wavy", 4.0, start=0.2)})`
+(the weight is the Adapter's scale; step i of n is active iff start <= i/n < end). In an
+inactive step the style LoRA is at scale 0 in its branch (the per-row scale table rewritten in
+place, as for a scheduled UNet LoRA): the branch is then the base on the suffixed prompt, as
+the official pipeline's `set_adapters(name, 0)` before `start_LoRA_step` leaves it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from impasto.kernels import build_branch_table, guidance_blend
+
+from .api import Adapter, Guidance, _finite
+from .errors import RequestError
 
 
 @dataclass(frozen=True)
@@ -53,3 +62,30 @@ def blend(noise: torch.Tensor, table) -> torch.Tensor:
     Returns Shape [latents, C, h, w], in request order.
     """
     return guidance_blend(noise, table)
+
+
+def split_style_windows(guidance):
+    """Semantics: `Guidance.styles` entries are a weight or an `Adapter(name, weight, start=,
+    end=)`; returns (the guidance with every entry its plain weight, the scheduled styles as
+    `Adapter(name, 1.0, start=, end=)`: their LoRA's scale in their branch while active).
+    Anything but a Guidance with a dict of styles is returned as is (normalize_guidance judges it)."""
+    if not isinstance(guidance, Guidance) or not isinstance(guidance.styles, dict):
+        return guidance, ()
+    weights, windows = {}, []
+    for name, value in guidance.styles.items():
+        if not isinstance(value, Adapter):
+            weights[name] = value
+            continue
+        where = f"guidance.styles[{name!r}]"
+        if value.name != name:
+            raise RequestError(f"{where}: the Adapter is named {value.name!r}; name it as its key")
+        if value.options:
+            raise RequestError(f"{where}: a style takes a weight, start and end only, "
+                               f"got options {sorted(value.options)}")
+        if not (_finite(value.start) and _finite(value.end) and 0.0 <= value.start < value.end <= 1.0):
+            raise RequestError(f"{where}: start and end must be fractions of the schedule with 0 <= start < end <= 1, "
+                               f"got start={value.start!r}, end={value.end!r}")
+        weights[name] = value.scale
+        if value.scheduled:
+            windows.append(Adapter(name, 1.0, start=float(value.start), end=float(value.end)))
+    return Guidance(cfg=guidance.cfg, styles=weights, rescale=guidance.rescale), tuple(windows)

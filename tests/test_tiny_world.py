@@ -141,3 +141,68 @@ def test_perfusion_covariance_inverts():
     assert ((c_inv.double() - ref).norm() / ref.norm()).item() < 1e-5
     assert torch.allclose(c_inv, c_inv.T, rtol=1e-4, atol=1e-5 * c_inv.abs().max().item())
     assert torch.linalg.eigvalsh(c.double()).min() > 0  # C is positive definite
+
+
+# Digests of what the world's streams and the evaluation sets drew before world.EXTRA_STYLES was
+# added (sha256 of images, captions and labels): adding a style must not change any draw.
+DRAW_DIGESTS = {"base": "3b8a0907af4da76a", "probe": "de690ac273c9e2c4", "fidelity_prompts": "06a24bd9cf5baba2",
+                "concept_moon": "54f4e8c8c19ac0ca", "pair_prompts": "4ed1a0ffe7f90004",
+                "style_pair_wavy": "b950a6d324a309fd"}
+# sha256 of the shipped probes' tensors as first trained (fp16), before the extra styles' detectors
+PROBE_DIGEST_8_STYLES = "07534ec1c4046a04"
+
+
+def _digest(*parts):
+    import hashlib
+
+    m = hashlib.sha256()
+    for p in parts:
+        m.update(p.tobytes() if isinstance(p, np.ndarray) else repr(p).encode())
+    return m.hexdigest()[:16]
+
+
+def test_the_added_style_changes_no_draw():
+    import impasto.eval as ev
+
+    got = {}
+    d = world.dataset(1, 200)
+    got["base"] = _digest(d["images"], d["captions"], d["labels"]["style"])
+    d = world.dataset(2, 200, novel_objects=0.25, novel_styles=0.3)
+    got["probe"] = _digest(d["images"], d["captions"], d["labels"]["style"])
+    got["fidelity_prompts"] = _digest(ev.fidelity_prompts(64))
+    cs = ev.concept_set("moon")
+    got["concept_moon"] = _digest(cs.prompts("<new1> circle"), cs.seeds, [np.asarray(i) for i in cs.images])
+    got["pair_prompts"] = _digest(ev.pair_prompts(64))
+    got["style_pair_wavy"] = _digest(*[np.asarray(x) for x in ev.style_pair("wavy")[:2]])
+    assert got == DRAW_DIGESTS
+    # never drawn at random, drawn where named, and a different image from every other style
+    rng = np.random.default_rng(0)
+    assert not {world.sample_scene(rng, novel_styles=1.0).style for _ in range(500)} & set(world.EXTRA_STYLES)
+    s = world.Scene("heart", "green", "large", 1, "center", "white", "banded")
+    plain, banded = world.render_pair(s, seed=3)
+    assert np.abs(plain.astype(int) - banded.astype(int)).mean() > 1.0
+    assert world.parse_prompt(world.caption(s))["style"] == "banded" and s.novel
+
+
+@shipped
+def test_the_added_style_detector_leaves_every_other_weight_and_reads_the_style():
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    import impasto.eval as ev
+    from impasto.tiny.probes import load_probes
+
+    st = load_file(os.path.join(SHIPPED_DIR, "probes", "probes.safetensors"))
+    m = hashlib.sha256()
+    for k in sorted(k for k in st if not k.startswith("extra.")):
+        m.update(k.encode())
+        m.update(st[k].contiguous().numpy().tobytes())
+    assert m.hexdigest()[:16] == PROBE_DIGEST_8_STYLES  # the original probes, bit for bit
+    assert {k.split(".")[1] for k in st if k.startswith("extra.")} == set(world.EXTRA_STYLES)
+    # banded renders (a stream the row was not fitted on) read as banded, flat ones do not
+    rng = np.random.default_rng([77])
+    pairs = [world.render_pair(world.sample_scene(rng, count=1, size="large", style="banded"), i) for i in range(32)]
+    probes = load_probes()
+    assert ev.style_strength(np.stack([s for _, s in pairs]), "banded", probes)["accuracy"] >= 0.9
+    assert ev.style_strength(np.stack([p for p, _ in pairs]), "banded", probes)["accuracy"] <= 0.05

@@ -24,6 +24,12 @@ sees them):
   moon (a crescent; "circle"), arrow (an arrow; "triangle").
 - NOVEL_STYLES (3): checkered (object fill), pixelated (2 px mosaic), wavy (rows displaced by a
   sine); `render_pair` draws one scene plain (flat) and styled, for Pair Customization.
+- EXTRA_STYLES (1): banded (the object filled with 6-px horizontal bands of its second tone), a
+  held-out style coarse enough for the VAE to carry (the 2-px checkered and pixelated are mostly
+  lost in its 4x downsampling). Added after the world's streams were fixed, so `sample_scene`
+  never draws it: it appears only where a caller names it (`style="banded"`), and every stream
+  draws exactly what it drew before (tests/test_tiny_world.py keeps their digests). Its probe
+  class was added to the shipped probes' style head alone (engine/tiny/probes.py `add_style_class`).
 """
 
 from __future__ import annotations
@@ -63,7 +69,8 @@ POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at t
                     "center": "in the center"}
 STYLES = ("flat", "striped", "dotted", "outlined", "noisy")
 NOVEL_STYLES = ("checkered", "pixelated", "wavy")
-ALL_STYLES = STYLES + NOVEL_STYLES
+EXTRA_STYLES = ("banded",)  # never drawn at random: see the module docstring
+ALL_STYLES = STYLES + NOVEL_STYLES + EXTRA_STYLES
 COUNTS = (1, 2)
 
 
@@ -99,7 +106,7 @@ class Scene:
 
     @property
     def novel(self) -> bool:
-        return self.shape in NOVEL_OBJECTS or self.style in NOVEL_STYLES
+        return self.shape in NOVEL_OBJECTS or self.style in NOVEL_STYLES or self.style in EXTRA_STYLES
 
     def labels(self) -> dict:
         """Integer class labels, the probes' targets."""
@@ -292,6 +299,7 @@ def _patterns() -> dict:
         "striped": ((xx + yy) % 4.0) < 2.0,
         "dotted": ((xx % 3.0 - 1.5) ** 2 + (yy % 3.0 - 1.5) ** 2) < 0.8**2,
         "checkered": ((np.floor(xx / 2) + np.floor(yy / 2)) % 2) == 1,
+        "banded": (np.floor(yy / 6) % 2) == 1,  # period 12 px: 3 latent cells, which the VAE keeps
     }
     return {k: v.astype(np.float32).reshape(SIZE, SS, SIZE, SS).mean((1, 3))[..., None] for k, v in on.items()}
 
