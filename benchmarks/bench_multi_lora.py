@@ -94,16 +94,6 @@ def run_diffusers(pipe, s: Setup):
     return time.perf_counter() - t
 
 
-def _median_ms(fn, repeats):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3, min(ts) * 1e3
-
-
 def _lora_flops(unet, run):
     """FLOPs of every targeted projection's rank-RANK update in one forward: 2*tokens*R*(K+N)."""
     total, hooks = [0.0], []
@@ -210,16 +200,20 @@ def forward_main(args):
             fwd(unet)
         unet_flops = fc.get_total_flops()
         lora_flops = _lora_flops(unet, lambda: fwd(unet))
-        res = {}
-        for _ in range(args.rounds):  # interleaved rounds: drift hits every variant alike
-            for k, fn in runs.items():
-                med, mn = _median_ms(fn, args.repeats)
-                res.setdefault(k, []).append((med, mn))
-        med = {k: statistics.median(m for m, _ in v) for k, v in res.items()}
-        mins = {k: min(m for _, m in v) for k, v in res.items()}
+        for fn in runs.values():  # warm-up
+            fn()
+        res = {k: [] for k in runs}
+        keys = list(runs)
+        for i in range(args.rounds * args.repeats):  # one forward per variant in turn, the order
+            for k in keys[i % len(keys):] + keys[:i % len(keys)]:  # rotated: drift hits all alike
+                t0 = time.perf_counter()
+                runs[k]()
+                res[k].append((time.perf_counter() - t0) * 1e3)
+        med = {k: statistics.median(v) for k, v in res.items()}
+        mins = {k: min(v) for k, v in res.items()}
         print(f"config: UNet {medium} ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M params), {rows} rows, "
               f"32x32 latents, 77 text tokens, rank {RANK} on {TARGETS}, float32, {torch.get_num_threads()} threads, "
-              f"inference_mode, median of {args.repeats} x {args.rounds} interleaved rounds (min in brackets)")
+              f"inference_mode, median of {args.repeats * args.rounds} forwards per variant, one of each in turn (min in brackets)")
         print(f"arithmetic floor: LoRA {lora_flops / 1e9:.2f} GFLOP / UNet {unet_flops / 1e9:.2f} GFLOP "
               f"= {lora_flops / unet_flops:.2%}")
         print("| variant | ms | x plain | x PEFT shared |")
@@ -301,6 +295,7 @@ def main():
     ap.add_argument("--adapters", type=int, default=200)
     ap.add_argument("--zipf-a", type=float, default=1.1)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--n", type=int, nargs="+", default=[1, 4, 16])
@@ -308,7 +303,7 @@ def main():
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     if args.forward:
         return forward_main(args)
     if args.stream:

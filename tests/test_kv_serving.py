@@ -98,6 +98,15 @@ def test_custom_diffusion_equals_diffusers(tiny_dir, cd, pipe):
     assert _diff(ref, base) > 100 * TOL
 
 
+def _batch_equals_solo(eng, reqs):
+    """The batch's outputs, each checked equal to its request generated alone."""
+    outs = eng.generate_batch(reqs)
+    for req, out in zip(reqs, outs):
+        assert out.error is None, out.error
+        assert _diff(out.images, eng.generate_batch([req])[0].images) <= TOL
+    return outs
+
+
 def test_renamed_token_mixed_batch(tiny_dir, cd):
     eng, d, a, b, _ = cd
     reqs = [
@@ -107,10 +116,7 @@ def test_renamed_token_mixed_batch(tiny_dir, cd):
                         output_type="np"),
         impasto.Request("a plain image", seed=6, steps=STEPS, output_type="np"),
     ]
-    outs = eng.generate_batch(reqs)
-    for req, out in zip(reqs, outs):
-        assert out.error is None, out.error
-        assert _diff(out.images, eng.generate_batch([req])[0].images) <= TOL
+    outs = _batch_equals_solo(eng, reqs)
     ref = reference(tiny_dir, b, str(d / "teapot"), "a <teapot> on a table", 4, token="<teapot>")
     assert _diff(outs[1].images, ref) <= TOL
 
@@ -203,10 +209,7 @@ def test_crossattn_mixed_batch_with_other_adapters(tiny_dir, crossattn, cd):
                         output_type="np"),
         impasto.Request("a plain image", seed=6, steps=STEPS, output_type="np"),
     ]
-    outs = eng.generate_batch(reqs)
-    for req, out in zip(reqs, outs):
-        assert out.error is None, out.error
-        assert _diff(out.images, eng.generate_batch([req])[0].images) <= TOL
+    outs = _batch_equals_solo(eng, reqs)
     assert _diff(outs[0].images, reference(tiny_dir, unet, str(d / "qout"), reqs[0].prompt, 3, token="<qo>")) <= TOL
     # the K/V-only row beside it gets no Q/out: still diffusers' output for its own adapter
     assert _diff(outs[1].images, reference(tiny_dir, corgi, str(d / "corgi"), reqs[1].prompt, 3)) <= TOL
