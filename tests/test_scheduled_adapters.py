@@ -80,7 +80,7 @@ def lora_reference(tiny_dir, d, scale, start, end, seed):
                 callback_on_step_end=on_step_end).images
 
 
-def kv_reference(tiny_dir, d, cd_unet, start, end, seed):
+def kv_reference(tiny_dir, d, cd_unet, start, end, seed, folder="cd"):
     """diffusers with the Custom Diffusion processors on the steps the adapter is active and
     plain attention on the others (the learned token is in the prompt encoding throughout)."""
     unet = copy.deepcopy(cd_unet)
@@ -88,7 +88,7 @@ def kv_reference(tiny_dir, d, cd_unet, start, end, seed):
     plain = {name: AttnProcessor2_0() for name in procs}
     pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, unet=unet, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_textual_inversion(str(d / "cd" / "<new1>.safetensors"), token="<new1>")
+    pipe.load_textual_inversion(str(d / folder / "<new1>.safetensors"), token="<new1>")
     pipe.unet.set_attn_processor(dict(procs if active(0, start, end) else plain))
 
     def on_step_end(p, i, t, kwargs):
@@ -124,6 +124,23 @@ def test_scheduled_lora_and_kv_equal_the_diffusers_callback(tiny_dir, world, eng
     alone = eng.generate(PROMPT, adapters=[impasto.Adapter("lo", 0.8, start=0.4)], steps=STEPS, seed=3,
                          output_type="np").images
     assert _diff(alone, lo.images) <= 1e-5
+
+
+def test_scheduled_crossattn_folder_equals_the_diffusers_callback(tiny_dir, world):
+    """A --freeze_model crossattn folder with end=: its K/V on the planned path and its Q/out
+    deltas in the row tables are switched off together, as diffusers' processors swapped out."""
+    d, _ = world
+    q_unet = custom_diffusion(tiny_dir, str(d / "cdq"), seed=2, scale=0.2, q_out=True)
+    e = impasto.Engine.from_pretrained(tiny_dir, device="cpu")
+    try:
+        e.adapters.register("cdq", str(d / "cdq"))
+        out = e.generate(CD_PROMPT, adapters=[impasto.Adapter("cdq", end=0.6)], steps=STEPS, seed=4,
+                         output_type="np").images
+        always = e.generate(CD_PROMPT, adapters=["cdq"], steps=STEPS, seed=4, output_type="np").images
+    finally:
+        e.close()
+    assert _diff(out, kv_reference(tiny_dir, d, q_unet, 0.0, 0.6, seed=4, folder="cdq")) <= TOL
+    assert _diff(out, always) > 10 * TOL
 
 
 def _styled_request(steps):
