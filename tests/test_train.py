@@ -32,6 +32,28 @@ def renders(obj="sparkle", n=4, seed=7):
     return out
 
 
+def render_folder(folder, n=2):
+    """`n` renders written as PNGs into `folder` (created); returns it."""
+    folder.mkdir()
+    for i, im in enumerate(renders(n=n)):
+        im.save(folder / f"{i}.png")
+    return folder
+
+
+def hostile_checkpoint(output, step, pwned):
+    """A checkpoint folder under `output` whose state.pt runs a shell command if unpickled
+    without weights_only (the command would create `pwned`)."""
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(pwned),))
+
+    ck = output / f"checkpoint-{step}"
+    ck.mkdir(parents=True)
+    (ck / "state.pt").write_bytes(pickle.dumps({"step": Boom()}))
+
+
 @pytest.fixture(scope="module")
 def eng(tiny_dir):
     e = impasto.Engine.from_pretrained(tiny_dir, device="cpu")
@@ -335,15 +357,7 @@ def test_bad_inputs_are_named(eng, tmp_path):
 
 
 def test_hostile_checkpoint_is_refused(eng, tmp_path):
-    import pickle
-
-    class Boom:
-        def __reduce__(self):
-            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
-
-    ck = tmp_path / "o" / "checkpoint-5"
-    ck.mkdir(parents=True)
-    (ck / "state.pt").write_bytes(pickle.dumps({"step": Boom()}))
+    hostile_checkpoint(tmp_path / "o", 5, tmp_path / "pwned")
     with pytest.raises(TrainInputError, match="state.pt"):
         custom_diffusion(eng, renders(n=1), class_word="star", steps=6, output=tmp_path / "o", progress=False,
                          resume=True)
@@ -353,10 +367,7 @@ def test_hostile_checkpoint_is_refused(eng, tmp_path):
 def test_cli_trains_and_summarizes(tiny_dir, tmp_path, capsys):
     from impasto.cli import main
 
-    imgs = tmp_path / "imgs"
-    imgs.mkdir()
-    for i, im in enumerate(renders(n=2)):
-        im.save(imgs / f"{i}.png")
+    imgs = render_folder(tmp_path / "imgs")
     rc = main(["train", "custom-diffusion", "--model", tiny_dir, "--images", str(imgs), "--placeholder", "<new1>",
                "--class-word", "star", "-o", str(tmp_path / "out"), "--steps", "1", "--batch-size", "1", "-q"])
     out = capsys.readouterr().out

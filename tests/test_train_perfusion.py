@@ -20,7 +20,7 @@ from impasto.attention import cross_attention_layers
 from impasto.train import TrainInputError, perfusion
 from impasto.train.perfusion import FILE_NAME, perfusion_loss, perfusion_trainer
 from test_rank1_serving import CAPTIONS, TOL, _diff, _reference
-from test_train import renders
+from test_train import hostile_checkpoint, render_folder, renders
 
 STEPS = 4
 PH, WORD = "<sks>", "star"
@@ -268,15 +268,7 @@ def test_bad_inputs_are_named(tiny_dir, eng, tmp_path):
             perfusion(bare, renders(n=1), **{**kw, "captions": None})
     finally:
         bare.close()
-    import pickle
-
-    class Boom:
-        def __reduce__(self):
-            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
-
-    ck = tmp_path / "h" / "checkpoint-5"
-    ck.mkdir(parents=True)
-    (ck / "state.pt").write_bytes(pickle.dumps({"step": Boom()}))
+    hostile_checkpoint(tmp_path / "h", 5, tmp_path / "pwned")
     with pytest.raises(TrainInputError, match="state.pt"):
         perfusion(eng, renders(n=1), **{**kw, "steps": 6, "output": tmp_path / "h"}, resume=True)
     assert not (tmp_path / "pwned").exists()
@@ -285,10 +277,7 @@ def test_bad_inputs_are_named(tiny_dir, eng, tmp_path):
 def test_cli_trains_and_summarizes(tiny_dir, tmp_path, capsys):
     from impasto.cli import main
 
-    imgs = tmp_path / "imgs"
-    imgs.mkdir()
-    for i, im in enumerate(renders(n=2)):
-        im.save(imgs / f"{i}.png")
+    imgs = render_folder(tmp_path / "imgs")
     (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS))
     common = ["--model", tiny_dir, "--placeholder", PH, "--super-word", WORD, "--adapter-root", str(tmp_path / "root"),
               "-q", "--steps", "1", "--batch-size", "1"]
