@@ -232,12 +232,20 @@ REFERENCE_BACKGROUNDS = ("gray", "black", "green", "purple", "pink", "blue", "bl
                          "green to yellow gradient")
 
 
-def concept_set(obj: str, seed: int = 0) -> ConceptSet:
+def concept_set(obj: str, seed: int = 0, split: str = "test") -> ConceptSet:
     """The customization protocol's data for one held-out object (world.NOVEL_OBJECTS: sparkle,
     moon, arrow; the base model never saw them): 8 reference renders with exact masks and 48
-    held-out prompts. Deterministic in (obj, seed)."""
+    held-out prompts. Deterministic in (obj, seed).
+
+    split="test" gives the protocol's 48 prompts and seeds (what results are reported on);
+    split="validation" gives 48 prompts over the contexts no test prompt uses (fewer than 48, so
+    some repeat, each time with its own seed), other seeds and the same references: for choosing
+    recipes and operating points without looking at the test set.
+    """
     if obj not in world.NOVEL_OBJECTS:
         raise ValueError(f"concept_set: {obj!r} is not a held-out object {tuple(world.NOVEL_OBJECTS)}")
+    if split not in ("test", "validation"):
+        raise ValueError(f"concept_set: split must be 'test' or 'validation', got {split!r}")
     o = world.NOVEL_OBJECTS[obj]
     avoid = {o.colour, o.accent}
     usable = [b for b in world.BACKGROUNDS if not avoid & set(world._bg_colours(b))]
@@ -256,12 +264,18 @@ def concept_set(obj: str, seed: int = 0) -> ConceptSet:
               for size in (world.SIZE_NAMES if count == 1 else ("small", "medium"))
               for bg in new_bgs for style in world.STYLES]
     templates, contexts = [], []
-    for j in rng.permutation(len(combos))[:48]:  # 48 distinct contexts
+    # One permutation for both splits, so the test prompts never change and validation's are disjoint.
+    order = rng.permutation(len(combos))
+    rest = order[48:]  # the contexts no test prompt uses; fewer than 48, so validation cycles them
+    if not len(rest):
+        raise ValueError(f"concept_set: {obj!r} has only {len(combos)} contexts, none left for validation")
+    picked = order[:48] if split == "test" else [rest[i % len(rest)] for i in range(48)]
+    for j in picked:  # 48 distinct contexts for the test split
         count, size, bg, style = combos[int(j)]
         head = ("a" if count == 1 else "two") + ("" if size == "medium" else f" {size}")
         templates.append((f"{head} {{}} on {world._article(bg)} {bg} background, {style}", count))
         contexts.append(combos[int(j)])
-    seeds = [seed * 100_000 + 7_000 + i for i in range(48)]
+    seeds = [seed * 100_000 + (7_000 if split == "test" else 8_000) + i for i in range(48)]
     return ConceptSet(obj, o.supercategory, images, masks, templates, seeds, ref_bgs, contexts)
 
 

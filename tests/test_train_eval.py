@@ -31,6 +31,19 @@ def test_concept_set(obj):
     assert ev.concept_accuracy(cs.images, "star") <= 0.1
 
 
+@pytest.mark.parametrize("obj", sorted(world.NOVEL_OBJECTS))
+def test_validation_split_is_disjoint_from_the_test_prompts(obj):
+    test, val = ev.concept_set(obj), ev.concept_set(obj, split="validation")
+    assert len(val.templates) == len(val.seeds) == 48 and len(set(val.seeds)) == 48
+    assert not set(val.templates) & set(test.templates) and not set(val.seeds) & set(test.seeds)
+    assert not set(val.contexts) & set(test.contexts)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(val.images, test.images))
+    named = [world.parse_prompt(p) for p in val.prompts("<new1> " + val.class_word)]
+    assert all(n["background"] not in val.reference_backgrounds for n in named)
+    with pytest.raises(ValueError, match="split"):
+        ev.concept_set(obj, split="train")
+
+
 def test_context_fidelity_ignores_the_object():
     cs = ev.concept_set("moon")
     images = cs.images[:2]
