@@ -109,21 +109,31 @@ def _lora_flops(unet, run):
 
 
 def _breakdown(run, repeats=2):
-    """Profiler attribution of one forward's LoRA time (ms per forward): the custom op's total, its
-    matmuls, its gathers/casts/masks, and the dispatch + checks around them."""
+    """Profiler attribution of one forward's LoRA time (ms per forward): the LoRA calls' total, their
+    matmuls, their gathers/casts/masks, and the dispatch + checks around them."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    run()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(repeats):
-            with record_function("forward"):
-                run()
+    import impasto.adapters.lora as runtime
+
+    def marked(*a, **k):  # every LoRA call, whether it runs through the custom op or not
+        with record_function("lora_apply"):
+            return apply(*a, **k)
+
+    apply, runtime.lora_apply = runtime.lora_apply, marked
+    try:
+        run()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                with record_function("forward"):
+                    run()
+    finally:
+        runtime.lora_apply = apply
     events = prof.events()
 
-    def inside_op(e):  # an event under impasto::lora_apply_ (the UNet's own matmuls excluded)
+    def inside_op(e):  # an event under a LoRA call (the UNet's own matmuls excluded)
         p = e.cpu_parent
         while p is not None:
-            if p.name == "impasto::lora_apply_":
+            if p.name == "lora_apply":
                 return True
             p = p.cpu_parent
         return False
@@ -131,9 +141,9 @@ def _breakdown(run, repeats=2):
     def total(names, nested=False):
         return sum(e.cpu_time_total for e in events if e.name in names and (not nested or inside_op(e))) / 1e3 / repeats
 
-    op = total(["impasto::lora_apply_"])
+    op = total(["lora_apply"])
     mm = total(["aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::mm", "aten::addmm", "aten::addmm_"], nested=True)
-    gathers = total(["aten::index", "aten::where", "aten::mul", "aten::mul_", "aten::clone", "aten::copy_",
+    gathers = total(["aten::index", "aten::index_select", "aten::where", "aten::mul", "aten::mul_", "aten::clone", "aten::copy_",
                      "aten::_to_copy"], nested=True)
     return dict(op_ms=op, forward_ms=total(["forward"]), matmul_ms=mm, gather_ms=gathers)
 
@@ -173,24 +183,29 @@ def forward_main(args):
 
         shared = rt.tables([[("a0", 1.0)]] * rows, files)
         distinct = rt.tables([[(f"a{i}", 1.0)] for i in range(rows)], files)
-        def gathered(tables):  # the reference path before runs of rows: per-row gathers + bmm
+        def before(tables):  # the previous path: a matmul pair per run of rows, through the custom op
             from impasto.kernels import dispatch, lora as lk
 
+            def runs_only(y, x, A, B, slots, scales, meta):
+                if int(meta.stats[0]):
+                    lk._lora_apply_segments(y, x, A, B, slots, scales, lk._segments(slots))
+
             reg = dispatch._REGISTRY["lora_apply"]
-            ref, reg[dispatch.Backend.REFERENCE] = reg[dispatch.Backend.REFERENCE], lk._lora_apply_gathered
+            ref, reg[dispatch.Backend.REFERENCE] = reg[dispatch.Backend.REFERENCE], runs_only
+            eager, lk._eager = lk._eager, lambda *t: False
             try:
                 rt.set_tables(tables, rows)
                 return fwd(unet)
             finally:
-                reg[dispatch.Backend.REFERENCE] = ref
+                reg[dispatch.Backend.REFERENCE], lk._eager = ref, eager
 
         runs = {
             "plain": lambda: (rt.set_tables(None, rows), fwd(unet)),
             "peft_shared": lambda: fwd(peft_unet),
             "impasto_shared": lambda: (rt.set_tables(shared, rows), fwd(unet)),
             "impasto_distinct": lambda: (rt.set_tables(distinct, rows), fwd(unet)),
-            "before_shared (gathered)": lambda: gathered(shared),
-            "before_distinct (gathered)": lambda: gathered(distinct),
+            "before_shared (runs, through the op)": lambda: before(shared),
+            "before_distinct (runs, through the op)": lambda: before(distinct),
         }
         # the same arithmetic: impasto's shared-LoRA output equals PEFT's
         rt.set_tables(shared, rows)
@@ -221,11 +236,11 @@ def forward_main(args):
         for k in runs:
             print(f"| {k} | {med[k]:.1f} ({mins[k]:.1f}) | {med[k] / med['plain']:.3f} ({mins[k] / mins['plain']:.3f}) | "
                   f"{med[k] / med['peft_shared']:.3f} ({mins[k] / mins['peft_shared']:.3f}) |")
-        for k in ("impasto_shared", "impasto_distinct", "before_distinct (gathered)"):
+        for k in ("impasto_shared", "impasto_distinct", "before_distinct (runs, through the op)"):
             b = _breakdown(runs[k])
             hook = med[k] - med["plain"]
             print(f"breakdown {k} (profiler, ms per forward): LoRA total over plain {hook:.1f}; "
-                  f"in impasto::lora_apply_ {b['op_ms']:.1f} (matmuls {b['matmul_ms']:.1f}, gathers/masks/copies "
+                  f"in lora_apply {b['op_ms']:.1f} (matmuls {b['matmul_ms']:.1f}, gathers/masks/copies "
                   f"{b['gather_ms']:.1f}, the rest = checks + dispatch); profiled forward {b['forward_ms']:.1f}; "
                   f"calls per forward {len(rt.pools)}")
 

@@ -389,7 +389,7 @@ def _segments(slots: torch.Tensor) -> list[tuple[int, int, int]]:
     return runs
 
 
-def _lora_apply_segments(y, x, A_pool, B_pool, slots, scales) -> None:
+def _lora_apply_segments(y, x, A_pool, B_pool, slots, scales, runs) -> None:
     """One adapter per row (M = 1), fp32/fp64 on CPU: per run of rows sharing a slot, two plain
     matmuls on the run's tokens straight from the pool, accumulated into y in place. A shared
     adapter is then PEFT's own arithmetic ([rows*T, K] @ A, @ B), and distinct ones need no
@@ -397,7 +397,7 @@ def _lora_apply_segments(y, x, A_pool, B_pool, slots, scales) -> None:
     (NaN included) never reach y."""
     rows, T, K = x.shape
     N = y.shape[2]
-    for slot, r0, r1 in _segments(slots):
+    for slot, r0, r1 in runs:
         n = r1 - r0
         h = torch.mm(x[r0:r1].reshape(n * T, K), A_pool[slot]).view(n, T, -1)  # [n, T, R]
         h.mul_(scales[r0:r1, :1, None])
@@ -408,12 +408,26 @@ def _lora_apply_segments(y, x, A_pool, B_pool, slots, scales) -> None:
             ys.baddbmm_(h, B_pool[slot].expand(n, *B_pool.shape[1:]))
 
 
+def _lora_apply_rows(y, x, A_pool, B_pool, slots, scales) -> None:
+    """One adapter per row (M = 1) and every row has one: the rows' A and B picked from the pool
+    (two small copies of [rows, K, R] and [rows, R, N]) and two batched matmuls. Beats a matmul
+    pair per run from two runs on (1.1-4x per projection at the SD-1.5-shaped UNet's widths,
+    one thread); one run stays on `_lora_apply_segments`, PEFT's arithmetic."""
+    idx = slots[:, 0].long()
+    h = torch.bmm(x, A_pool.index_select(0, idx))  # [rows, T, R]
+    h.mul_(scales[:, :1, None])
+    y.baddbmm_(h, B_pool.index_select(0, idx))
+
+
 @dispatch.register("lora_apply", "reference", dtypes=_REFERENCE_DTYPES)
 def _lora_apply_reference(y, x, A_pool, B_pool, slots, scales, meta: LoraMeta) -> None:
     if int(meta.stats[0]) == 0:
         return  # no adapter anywhere: y is not touched
     if slots.shape[1] == 1 and y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64):
-        return _lora_apply_segments(y, x, A_pool, B_pool, slots, scales)
+        runs = _segments(slots)
+        if len(runs) > 1 and int(meta.stats[4]) == y.shape[0]:
+            return _lora_apply_rows(y, x, A_pool, B_pool, slots, scales)
+        return _lora_apply_segments(y, x, A_pool, B_pool, slots, scales, runs)
     _lora_apply_gathered(y, x, A_pool, B_pool, slots, scales, meta)
 
 
@@ -675,8 +689,22 @@ def lora_apply(y, x, A_pool, B_pool, slots, scales, *, meta: LoraMeta | None = N
     if meta is None:
         meta = lora_meta(slots, A_pool.shape[0])
     _check_meta(meta, slots, A_pool)
-    torch.ops.impasto.lora_apply_(y, x, A_pool, B_pool, slots, scales, *meta, backend or "")
+    if _eager(y, x, A_pool, B_pool):
+        _impl("lora_apply", backend or "", x.device, x.dtype)(y, x, A_pool, B_pool, slots, scales, meta)
+    else:
+        torch.ops.impasto.lora_apply_(y, x, A_pool, B_pool, slots, scales, *meta, backend or "")
     return y
+
+
+def _eager(*tensors) -> bool:
+    """Whether a call may skip the custom op and run the dispatch table's implementation itself:
+    outside torch.compile's tracing and with no tensor that autograd would have to see. The op's
+    eager dispatch (schema defaults, ADInplaceOrView, the dynamo-disable wrapper) costs more than a
+    narrow layer's two small matmuls (benchmarks/RESULTS.md, "Where the LoRA time goes"); under
+    compile the op stays, since it is what keeps the launcher opaque to Dynamo."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def lora_delta(x, A_pool, B_pool, slots, scales, *, meta: LoraMeta | None = None, backend: str | None = None):

@@ -47,6 +47,7 @@ CASES = [
     Case("all_none", rows=4, T=19, K=40, N=24, R=8, S=3, M=2),
     Case("several", rows=5, T=29, K=80, N=56, R=12, S=4, M=3),
     Case("one_token", rows=3, T=1, K=96, N=96, R=32, S=3, M=1),
+    Case("runs", rows=6, T=21, K=40, N=28, R=8, S=5, M=1),  # runs of rows sharing a slot, a row with none
 ]
 
 
@@ -69,6 +70,8 @@ def _slots(case: Case, gen: torch.Generator) -> torch.Tensor:
         slots[:] = torch.randint(0, S, (rows, M), generator=gen).int()
         slots[0, :2] = 2  # the same adapter twice on one row
         slots[-1, 1] = -1
+    elif case.popularity == "runs":
+        slots[:, 0] = torch.tensor([3, 3, -1, 1, 1, 3])
     elif case.popularity != "all_none":
         raise ValueError(case.popularity)
     return slots
@@ -332,6 +335,35 @@ def test_gradcheck_reference_float64():
 # ----------------------------------------------------------------------------------------------
 # Registration and compile
 # ----------------------------------------------------------------------------------------------
+
+
+class _OpsSeen(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_call_skips_the_op_and_equals_it(backend):
+    """Outside compile and autograd, lora_apply runs the table's implementation without the custom
+    op's dispatch (its per-call cost): the same bits as the op; with a tensor autograd must see,
+    the op."""
+    case = Case("some_none", rows=3, T=9, K=20, N=18, R=4, S=4, M=2)
+    y, x, A, B, slots, scales = _problem(case, torch.float32, seed=3)
+    meta = lora_meta(slots, case.S)
+    by_op = y.clone()
+    torch.ops.impasto.lora_apply_(by_op, x, A, B, slots, scales, *meta, backend)
+    with torch.no_grad(), _OpsSeen() as seen:
+        got = lora_apply(y.clone(), x, A, B, slots, scales, meta=meta, backend=backend)
+    assert torch.equal(got, by_op)
+    assert "impasto.lora_apply_" not in seen.names
+    with _OpsSeen() as seen:
+        lora_apply(y.clone(), x.clone().requires_grad_(), A, B, slots, scales, meta=meta, backend=backend)
+    assert "impasto.lora_apply_" in seen.names
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
