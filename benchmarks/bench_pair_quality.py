@@ -7,9 +7,16 @@ of held-out content prompts (another shape AND colour than the pair's, eval.pair
 scored by the probes:
     style strength          style_strength accuracy of the style
     structure preservation  prompt_fidelity over shape, colour and background
-    content leakage         content_leakage of the pair's (shape, colour)
+    content leakage         content_leakage of the pair's (shape, colour): "leakage" (shape AND
+                            colour), "any_leakage" (its shape or its colour where the prompt names
+                            another), "colour_leakage" (its colour alone)
     own-pair style          style strength on the pair's own content prompt (16 seeds)
 Writes a JSON of every number and a PNG of style strength against structure preservation.
+
+--split validation scores other held-out prompts and seeds (eval.pair_prompts seed 301, and
+own-pair seeds 100..115) for choosing recipes and weights; the test split (seed 300, own-pair
+seeds 0..15) is what results are reported on. --style-timesteps, --shift, --flip and
+--style-start are the training options compared in docs/training.md (Pair Customization).
 
     python benchmarks/bench_pair_quality.py --styles banded wavy --steps 300 --style-start 100 --lr 5e-3 \\
         --weights 0 1 2 3 4 6 --n 32 --sample-steps 10 --json benchmarks/pair_quality.json \\
@@ -28,13 +35,19 @@ import numpy as np
 import torch
 
 
+TRAINING_ARGS = ("model", "steps", "style_start", "lr", "rank", "suffix", "seed", "style_timesteps", "shift", "flip",
+                 "extra_pairs")
+
+
 def run(args) -> dict:
     import impasto
     from impasto import eval as ev
     from impasto.train import pair
 
     eng = impasto.Engine.from_pretrained(args.model)
-    prompts = ev.pair_prompts(args.n)
+    extra = [tuple(x.split(":")) for x in args.extra_pairs]
+    prompts = held_out_prompts(args.n, [("heart", "green"), *extra], seed=300 if args.split == "test" else 301)
+    own_seeds = range(16) if args.split == "test" else range(100, 116)
     out = {"config": vars(args), "styles": {}}
     sheet = {}  # (style, method, weight) -> the first 8 images, for --sheet
     tmp = tempfile.mkdtemp(prefix="pairq-")
@@ -42,32 +55,57 @@ def run(args) -> dict:
         ceiling = ev.vae_ceiling(eng.base.vae, style)
         plain, styled, content_prompt, content = ev.style_pair(style)
         rec = {"ceiling": ceiling, "methods": {}}
+        if extra:  # several pairs of one style: the pair's and one per extra (shape, colour)
+            more = [extra_pair(style, shape, colour, i + 1) for i, (shape, colour) in enumerate(extra)]
+            train_plain, train_styled = [plain] + [m[0] for m in more], [styled] + [m[1] for m in more]
+            train_prompts = [content_prompt] + [m[2] for m in more]
+        else:
+            train_plain, train_styled, train_prompts = plain, styled, content_prompt
         for method, updates in (("pair", True), ("single", False)):
-            path = os.path.join(tmp, f"{style}-{method}.safetensors")
-            t0 = time.perf_counter()
-            pair(eng, plain, styled, content_prompt=content_prompt, suffix=args.suffix, content_rank=args.rank,
-                 style_rank=args.rank, steps=args.steps, style_start=args.style_start, lr=args.lr, seed=args.seed,
-                 output=path, progress=False, content_updates=updates)
-            seconds = time.perf_counter() - t0
+            if method not in args.methods:
+                continue
+            path = os.path.join(args.adapters or tmp, f"{style}-{method}.safetensors")
+            recipe = {k: getattr(args, k) for k in TRAINING_ARGS}
+            if args.adapters and os.path.isfile(path):  # reuse a file this bench trained with the same recipe
+                with open(path + ".json") as f:
+                    kept = json.load(f)
+                if kept["recipe"] != recipe:
+                    raise SystemExit(f"{path} was trained with {kept['recipe']}, not {recipe}")
+                seconds = kept["train_seconds"]
+            else:
+                t0 = time.perf_counter()
+                pair(eng, train_plain, train_styled, content_prompt=train_prompts, suffix=args.suffix,
+                     content_rank=args.rank, style_rank=args.rank, steps=args.steps, style_start=args.style_start,
+                     lr=args.lr, seed=args.seed, output=path, progress=False, content_updates=updates,
+                     shift=args.shift, flip=args.flip,
+                     style_timesteps=tuple(args.style_timesteps) if args.style_timesteps else None)
+                seconds = time.perf_counter() - t0
+                if args.adapters:
+                    with open(path + ".json", "w") as f:
+                        json.dump({"recipe": recipe, "train_seconds": seconds}, f)
             name = f"{style}-{method}"
             eng.adapters.register(name, path, family="style")
             rows = []
             for w in args.weights:
                 # --start: style guidance over the later part of the schedule only (a scheduled style)
-                styles = {name: impasto.Adapter(name, w, start=args.start) if args.start else w} if w else {}
+                window = args.start or args.end < 1
+                styles = {name: impasto.Adapter(name, w, start=args.start, end=args.end) if window else w} if w else {}
                 reqs = [impasto.Request(p, guidance=impasto.Guidance(cfg=args.cfg, styles=styles),
                                         steps=args.sample_steps, seed=s) for p, s in prompts]
                 images = [im for o in eng.generate_batch(reqs) for im in o.images]
                 texts = [p for p, _ in prompts]
                 sheet[(style, method, w)] = [np.asarray(im) for im in images[:8]]
+                leak = ev.content_leakage(images, texts, content)
                 rows.append({
                     "weight": w,
                     "style": ev.style_strength(images, style)["accuracy"],
                     "structure": ev.prompt_fidelity(images, texts, attributes=("shape", "colour", "background"))["overall"],
-                    "leakage": ev.content_leakage(images, texts, content)["leakage"],
+                    "leakage": leak["leakage"],
+                    "any_leakage": leak["any_leakage"],
+                    "colour_leakage": leak["colour_leakage"],
                 })
                 own = [impasto.Request(content_prompt, guidance=reqs[0].guidance, steps=args.sample_steps, seed=s)
-                       for s in range(16)]  # the training pair's own content prompt: does the LoRA fit its pair?
+                       for s in own_seeds]  # the training pair's own content prompt: does the LoRA fit its pair?
                 own_images = [im for o in eng.generate_batch(own) for im in o.images]
                 rows[-1]["own_pair_style"] = ev.style_strength(own_images, style)["accuracy"]
                 print(style, method, rows[-1], flush=True)
@@ -78,6 +116,37 @@ def run(args) -> dict:
     if args.sheet:
         write_sheet(sheet, args.sheet)
     return out
+
+
+def held_out_prompts(n: int, contents, seed: int) -> list:
+    """eval.pair_prompts (another shape AND colour than the pair's) when `contents` is the one
+    pair; with several pairs, the prompts whose shape or colour is none of theirs."""
+    from impasto import eval as ev
+    from impasto.tiny import world
+
+    if len(contents) == 1:
+        return ev.pair_prompts(n, contents[0], seed=seed)
+    shapes, colours = {s for s, _ in contents}, {c for _, c in contents}
+    out, k = [], n
+    while len(out) < n:
+        out = [(p, s) for p, s in ev.pair_prompts(k, contents[0], seed=seed)
+               if world.parse_prompt(p)["shape"] not in shapes and world.parse_prompt(p)["colour"] not in colours][:n]
+        k *= 2
+    return out
+
+
+def extra_pair(style: str, shape: str, colour: str, seed: int):
+    """Another training pair of one style: a large `colour` `shape` on the pair's background."""
+    import numpy as np
+    from PIL import Image
+
+    from impasto.tiny import world
+
+    bg = "blue to white gradient"
+    scene = world.sample_scene(np.random.default_rng([seed, 0]), shape=shape, colour=colour, background=bg, count=1,
+                               size="large", style=style)
+    plain, styled = world.render_pair(scene, seed)
+    return Image.fromarray(plain), Image.fromarray(styled), f"a large {colour} {shape} on a {bg} background"
 
 
 def write_sheet(sheet: dict, path: str) -> None:
@@ -107,6 +176,8 @@ def plot(result: dict, path: str) -> None:
     for ax, style in zip(axes[0], styles):
         rec = result["styles"][style]
         for method, marker in (("pair", "o-"), ("single", "s--")):
+            if method not in rec["methods"]:
+                continue
             sweep = rec["methods"][method]["sweep"]
             ax.plot([r["structure"] for r in sweep], [r["style"] for r in sweep], marker,
                     label={"pair": "Pair Customization", "single": "single-image LoRA"}[method])
@@ -134,6 +205,18 @@ def main(argv=None):
     p.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 5.0])
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--start", type=float, default=0.0, help="style guidance from this fraction of the steps on")
+    p.add_argument("--end", type=float, default=1.0, help="style guidance before this fraction of the steps only")
+    p.add_argument("--split", choices=("test", "validation"), default="test")
+    p.add_argument("--methods", nargs="+", default=["pair", "single"], choices=("pair", "single"))
+    p.add_argument("--style-timesteps", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="train the style update only at the shared t in [LO, HI)")
+    p.add_argument("--shift", type=int, default=0, help="paired random horizontal shift (px) in training")
+    p.add_argument("--flip", action="store_true", help="paired random horizontal flip in training")
+    p.add_argument("--adapters", default=None, help="keep the trained files here and reuse them when the recipe "
+                                                    "matches (e.g. to score other weights or sampling steps)")
+    p.add_argument("--extra-pairs", nargs="*", default=[], metavar="SHAPE:COLOUR",
+                   help="train on several pairs of one style: these besides the green heart (held-out prompts "
+                        "then avoid every pair's shape and colour)")
     p.add_argument("--n", type=int, default=32, help="held-out prompts per weight")
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
