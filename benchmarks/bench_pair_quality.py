@@ -17,6 +17,10 @@ Writes a JSON of every number and a PNG of style strength against structure pres
 own-pair seeds 100..115) for choosing recipes and weights; the test split (seed 300, own-pair
 seeds 0..15) is what results are reported on. --style-timesteps, --shift, --flip and
 --style-start are the training options compared in docs/training.md (Pair Customization).
+--diagnose JSON writes the transfer diagnosis instead (docs/training.md, Pair Customization part 4):
+
+    python benchmarks/bench_pair_quality.py --diagnose benchmarks/pair_diagnosis.json --styles banded \
+        --steps 300 --style-start 100 --lr 5e-3 --n 32 --sample-steps 10
 
     python benchmarks/bench_pair_quality.py --styles banded wavy --steps 300 --style-start 100 --lr 5e-3 \\
         --weights 0 1 2 3 4 6 --n 32 --sample-steps 10 --json benchmarks/pair_quality.json \\
@@ -167,6 +171,132 @@ def extra_pair(style: str, shape: str, colour: str, seed: int):
     return Image.fromarray(plain), Image.fromarray(styled), f"a large {colour} {shape} on a {bg} background"
 
 
+
+def diagnose(args) -> dict:
+    """Why the style does not transfer (docs/training.md, Pair Customization part 4), on the
+    sweep's recipe and the chosen split's held-out prompts, first style of --styles: the style's
+    ceiling on these prompts (by size too), the content LoRA's own fit, what the style LoRA draws
+    served as a plain LoRA, which held-out objects take the style, where the style branch changes
+    pixels, and the style kept in one part of the UNet or over one window of the steps."""
+    import impasto
+    from impasto import eval as ev
+    from impasto.tiny import world
+    from impasto.tiny.probes import CLASSES
+    from impasto.train import pair
+
+    style = args.styles[0]
+    eng = impasto.Engine.from_pretrained(args.model)
+    where = args.adapters or tempfile.mkdtemp(prefix="pairdiag-")
+    os.makedirs(where, exist_ok=True)
+    plain, styled, cprompt, content = ev.style_pair(style)
+    prompts = ev.pair_prompts(args.n, seed=300 if args.split == "test" else 301)
+    texts = [p for p, _ in prompts]
+    own = [(cprompt, s) for s in (range(16) if args.split == "test" else range(100, 116))]
+    files = {}
+    for method, updates in (("pair", True), ("single", False)):
+        path = os.path.join(where, f"{style}-{method}.safetensors")
+        cpath = os.path.join(where, f"{style}-pair-content.safetensors") if updates else None
+        if not os.path.isfile(path) or (cpath and not os.path.isfile(cpath)):
+            pair(eng, plain, styled, content_prompt=cprompt, suffix=args.suffix, content_rank=args.rank,
+                 style_rank=args.rank, steps=args.steps, style_start=args.style_start, lr=args.lr, seed=args.seed,
+                 output=path, content_output=cpath, progress=False, content_updates=updates)
+        files[method] = path
+    gen = lambda reqs: [im for o in eng.generate_batch(reqs) for im in o.images]  # noqa: E731
+
+    def score(images, tx):
+        probs = ev._read(images, None)
+        read = lambda k, v: float(np.mean([CLASSES[k][int(i)] == v for i in probs[k].argmax(1)]))  # noqa: E731
+        return {"style": ev.style_strength(images, style)["accuracy"],
+                "structure": ev.prompt_fidelity(images, tx, attributes=("shape", "colour", "background"))["overall"],
+                "any_leakage": ev.content_leakage(images, tx, content)["any_leakage"],
+                "reads_pair_shape": read("shape", content[0]), "reads_pair_colour": read("colour", content[1])}
+
+    def guided(name, w, start=0.0, end=1.0, ps=prompts):
+        styles = {name: impasto.Adapter(name, w, start=start, end=end) if (start or end < 1) else w} if w else {}
+        return [impasto.Request(p, guidance=impasto.Guidance(cfg=args.cfg, styles=styles), steps=args.sample_steps,
+                                seed=s) for p, s in ps]
+
+    out = {"style": style, "split": args.split}
+    # the ceiling on these prompts: the world's own renders of them in the style, clean and after the VAE
+    renders, sizes = [], {}
+    for p, s in prompts:
+        named = world.parse_prompt(p)
+        scene = world.sample_scene(np.random.default_rng([s]), shape=named["shape"], colour=named["colour"],
+                                   background=named["background"], count=1, style=style)
+        renders.append(world.render_pair(scene, s)[1])
+    out["ceiling_on_prompts"] = {"clean": ev.style_strength(np.stack(renders), style)["accuracy"],
+                                 "vae": ev.style_strength(ev.vae_round_trip(eng.base.vae, np.stack(renders)), style)["accuracy"]}
+    for size in world.SIZE_NAMES:
+        ims = [world.render_pair(world.sample_scene(np.random.default_rng([9, i]), count=1, size=size, style=style), i)[1]
+               for i in range(64)]
+        sizes[size] = ev.style_strength(ev.vae_round_trip(eng.base.vae, np.stack(ims)), style)["accuracy"]
+    out["vae_ceiling_by_size"] = sizes
+    # the content LoRA on its own prompt and on the held-out prompts
+    eng.adapters.register("diag-content", os.path.join(where, f"{style}-pair-content.safetensors"), family="lora")
+    target = np.asarray(plain).astype(np.float32)
+    rms = lambda ims: float(np.sqrt(np.mean([(np.asarray(i).astype(np.float32) - target) ** 2 for i in ims])))  # noqa: E731
+    with_c = gen([impasto.Request(cprompt, adapters=[("diag-content", 1.0)], steps=args.sample_steps, seed=s) for _, s in own])
+    base = gen([impasto.Request(cprompt, steps=args.sample_steps, seed=s) for _, s in own])
+    out["content_lora"] = {"own": {**score(with_c, cprompt), "rms_to_content_image": rms(with_c)},
+                           "base_own": {**score(base, cprompt), "rms_to_content_image": rms(base)},
+                           "held_out": score(gen([impasto.Request(p, adapters=[("diag-content", 1.0)], steps=args.sample_steps,
+                                                                  seed=s) for p, s in prompts]), texts)}
+    # the style LoRA served as a plain LoRA at scale 1, the suffix in the prompt
+    for method in files:
+        eng.adapters.register(f"diag-{method}-lora", files[method], family="lora")
+        eng.adapters.register(f"diag-{method}", files[method], family="style")
+        req = lambda p, s: impasto.Request(p + " " + args.suffix, adapters=[(f"diag-{method}-lora", 1.0)],  # noqa: E731
+                                           steps=args.sample_steps, seed=s)
+        out[f"{method}_as_lora"] = {"held_out": score(gen([req(p, s) for p, s in prompts]), texts),
+                                    "own": score(gen([req(p, s) for p, s in own]), cprompt)}
+    # which objects take the style, and where the pixels change (w = 4 and 6 against w = 0)
+    from dataclasses import replace
+
+    scene = world.sample_scene(np.random.default_rng([0, 0]), shape=content[0], colour=content[1],
+                               background="blue to white gradient", count=1, size="large", style=style)
+    heart = world.render_with_mask(replace(scene, style="flat"), np.random.default_rng(0))[1] > 0.5
+    w0 = np.stack([np.asarray(i) for i in gen(guided("diag-pair", 0))]).astype(np.float32)
+    obj = np.abs(w0 - np.median(w0, axis=2, keepdims=True)).mean(-1) > 30  # the w = 0 object, roughly
+    read0 = ev._read(w0.astype(np.uint8), None)
+    size0 = [CLASSES["size"][int(i)] for i in read0["size"].argmax(1)]
+    for method in files:
+        for w in (4.0, 6.0):
+            ims = gen(guided(f"diag-{method}", w))
+            d = np.abs(np.stack([np.asarray(i) for i in ims]).astype(np.float32) - w0).mean(-1)
+            region = lambda m: float(np.mean([d[i][m[i]].mean() for i in range(len(d)) if m[i].sum() > 3]))  # noqa: E731
+            hit = ev._read(ims, None)["style"].argmax(1) == CLASSES["style"].index(style)
+            by = {"size_at_w0": {z: [float(np.mean([hit[i] for i in range(len(hit)) if size0[i] == z])), size0.count(z)]
+                                 for z in sorted(set(size0))},
+                  "colour": {c: float(np.mean([hit[i] for i, t in enumerate(texts) if world.parse_prompt(t)["colour"] == c]))
+                             for c in sorted({world.parse_prompt(t)["colour"] for t in texts})}}
+            out[f"{method}_w{w:g}"] = {**score(ims, texts), "by": by, "mean_abs_change": {
+                "object_in_pair_outline": region(obj & heart[None]), "object_outside": region(obj & ~heart[None]),
+                "pair_outline_no_object": region(~obj & heart[None]), "elsewhere": region(~obj & ~heart[None])}}
+    # the style LoRA kept in one part of the UNet (B zeroed elsewhere), and over one window of the steps
+    groups = {"down_blocks": ["down_blocks"], "mid_block": ["mid_block"], "up_blocks": ["up_blocks"],
+              "up_blocks.1": ["up_blocks.1"], "up_blocks.2": ["up_blocks.2"], "attn1": None, "attn2": None}
+    tmp = tempfile.mkdtemp(prefix="pairdiag-blocks-")
+    for g, prefixes in groups.items():
+        if prefixes is None:  # one attention kind everywhere
+            from safetensors import safe_open
+            from safetensors.torch import load_file, save_file
+
+            with safe_open(files["pair"], "pt") as f:
+                meta = f.metadata()
+            state = load_file(files["pair"])
+            path = os.path.join(tmp, f"{g}.safetensors")
+            save_file({k: v if "lora_A" in k or f".{g}." in k else v.new_zeros(v.shape) for k, v in state.items()},
+                      path, metadata=meta)
+        else:
+            path = keep_blocks(files["pair"], prefixes, os.path.join(tmp, f"{g}.safetensors"))
+        eng.adapters.register(f"diag-{g}", path, family="style")
+        out[f"blocks_{g}"] = {f"{w:g}": score(gen(guided(f"diag-{g}", w)), texts) for w in (4.0, 6.0, 8.0)}
+    for a, b in ((0.0, 0.3), (0.3, 0.6), (0.6, 1.0), (0.0, 0.6), (0.3, 1.0)):
+        out[f"steps_{a:g}-{b:g}"] = {f"{w:g}": score(gen(guided("diag-pair", w, a, b)), texts) for w in (4.0, 6.0, 8.0)}
+    eng.close()
+    return out
+
+
 def write_sheet(sheet: dict, path: str) -> None:
     """One row per (style, method, weight): the first 8 held-out images, 3x upscaled; the
     training pair first in each style's block."""
@@ -247,7 +377,15 @@ def main(argv=None):
     p.add_argument("--png", default=None)
     p.add_argument("--sheet", default=None, help="PNG of the first 8 images of every (style, method, weight)")
     p.add_argument("--replot", default=None, metavar="JSON", help="only redraw --png from a JSON this bench wrote")
+    p.add_argument("--diagnose", default=None, metavar="JSON",
+                   help="instead of the sweep, write the transfer diagnosis (first of --styles, the pair recipe) here")
     args = p.parse_args(argv)
+    if args.diagnose:
+        torch.set_num_threads(args.threads)
+        result = diagnose(args)
+        with open(args.diagnose, "w") as f:
+            json.dump(result, f, indent=1)
+        return
     if args.replot:
         with open(args.replot) as f:
             plot(json.load(f), args.png)
