@@ -49,8 +49,9 @@ def run(args) -> dict:
     from impasto.train import pair
 
     eng = impasto.Engine.from_pretrained(args.model)
-    extra = [tuple(x.split(":")) for x in args.extra_pairs]
-    prompts = held_out_prompts(args.n, [("heart", "green"), *extra], seed=300 if args.split == "test" else 301)
+    extra = [tuple(x.split(":")) for x in args.extra_pairs]  # shape:colour[:size]
+    prompts = held_out_prompts(args.n, [("heart", "green"), *(e[:2] for e in extra)],
+                               seed=300 if args.split == "test" else 301)
     own_seeds = range(16) if args.split == "test" else range(100, 116)
     out = {"config": vars(args), "styles": {}}
     sheet = {}  # (style, method, weight) -> the first 8 images, for --sheet
@@ -60,7 +61,7 @@ def run(args) -> dict:
         plain, styled, content_prompt, content = ev.style_pair(style)
         rec = {"ceiling": ceiling, "methods": {}}
         if extra:  # several pairs of one style: the pair's and one per extra (shape, colour)
-            more = [extra_pair(style, shape, colour, i + 1) for i, (shape, colour) in enumerate(extra)]
+            more = [extra_pair(style, *spec, seed=i + 1) for i, spec in enumerate(extra)]
             train_plain, train_styled = [plain] + [m[0] for m in more], [styled] + [m[1] for m in more]
             train_prompts = [content_prompt] + [m[2] for m in more]
         else:
@@ -146,7 +147,7 @@ def held_out_prompts(n: int, contents, seed: int) -> list:
     from impasto import eval as ev
     from impasto.tiny import world
 
-    if len(contents) == 1:
+    if len(set(contents)) == 1:
         return ev.pair_prompts(n, contents[0], seed=seed)
     shapes, colours = {s for s, _ in contents}, {c for _, c in contents}
     out, k = [], n
@@ -157,8 +158,8 @@ def held_out_prompts(n: int, contents, seed: int) -> list:
     return out
 
 
-def extra_pair(style: str, shape: str, colour: str, seed: int):
-    """Another training pair of one style: a large `colour` `shape` on the pair's background."""
+def extra_pair(style: str, shape: str, colour: str, size: str = "large", *, seed: int):
+    """Another training pair of one style: a `size` `colour` `shape` on the pair's background."""
     import numpy as np
     from PIL import Image
 
@@ -166,9 +167,9 @@ def extra_pair(style: str, shape: str, colour: str, seed: int):
 
     bg = "blue to white gradient"
     scene = world.sample_scene(np.random.default_rng([seed, 0]), shape=shape, colour=colour, background=bg, count=1,
-                               size="large", style=style)
+                               size=size, style=style)
     plain, styled = world.render_pair(scene, seed)
-    return Image.fromarray(plain), Image.fromarray(styled), f"a large {colour} {shape} on a {bg} background"
+    return Image.fromarray(plain), Image.fromarray(styled), f"a {size} {colour} {shape} on a {bg} background"
 
 
 
@@ -366,7 +367,7 @@ def main(argv=None):
                    help="serve the style LoRA in these UNet blocks only (e.g. up_blocks), B zeroed elsewhere")
     p.add_argument("--adapters", default=None, help="keep the trained files here and reuse them when the recipe "
                                                     "matches (e.g. to score other weights or sampling steps)")
-    p.add_argument("--extra-pairs", nargs="*", default=[], metavar="SHAPE:COLOUR",
+    p.add_argument("--extra-pairs", nargs="*", default=[], metavar="SHAPE:COLOUR[:SIZE]",
                    help="train on several pairs of one style: these besides the green heart (held-out prompts "
                         "then avoid every pair's shape and colour)")
     p.add_argument("--n", type=int, default=32, help="held-out prompts per weight")
