@@ -9,7 +9,8 @@ The analogues of the metrics papers report on real models:
 |                              |                   | and the probes' concept (shape) accuracy                |
 | `style_strength`             | style CLIP / Gram | the style probe's confidence for the target style      |
 | `content_leakage`            | Pair Cust. §5     | share of images showing the training pair's content    |
-|                              |                   | (its shape and colour) when the prompt asks for other  |
+|                              |                   | (its shape and colour) when the prompt asks for other; |
+|                              |                   | also its shape or its colour alone (`any_leakage`)     |
 
 Images are PIL images, uint8 arrays [N, 32, 32, 3], or float tensors [N, 3, 32, 32] in [-1, 1].
 The probes and tiny-CLIP image encoder are the shipped ones (engine/tiny/model/) unless given.
@@ -135,21 +136,46 @@ def style_strength(images, style: str, probes=None) -> dict:
 
 
 def content_leakage(images, prompts, content: tuple[str, str], probes=None) -> dict:
-    """Share of images whose probes report the training pair's content `content` = (shape,
-    colour) although their prompt asks for other content (another shape or another colour).
-    Images whose prompt names that same content are left out; `n` says how many were scored."""
+    """Semantics: how often images show the training pair's content `content` = (shape, colour)
+    where their prompt asks for other content. images: N images (as for the probes); prompts: a
+    string or N strings.
+
+    leakage: share of images whose probes read the pair's shape AND colour although the prompt
+      asks for another shape or another colour (prompts naming that same content are left out;
+      `n` says how many were scored).
+    shape_leakage / colour_leakage: share of images whose probes read the pair's shape (colour)
+      among the prompts that name another shape (object colour); `n_shape` / `n_colour` count them.
+      A style that repaints every object in the pair's colour leaks through colour alone, which
+      `leakage` misses.
+    any_leakage: share of images with either leak (the pair's shape where the prompt names another
+      shape, or its colour where it names another colour), over the prompts naming either
+      (`n_any`)."""
     prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
     shape, colour = content
     probs = _read(images, probes)
-    leaked = []
+    leaked, by_shape, by_colour, either = [], [], [], []
     for i, p in enumerate(prompts):
         named = world.parse_prompt(p)
-        if named.get("shape") == shape and named.get("colour", colour) == colour:
-            continue
         s = CLASSES["shape"][int(probs["shape"][i].argmax())]
         c = CLASSES["colour"][int(probs["colour"][i].argmax())]
+        other_shape = "shape" in named and named["shape"] != shape
+        other_colour = "colour" in named and named["colour"] != colour
+        if other_shape:
+            by_shape.append(s == shape)
+        if other_colour:
+            by_colour.append(c == colour)
+        if other_shape or other_colour:
+            either.append((other_shape and s == shape) or (other_colour and c == colour))
+        if named.get("shape") == shape and named.get("colour", colour) == colour:
+            continue
         leaked.append(s == shape and c == colour)
-    return {"leakage": float(np.mean(leaked)) if leaked else float("nan"), "n": len(leaked)}
+
+    def share(v):
+        return float(np.mean(v)) if v else float("nan")
+
+    return {"leakage": share(leaked), "n": len(leaked), "shape_leakage": share(by_shape), "n_shape": len(by_shape),
+            "colour_leakage": share(by_colour), "n_colour": len(by_colour), "any_leakage": share(either),
+            "n_any": len(either)}
 
 
 def clip_text_similarity(images, prompts, model_dir: str | None = None) -> float:

@@ -116,3 +116,30 @@ def test_style_rules(setup):
     with pytest.raises(impasto.AdapterNameError, match="nope"):
         eng.generate("a dog", guidance=impasto.Guidance(styles={"nope": 1.0}), steps=1)
     assert eng.adapters.info("px").suffix == "in pixel art"
+
+
+def test_content_leakage_counts_the_pairs_colour_alone():
+    """A style that repaints held-out objects in the pair's colour leaks through colour alone:
+    `leakage` (shape AND colour) misses it, `colour_leakage` and `any_leakage` count it."""
+    from impasto import eval as ev
+    from impasto.tiny import world
+
+    rng = np.random.default_rng(5)
+
+    def draw(shape, colour, n=10):
+        return np.stack([world.render(world.sample_scene(rng, shape=shape, colour=colour, count=1, size="large",
+                                                         background="white", style="flat"), rng) for _ in range(n)])
+
+    pair = ("heart", "green")
+    ask = "a blue square on a white background"
+    green_squares, red_hearts, blue_squares = draw("square", "green"), draw("heart", "red"), draw("square", "blue")
+    g = ev.content_leakage(green_squares, ask, pair)
+    assert g["leakage"] <= 0.1 and g["colour_leakage"] >= 0.9 and g["any_leakage"] >= 0.9 and g["shape_leakage"] <= 0.1
+    h = ev.content_leakage(red_hearts, ask, pair)
+    assert h["shape_leakage"] >= 0.9 and h["colour_leakage"] <= 0.1 and h["any_leakage"] >= 0.9
+    b = ev.content_leakage(blue_squares, ask, pair)
+    assert max(b["leakage"], b["shape_leakage"], b["colour_leakage"], b["any_leakage"]) <= 0.1
+    assert (g["n"], g["n_shape"], g["n_colour"], g["n_any"]) == (10, 10, 10, 10)
+    # a prompt naming no colour is not scored for colour; one naming the pair's colour not for it either
+    s = ev.content_leakage(green_squares, ["a square on a white background"] * 5 + ["a green circle on a white background"] * 5, pair)
+    assert s["n_colour"] == 0 and s["n_shape"] == 10 and s["shape_leakage"] <= 0.1 and s["any_leakage"] <= 0.1

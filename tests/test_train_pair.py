@@ -242,6 +242,56 @@ def test_cli_trains_a_style(tiny_dir, tmp_path, capsys):
 
 
 
+
+def test_options_beyond_the_official_recipe(eng, run_a, tmp_path):
+    """style_timesteps, paired shift/flip, several pairs and content_output: off, a run is the
+    official one bit for bit; on, they do what they say."""
+    c, s = the_pair()
+    wide = pair(eng, c, s, steps=STEPS, output=tmp_path / "w.safetensors", style_timesteps=(0, 1000), **KW)
+    assert _same(wide.files["style"], run_a.files["style"])  # a window over every t changes nothing
+    none = pair(eng, c, s, steps=STEPS, output=tmp_path / "n.safetensors", style_timesteps=(0, 1),
+                content_output=tmp_path / "n-content.safetensors", **KW)
+    assert none.style_losses == [] and none.losses == run_a.losses  # seed 3 never draws t = 0 here
+    style_b = [v for k, v in load_file(none.files["style"]).items() if "lora_B" in k]
+    assert all(float(v.abs().max()) == 0 for v in style_b)
+    content = load_file(none.files["content"])  # the content LoRA: A = A_c, B trained
+    method = PairCustomization(eng, content_rank=RC, style_rank=RS)
+    m = next(iter(method.targets))
+    assert torch.equal(content[f"unet.{m}.lora_A.weight"], method.A_c[m])
+    assert float(content[f"unet.{m}.lora_B.weight"].abs().max()) > 0
+
+    # paired shift and flip: the same transform for both images of the pair, drawn per step
+    method = PairCustomization(eng, content_rank=RC, style_rank=RS)
+    (c2, s2), prompts = the_pair(seed=1, style="banded"), ["a green heart", "a red heart"]
+    t = PairTrainer(eng, method, [c, c2], [s, s2], content_prompt=prompts, style_prompt=[p + " x" for p in prompts],
+                    steps=2, style_start=0, lr=1e-3, seed=0, shift=8, flip=True)
+    seen = []
+    t.draw = lambda pixels, rows=None: seen.append(pixels) or (torch.zeros(2, 4, 8, 8), torch.zeros(1, 4, 8, 8),
+                                                                torch.zeros(1, dtype=torch.long))
+    from impasto.train.data import to_tensor
+
+    originals = {0: torch.stack([to_tensor(c), to_tensor(s)]), 1: torch.stack([to_tensor(c2), to_tensor(s2)])}
+    moves = set()
+    texts = set()
+    for _ in range(12):
+        batch = t.make_batch()
+        i = prompts.index(batch.texts[0])
+        assert batch.texts[1] == prompts[i] + " x"
+        texts.add(i)
+        found = [(dx, f) for dx in range(-8, 9) for f in (False, True)
+                 if torch.equal(seen[-1], (lambda x: torch.flip(x, dims=(3,)) if f else x)(torch.roll(originals[i], dx, dims=3)))]
+        assert found, "the pair's two images were not moved together"
+        moves.add(found[0])
+    assert texts == {0, 1} and len(moves) > 3
+
+    bad = [(dict(style_timesteps=(5, 2)), "style_timesteps"), (dict(shift=-1), "shift"),
+           (dict(content_output=tmp_path / "x.bin"), "content_output")]
+    for extra, words in bad:
+        with pytest.raises(TrainInputError, match=words):
+            pair(eng, c, s, steps=STEPS, output=tmp_path / "x.safetensors", **{**KW, **extra})
+    with pytest.raises(TrainInputError, match="equal-length"):
+        pair(eng, [c, c2], [s], steps=STEPS, output=tmp_path / "x.safetensors", **KW)
+
 # ---------------------------------------------------------------------------- style strength, CI-sized
 def test_short_training_learns_the_style_of_its_pair(tmp_path):
     """On the shipped tiny model: Pair Customization on the world's banded pair (a held-out style

@@ -160,7 +160,13 @@ class PairCustomization(Method):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         # no alpha keys: lora_alpha = rank, scale 1 (as the official file)
         save_file(self.lora_state(STYLE), path, metadata={"format": "pt", SUFFIX_KEY: suffix})
-        return {"style": path}
+        files = {"style": path}
+        content = getattr(self, "content_file", None)
+        if content:  # the content LoRA too (a plain LoRA: the official checkpoints keep it), for diagnosis
+            os.makedirs(os.path.dirname(os.path.abspath(content)), exist_ok=True)
+            save_file(self.lora_state(CONTENT), content, metadata={"format": "pt"})
+            files["content"] = content
+        return files
 
 
 class PairTrainer(Trainer):
@@ -169,24 +175,42 @@ class PairTrainer(Trainer):
 
     def __init__(self, engine, method: PairCustomization, content_image, style_image, *, content_prompt: str,
                  style_prompt: str, steps: int, style_start: int, lr: float, seed: int, weight_decay: float = 1e-4,
-                 content_updates: bool = True):
+                 content_updates: bool = True, style_timesteps=None, shift: int = 0, flip: bool = False):
         """content_updates=False: no content update (B_c stays 0), the style LoRA alone learns
-        the style image: the single-image LoRA baseline, same parametrization, rank and steps."""
-        super().__init__(engine, method, [Example(content_image, content_prompt)], steps=steps, lr=lr, batch_size=1,
+        the style image: the single-image LoRA baseline, same parametrization, rank and steps.
+
+        content_image, style_image, content_prompt, style_prompt may be equal-length lists
+        (several pairs of one style): each step draws one pair with the run's numpy RNG.
+        style_timesteps=(lo, hi): the style update runs only at the steps whose shared t is in
+        [lo, hi) (the content update at every step; ε and t stay shared).
+        shift, flip: the same random horizontal circular shift by up to `shift` px and (flip)
+        horizontal mirror for both images of the pair, drawn each step with the numpy RNG."""
+        many = isinstance(content_image, (list, tuple))
+        pairs = list(zip(content_image, style_image, content_prompt, style_prompt)) if many else \
+            [(content_image, style_image, content_prompt, style_prompt)]
+        super().__init__(engine, method, [Example(c, cp) for c, _, cp, _ in pairs], steps=steps, lr=lr, batch_size=1,
                          seed=seed, max_grad_norm=0.0, weight_decay=weight_decay, aug=False)
         if not isinstance(style_start, int) or isinstance(style_start, bool) or not 0 <= style_start < steps:
             raise TrainInputError(f"style_start: expected an integer in [0, steps={steps}), got {style_start!r}")
         self.style_start = style_start
-        self.content_image, self.style_image = content_image, style_image
-        self.content_prompt, self.style_prompt = content_prompt, style_prompt
+        self.pairs = pairs
         self.style_losses: list[float] = []
         self.content_updates = content_updates
+        self.style_timesteps = style_timesteps
+        self.shift, self.flip = shift, flip
 
     def make_batch(self) -> Batch:
         """Latents of [content, style] (posterior samples), one ε and one t shared by both rows."""
-        latents, noise, t = self.draw(torch.stack([to_tensor(self.content_image), to_tensor(self.style_image)]), rows=1)
+        i = int(self.rng.integers(len(self.pairs))) if len(self.pairs) > 1 else 0
+        content, style, content_prompt, style_prompt = self.pairs[i]
+        pixels = torch.stack([to_tensor(content), to_tensor(style)])
+        if self.shift:  # one shift for both images, so the pair stays aligned
+            pixels = torch.roll(pixels, int(self.rng.integers(-self.shift, self.shift + 1)), dims=3)
+        if self.flip and self.rng.random() < 0.5:
+            pixels = torch.flip(pixels, dims=(3,))
+        latents, noise, t = self.draw(pixels, rows=1)
         mask = torch.ones(1, 1, *latents.shape[2:], device=latents.device)
-        return Batch([self.content_prompt, self.style_prompt], latents, noise.repeat(2, 1, 1, 1), t.repeat(2), mask, 1)
+        return Batch([content_prompt, style_prompt], latents, noise.repeat(2, 1, 1, 1), t.repeat(2), mask, 1)
 
     def phase_loss(self, batch: Batch, phase: str) -> torch.Tensor:
         """ε-MSE of one update: row 0 (content) or row 1 (style) of `batch`, through the engine."""
@@ -210,10 +234,13 @@ class PairTrainer(Trainer):
         batch = self.make_batch()
         if self.content_updates:
             self.losses.append(self._update(self.phase_loss(batch, CONTENT), "content"))
-        if self.step >= self.style_start:
+        window = self.style_timesteps
+        t = int(batch.timesteps[0])
+        if self.step >= self.style_start and (window is None or window[0] <= t < window[1]):
             self.style_losses.append(self._update(self.phase_loss(batch, STYLE), "style"))
         self.step += 1
-        return (self.losses or self.style_losses)[-1]
+        done = self.losses or self.style_losses
+        return done[-1] if done else float("nan")
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -233,7 +260,8 @@ def checkpoint_folder(output: str) -> str:
 
 def pair(base, content_image, style_image, *, content_prompt, style_prompt=None, content_rank=8, style_rank=8,
          steps=750, style_start=250, lr=1e-5, seed=0, basis_seed=BASIS_SEED, suffix=None, output, progress=True,
-         resume=False, checkpoint_every=0, weight_decay=1e-4, device=None, dtype=None, content_updates=True):
+         resume=False, checkpoint_every=0, weight_decay=1e-4, device=None, dtype=None, content_updates=True,
+         content_output=None, style_timesteps=None, shift=0, flip=False):
     """Train a style LoRA from one (content, style) image pair; see the module docstring.
 
     base: "tiny", a model folder or an Engine. content_image, style_image: a path or PIL image
@@ -254,26 +282,50 @@ def pair(base, content_image, style_image, *, content_prompt, style_prompt=None,
     output = os.fspath(output)
     if not output.endswith(".safetensors"):
         raise TrainInputError(f"output: {output!r} should name a .safetensors file")
-    for name, text in (("content_prompt", content_prompt), ("style_prompt", style_prompt), ("suffix", suffix)):
-        if text is not None and (not isinstance(text, str) or not text.strip()):
-            raise TrainInputError(f"{name}: expected a non-empty string, got {text!r}")
-    if content_prompt is None:
+    if content_output is not None:
+        content_output = os.fspath(content_output)
+        if not content_output.endswith(".safetensors") or os.path.abspath(content_output) == os.path.abspath(output):
+            raise TrainInputError(f"content_output: {content_output!r} should name a .safetensors file other "
+                                  f"than output")
+    many = isinstance(content_image, (list, tuple))
+    cimgs, simgs = (list(content_image), list(style_image)) if many else ([content_image], [style_image])
+    cps = list(content_prompt) if isinstance(content_prompt, (list, tuple)) else [content_prompt] * len(cimgs)
+    sps = list(style_prompt) if isinstance(style_prompt, (list, tuple)) else [style_prompt] * len(cimgs)
+    if not cimgs or len(simgs) != len(cimgs) or len(cps) != len(cimgs) or len(sps) != len(cimgs):
+        raise TrainInputError(f"content_image, style_image, content_prompt, style_prompt: several pairs need "
+                              f"equal-length lists, got {len(cimgs)}, {len(simgs)}, {len(cps)}, {len(sps)}")
+    for name, texts in (("content_prompt", cps), ("style_prompt", sps), ("suffix", [suffix])):
+        for text in texts:
+            if text is not None and (not isinstance(text, str) or not text.strip()):
+                raise TrainInputError(f"{name}: expected a non-empty string, got {text!r}")
+    if any(c is None for c in cps):
         raise TrainInputError("content_prompt: a caption of the content image is required")
     suffix = DEFAULT_SUFFIX if suffix is None else suffix.strip()
-    style_prompt = content_prompt + " " + suffix if style_prompt is None else style_prompt
+    sps = [c + " " + suffix if sp is None else sp for c, sp in zip(cps, sps)]
+    if style_timesteps is not None:
+        ok = isinstance(style_timesteps, (list, tuple)) and len(style_timesteps) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in style_timesteps)
+        if not ok or not 0 <= style_timesteps[0] < style_timesteps[1]:
+            raise TrainInputError(f"style_timesteps: expected (lo, hi) integers with 0 <= lo < hi, got {style_timesteps!r}")
+        style_timesteps = (int(style_timesteps[0]), int(style_timesteps[1]))
+    if not isinstance(shift, int) or isinstance(shift, bool) or shift < 0:
+        raise TrainInputError(f"shift: expected an integer >= 0 (pixels), got {shift!r}")
+    if not isinstance(flip, bool):
+        raise TrainInputError(f"flip: expected True or False, got {flip!r}")
     _check_number("lr", lr)
     _check_number("weight_decay", weight_decay)
     engine, owned = resolve_engine(base, device, dtype)
     try:
         size = engine.base.unet.config.sample_size * engine.base.vae_scale_factor
-        (content,) = load_images([content_image], "content_image")
-        (style,) = load_images([style_image], "style_image")
+        contents = [square(im, size) for im in load_images(cimgs, "content_image")]
+        styles = [square(im, size) for im in load_images(simgs, "style_image")]
+        one = lambda v: v if many else v[0]  # noqa: E731
         method = PairCustomization(engine, content_rank=content_rank, style_rank=style_rank, basis_seed=basis_seed)
-        method.output_file, method.suffix = output, suffix
-        trainer = PairTrainer(engine, method, square(content, size), square(style, size),
-                              content_prompt=content_prompt, style_prompt=style_prompt, steps=steps,
-                              style_start=style_start if content_updates else 0, lr=lr, seed=seed,
-                              weight_decay=weight_decay, content_updates=content_updates)
+        method.output_file, method.suffix, method.content_file = output, suffix, content_output
+        trainer = PairTrainer(engine, method, one(contents), one(styles), content_prompt=one(cps), style_prompt=one(sps),
+                              steps=steps, style_start=style_start if content_updates else 0, lr=lr, seed=seed,
+                              weight_decay=weight_decay, content_updates=content_updates,
+                              style_timesteps=style_timesteps, shift=shift, flip=flip)
         result = train(trainer, checkpoint_folder(output), checkpoint_every=checkpoint_every, resume=resume,
                        progress=progress)
         result.path = output
