@@ -19,7 +19,7 @@ from impasto.adapters.rank1 import SUFFIX_K, SUFFIX_V
 from impasto.attention import cross_attention_layers
 from impasto.train import TrainInputError, perfusion
 from impasto.train.perfusion import FILE_NAME, perfusion_loss, perfusion_trainer
-from test_rank1_serving import CAPTIONS, TOL, _diff, _reference
+from test_rank1_serving import CAPTIONS, TOL, _diff, _reference, edited_positions
 from test_train import hostile_checkpoint, render_folder, renders
 
 STEPS = 4
@@ -50,17 +50,30 @@ def _perturb(params, seed=5, frac=0.3):
 
 # ---------------------------------------------------------------------------- the reference
 class PaperProjection(torch.nn.Module):
-    """h(e) = W e − s(e)·W i* + σ((s(e) − β)/τ)·o*, s(e) = i*ᵀC⁻¹e / (i*ᵀC⁻¹i*) (paper §3), fp64."""
+    """h(e) = W e − s(e)·W i* + σ((s(e) − β)/τ)·o*, s(e) = i*ᵀC⁻¹e / (i*ᵀC⁻¹i*) (paper §3), fp64,
+    at the positions `edited` marks (Shape [B, 77] bool, set per batch); W e on the padding."""
 
     def __init__(self, W, i_star, o_star, C_inv, beta, tau):
         super().__init__()
         self.W, self.i, self.o, self.C_inv, self.beta, self.tau = W.double(), i_star.double(), o_star, C_inv.double(), beta, tau
+        self.edited = None
 
     def forward(self, e):
         e = e.double()
         s = (e @ self.C_inv @ self.i) / (self.i @ self.C_inv @ self.i)
         h = e @ self.W.T - s[..., None] * (self.W @ self.i) + torch.sigmoid((s - self.beta) / self.tau)[..., None] * self.o.double()
+        if self.edited is not None:
+            h = torch.where(self.edited[..., None], h, e @ self.W.T)
         return h.float()
+
+
+def edit_positions(pipe, texts):
+    """Every PaperProjection of `pipe` edits BOS, the text's tokens and its EOS (see
+    test_rank1_serving.edited_positions), never the padding after it."""
+    edited = edited_positions(pipe.tokenizer, texts)
+    for attn in cross_attention_layers(pipe.unet).values():
+        attn.to_k.edited = attn.to_v.edited = edited
+    return edited
 
 
 def paper_pipeline(tiny_dir, method):
@@ -124,6 +137,8 @@ def test_gradients_equal_the_papers_equations(tiny_dir, eng, monkeypatch):
     assert float((m.i_star - i_ref).norm() / i_ref.norm()) <= 1e-6
     _, hidden, _ = concept_encodings(pipe, pid, batch.texts)
     x_t = tr.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+    edited = edit_positions(pipe, batch.texts)
+    assert 0 < int(edited.sum()) < edited.numel()  # both kinds of position are there
     pred = pipe.unet(x_t, batch.timesteps, hidden).sample
     mask = batch.mask
     ref_loss = ((pred * mask - batch.noise * mask) ** 2).mean()  # ChenDarYen p_losses, written out
