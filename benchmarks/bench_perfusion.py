@@ -85,6 +85,13 @@ def train(engine, cs, obj, lock, args, steps):
             "s_per_step": None if cached else seconds / (steps - start),
             "load": None if cached else [load0, os.getloadavg()[0]], "cached": cached,
             "final_loss_mean50": float(np.mean(r.losses[-50:])) if r.losses else None}
+    # the placeholder row's norm against the super word's (its initializer): how far training grew it
+    from impasto.adapters.rank1 import read_rank1
+
+    emb = engine.base.text_encoder.get_input_embeddings().weight
+    super_id = engine.base.tokenizer(cs.class_word, add_special_tokens=False).input_ids[0]
+    info["row_norm"] = float(read_rank1(r.files["rank1"]).token_embedding.norm())
+    info["super_row_norm"] = float(emb[super_id].detach().norm())
     return r, info
 
 
@@ -212,7 +219,7 @@ def pair_check(args, results, objs):
     gates = {a: (ba, ta), b: (bb, tb)}
     out = []
     for obj, ph, solo, both in ((a, "<sks>", [A], [A, B]), (b, "<sks2>", [B], [A, B])):
-        cs = ev.concept_set(obj, args.seed)
+        cs = ev.concept_set(obj, args.seed, args.split)
         c_solo, p_solo, _ = evaluate(engine, cs, obj, solo, ph, args)
         c_both, p_both, _ = evaluate(engine, cs, obj, both, ph, args)
         info = {"object": obj, "method": "pair", "beta": gates[obj][0], "tau": gates[obj][1], "solo": c_solo,
@@ -306,6 +313,10 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps (the protocol: 25)")
     p.add_argument("--no-masks", dest="masks", action="store_false")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="test", choices=("test", "validation"),
+                   help="eval.concept_set's prompts: choose gates and recipes on validation, report on test")
+    p.add_argument("--no-edit-eos", dest="edit_eos", action="store_false",
+                   help="the rank1 edit off each chunk's EOS too (families.rank1.EDIT_EOS = False), in training and serving")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="bench_perfusion_work", help="trained files and checkpoints (reused on rerun)")
     p.add_argument("--pair", nargs=2, default=None, metavar=("A", "B"))
@@ -334,13 +345,16 @@ def main(argv=None):
                            "results": results}, f, indent=1)
         return
     torch.set_num_threads(args.threads)
+    import impasto.adapters.families.rank1 as rank1_family
+
+    rank1_family.EDIT_EOS = args.edit_eos
     if args.gate_inputs:
         engine = impasto.Engine.from_pretrained(args.model, device="cpu")
         rows = []
         for obj, method in itertools.product(args.objects, ("lock", "nolock")):
             path = os.path.join(args.work, f"{obj}-{method}", "adapter.rank1.safetensors")
             if os.path.isfile(path):
-                cs = ev.concept_set(obj, args.seed)
+                cs = ev.concept_set(obj, args.seed, args.split)
                 rows.append({"object": obj, "method": method,
                              **gate_inputs(engine, path, [t.format("<sks>") for t, _ in cs.templates[:args.prompts]])})
                 print(json.dumps(rows[-1]), flush=True)
@@ -357,7 +371,7 @@ def main(argv=None):
     step_list = sorted(int(x) for x in args.at_steps.split(",")) if args.at_steps else [args.steps]
     results = []
     for obj in args.objects:
-        cs = ev.concept_set(obj, args.seed)
+        cs = ev.concept_set(obj, args.seed, args.split)
         engine = impasto.Engine.from_pretrained(args.model, device="cpu")
         if "base" in args.methods:
             t0 = time.perf_counter()
