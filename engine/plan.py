@@ -96,9 +96,10 @@ def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: di
         extra = {}
         if family.kv_positions:  # once per plan, only when a family asks: [U, L] bool, values' and keys'
             if positions is None:
-                positions = tuple(_stack_mask(prompts.text_positions(base.tokenizer, [(t, *spec) for t, spec in
-                                                                                      zip(txts, specs)], tokens),
-                                              embeds.shape[1], embeds.device) for txts in (texts, key_texts))
+                positions = tuple(
+                    _stack_mask(prompts.text_positions(base.tokenizer, [(t, *spec) for t, spec in zip(txts, specs)],
+                                                       tokens), embeds.shape[1], embeds.device)
+                    for txts in (texts, key_texts))
             extra["positions"] = positions
         if (edit := family.kv_edit(store, rows, **extra)) is not None:
             edits.append(edit)
