@@ -374,8 +374,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="test", choices=("test", "validation"),
                    help="eval.concept_set's prompts: choose gates and recipes on validation, report on test")
-    p.add_argument("--no-edit-eos", dest="edit_eos", action="store_false",
-                   help="the rank1 edit off each chunk's EOS too (families.rank1.EDIT_EOS = False), in training and serving")
+    p.add_argument("--edit-eos", dest="edit_eos", action="store_true", default=False,
+                   help="the rank1 edit on each chunk's EOS too (families.rank1.EDIT_EOS = True), in training and serving")
+    p.add_argument("--no-edit-eos", dest="edit_eos", action="store_false", help="the default: EOS left alone")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="bench_perfusion_work", help="trained files and checkpoints (reused on rerun)")
     p.add_argument("--pair", nargs=2, default=None, metavar=("A", "B"))

@@ -180,10 +180,13 @@ def test_other_base_model_refused(perf):
         eng.adapters.register("outside", __file__)
 
 
-def test_edit_stays_off_the_padding(perf):
+@pytest.mark.parametrize("edit_eos", [False, True])
+def test_edit_stays_off_the_padding(perf, monkeypatch, edit_eos):
     """The planned K/V: exactly the base projection W e at every padding position after a chunk's
-    EOS (and at the EOS when EDIT_EOS is off), the paper's h(e) at the prompt's positions, for a
-    one-chunk and a two-chunk prompt (each chunk's own EOS) and the global key lock's key text."""
+    EOS (and at the EOS when EDIT_EOS is off, the default), the paper's h(e) at the prompt's
+    positions, for a one-chunk and a two-chunk prompt (each chunk's own EOS) and the global key
+    lock's key text."""
+    monkeypatch.setattr(impasto.adapters.families.rank1, "EDIT_EOS", edit_eos)
     from impasto.plan import Branch, build_plan
     from impasto.prompts import chunk_prompt, encode_prompts
 
@@ -210,7 +213,7 @@ def test_edit_stays_off_the_padding(perf):
             ids = eng.base.tokenizer(text.replace("<teddy>", "teddy"), add_special_tokens=False).input_ids
             n_tokens = min(75, len(ids) - 75 * c)
             eos = 77 * c + 1 + n_tokens
-            last = eos + (1 if impasto.adapters.families.rank1.EDIT_EOS else 0)
+            last = eos + (1 if edit_eos else 0)
             for name, attn in eng.attn2.items():
                 for which, (proj, e) in enumerate(((attn.to_k, key_embeds), (attn.to_v, plan.embeds))):
                     got = plan.kv[name][which][0]

@@ -68,7 +68,7 @@ class PaperProjection(torch.nn.Module):
 
 
 def edit_positions(pipe, texts):
-    """Every PaperProjection of `pipe` edits BOS, the text's tokens and its EOS (see
+    """Every PaperProjection of `pipe` edits BOS, the text's tokens and, if EDIT_EOS, its EOS (see
     test_rank1_serving.edited_positions), never the padding after it."""
     edited = edited_positions(pipe.tokenizer, texts)
     for attn in cross_attention_layers(pipe.unet).values():

@@ -9,8 +9,8 @@ Per branch row with concepts j (C⁻¹-orthonormal basis u_j of their i*), on th
 With global_lock=True the K pathway reads the prompt with the placeholder replaced by the
 concept's super-category word (Perfusion §2.1, inference only).
 
-Positions: the edit is applied only at each chunk's BOS, tokens and EOS (EDIT_EOS), never at the
-padding after the EOS, where K and V stay W e. Why: o* here is one vector per layer (the paper's
+Positions: the edit is applied only at each chunk's BOS and tokens (and its EOS if EDIT_EOS),
+never at the padding after the EOS, where K and V stay W e. Why: o* here is one vector per layer (the paper's
 parameterization), so wherever the gate opens it writes the concept's value; CLIP's causal
 attention carries the placeholder's trained row into every later position, and with a grown row
 the ≈ 60 padding positions open the gate together and the concept's value floods every pixel
@@ -38,8 +38,10 @@ from . import FAMILY_KEY, Family
 OPTIONS = ("beta", "tau", "global_lock")
 
 # Whether each chunk's EOS is edited along with the prompt's tokens (the padding after it never
-# is). Chosen by measurement: docs/training.md, "Perfusion", "Keeping the edit off the padding".
-EDIT_EOS = True
+# is). False, by measurement on the validation split: the trained i* is close to the EOS's
+# encoding (s ≈ 0.5-0.6 for the arrow), so an edited EOS opens the gate there too and costs the
+# prompt (docs/training.md, "Perfusion", "Which positions are edited").
+EDIT_EOS = False
 
 
 def base_shapes(store) -> dict:
