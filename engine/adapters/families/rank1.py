@@ -32,6 +32,7 @@ from impasto.kernels import rank1_edit
 
 from ...api import AdapterInfo
 from ...errors import AdapterShapeError, RequestError
+from ...prompts import CHUNK
 from .. import rank1 as rank1_format
 from . import FAMILY_KEY, Family
 
@@ -42,6 +43,7 @@ OPTIONS = ("beta", "tau", "global_lock")
 # encoding (s ≈ 0.5-0.6 for the arrow), so an edited EOS opens the gate there too and costs the
 # prompt (docs/training.md, "Perfusion", "Which positions are edited").
 EDIT_EOS = False
+CHUNK_POSITIONS = CHUNK + 2  # BOS, 75 tokens, EOS: the plan's keys come in chunks of 77
 
 
 def base_shapes(store) -> dict:
@@ -139,8 +141,10 @@ def edited_positions(text: torch.Tensor, edit_eos: bool | None = None) -> torch.
     edit_eos = EDIT_EOS if edit_eos is None else edit_eos
     if edit_eos:
         return text
-    after = torch.cat([text[:, 1:], torch.zeros_like(text[:, :1])], dim=1)
-    return text & after
+    # per 77-position chunk: a full chunk's EOS is its last position, followed by the next BOS
+    chunks = text.reshape(text.shape[0], -1, CHUNK_POSITIONS)
+    after = torch.cat([chunks[..., 1:], torch.zeros_like(chunks[..., :1])], dim=-1)
+    return (chunks & after).reshape(text.shape)
 
 
 def _edit(layer: str, attn, k, v, key_embeds, embeds, *, concepts, bases, C_inv, masks=None):
