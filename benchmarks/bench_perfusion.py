@@ -20,7 +20,8 @@ mode over the gates (Pareto front marked), the base, and Custom Diffusion's poin
 file: benchmarks/perfusion_cd_points.json by default).
 --at-steps: a step front (one run per mode, resumed from step to step). --gate-inputs: the
 gate's input s(e) by kind of position for the trained files. --replot: report and plot joined
-JSON files of earlier runs.
+JSON files of earlier runs; files run with --split validation choose the operating points
+(`choose`) that the test split's files are then read at, and only the test split is plotted.
 
     python benchmarks/bench_perfusion.py --objects sparkle moon arrow --json out.json \\
         --plot docs/perfusion_pareto.png --pair sparkle arrow --sheet docs/perfusion_pair.png
@@ -85,6 +86,13 @@ def train(engine, cs, obj, lock, args, steps):
             "s_per_step": None if cached else seconds / (steps - start),
             "load": None if cached else [load0, os.getloadavg()[0]], "cached": cached,
             "final_loss_mean50": float(np.mean(r.losses[-50:])) if r.losses else None}
+    # the placeholder row's norm against the super word's (its initializer): how far training grew it
+    from impasto.adapters.rank1 import read_rank1
+
+    emb = engine.base.text_encoder.get_input_embeddings().weight
+    super_id = engine.base.tokenizer(cs.class_word, add_special_tokens=False).input_ids[0]
+    info["row_norm"] = float(read_rank1(r.files["rank1"]).token_embedding.norm())
+    info["super_row_norm"] = float(emb[super_id].detach().norm())
     return r, info
 
 
@@ -212,7 +220,7 @@ def pair_check(args, results, objs):
     gates = {a: (ba, ta), b: (bb, tb)}
     out = []
     for obj, ph, solo, both in ((a, "<sks>", [A], [A, B]), (b, "<sks2>", [B], [A, B])):
-        cs = ev.concept_set(obj, args.seed)
+        cs = ev.concept_set(obj, args.seed, args.split)
         c_solo, p_solo, _ = evaluate(engine, cs, obj, solo, ph, args)
         c_both, p_both, _ = evaluate(engine, cs, obj, both, ph, args)
         info = {"object": obj, "method": "pair", "beta": gates[obj][0], "tau": gates[obj][1], "solo": c_solo,
@@ -278,6 +286,64 @@ def report(results, objs, cd):
     return summary
 
 
+def choose(val, test, objs, margin=0.05):
+    """Operating points chosen on the validation split, read on the test split. Rule (fixed before
+    the test split is read): per lock mode, the gate with the highest validation concept fidelity
+    whose prompt fidelity is at most `margin` under the base's (ties: the higher prompt fidelity),
+    one gate for all objects (on their mean) and one per object. Returns {mode: {...}}."""
+    def rows(res, method, obj=None):
+        return [r for r in res if r["method"] == method and (obj is None or r["object"] == obj)]
+
+    def pick(points, base_pf):
+        ok = [(c, p, g) for g, (c, p) in points.items() if p >= base_pf - margin] or [
+            (c, p, g) for g, (c, p) in points.items()]
+        return max(ok, key=lambda x: (x[0], x[1]))[2]
+
+    out = {}
+    for method in ("lock", "nolock"):
+        if not rows(val, method):
+            continue
+        res = {"per_object": {}}
+        gates = {}
+        for r in rows(val, method):
+            gates.setdefault((r["beta"], r["tau"]), {})[r["object"]] = (r["concept"], r["prompt"])
+        gates = {g: v for g, v in gates.items() if all(o in v for o in objs)}
+        base_pf = float(np.mean([r["prompt"] for r in rows(val, "base") if r["object"] in objs]))
+        g = pick({g: tuple(np.mean([v[o] for o in objs], 0)) for g, v in gates.items()}, base_pf)
+        at = {r["object"]: (r["concept"], r["prompt"]) for r in rows(test, method) if (r["beta"], r["tau"]) == g}
+        res["one_gate"] = {"gate": list(g), "validation": [float(x) for x in np.mean([gates[g][o] for o in objs], 0)],
+                           "test": {o: list(at[o]) for o in objs if o in at},
+                           "test_mean": [float(x) for x in np.mean([at[o] for o in objs], 0)] if all(o in at for o in objs) else None}
+        for obj in objs:
+            vb = [r["prompt"] for r in rows(val, "base", obj)]
+            pts = {(r["beta"], r["tau"]): (r["concept"], r["prompt"]) for r in rows(val, method, obj)}
+            go = pick(pts, vb[0] if vb else 0.0)
+            t = [(r["concept"], r["prompt"]) for r in rows(test, method, obj) if (r["beta"], r["tau"]) == go]
+            res["per_object"][obj] = {"gate": list(go), "validation": list(pts[go]), "test": list(t[0]) if t else None}
+        tests = [res["per_object"][o]["test"] for o in objs]
+        res["per_object_test_mean"] = [float(x) for x in np.mean(tests, 0)] if all(tests) else None
+        out[method] = res
+    return out
+
+
+def print_choice(choice, cd, objs):
+    cd_mean = tuple(float(x) for x in np.mean([cd[o] for o in objs], 0)) if cd and all(o in cd for o in objs) else None
+    for method, res in choice.items():
+        og = res["one_gate"]
+        print(f"{method}: one gate chosen on validation {og['gate'][0]:g}/{og['gate'][1]:g} "
+              f"(validation mean {og['validation'][0]:.3f} / {og['validation'][1]:.3f}); test: "
+              + ", ".join(f"{o} {c:.3f} / {p:.3f}" for o, (c, p) in og["test"].items()))
+        for label, m in (("one gate", og["test_mean"]), ("per-object gates", res["per_object_test_mean"])):
+            if m and cd_mean:
+                print(f"{method}: test mean at {label} {m[0]:.3f} / {m[1]:.3f} vs Custom Diffusion {cd_mean[0]:.3f} / "
+                      f"{cd_mean[1]:.3f}: {'dominated' if dominates(cd_mean, tuple(m)) else 'not dominated'}")
+        for o, po in res["per_object"].items():
+            t = po["test"]
+            print(f"{method} {o}: gate {po['gate'][0]:g}/{po['gate'][1]:g} on validation "
+                  f"{po['validation'][0]:.3f} / {po['validation'][1]:.3f}; test "
+                  + (f"{t[0]:.3f} / {t[1]:.3f}" if t else "not measured"))
+
+
 def parse_gates(text):
     """"0.4/0.15,0.5/0.1" -> [(0.4, 0.15), (0.5, 0.1)]."""
     out = []
@@ -306,6 +372,11 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps (the protocol: 25)")
     p.add_argument("--no-masks", dest="masks", action="store_false")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="test", choices=("test", "validation"),
+                   help="eval.concept_set's prompts: choose gates and recipes on validation, report on test")
+    p.add_argument("--edit-eos", dest="edit_eos", action="store_true", default=False,
+                   help="the rank1 edit on each chunk's EOS too (families.rank1.EDIT_EOS = True), in training and serving")
+    p.add_argument("--no-edit-eos", dest="edit_eos", action="store_false", help="the default: EOS left alone")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="bench_perfusion_work", help="trained files and checkpoints (reused on rerun)")
     p.add_argument("--pair", nargs=2, default=None, metavar=("A", "B"))
@@ -323,9 +394,18 @@ def main(argv=None):
     args = p.parse_args(argv)
     cd, cd_label = load_cd(args.cd)
     if args.replot:
-        results = [r for path in args.replot for r in json.load(open(path))["results"]]
+        results, val = [], []
+        for path in args.replot:
+            d = json.load(open(path))
+            # a file's split: its run's --split (files from before the option: the test split)
+            split = d.get("args", {}).get("split", "test")
+            (val if split == "validation" else results).extend(d["results"])
         objs = list(dict.fromkeys(r["object"] for r in results if r["method"] != "pair"))
         summary = report(results, objs, cd)
+        if val:
+            summary["chosen_on_validation"] = choose(val, results, objs)
+            print_choice(summary["chosen_on_validation"], cd, objs)
+            summary["validation"] = val
         if args.plot:
             plot(results, args.plot, cd, cd_label)
         if args.json:
@@ -334,13 +414,16 @@ def main(argv=None):
                            "results": results}, f, indent=1)
         return
     torch.set_num_threads(args.threads)
+    import impasto.adapters.families.rank1 as rank1_family
+
+    rank1_family.EDIT_EOS = args.edit_eos
     if args.gate_inputs:
         engine = impasto.Engine.from_pretrained(args.model, device="cpu")
         rows = []
         for obj, method in itertools.product(args.objects, ("lock", "nolock")):
             path = os.path.join(args.work, f"{obj}-{method}", "adapter.rank1.safetensors")
             if os.path.isfile(path):
-                cs = ev.concept_set(obj, args.seed)
+                cs = ev.concept_set(obj, args.seed, args.split)
                 rows.append({"object": obj, "method": method,
                              **gate_inputs(engine, path, [t.format("<sks>") for t, _ in cs.templates[:args.prompts]])})
                 print(json.dumps(rows[-1]), flush=True)
@@ -357,7 +440,7 @@ def main(argv=None):
     step_list = sorted(int(x) for x in args.at_steps.split(",")) if args.at_steps else [args.steps]
     results = []
     for obj in args.objects:
-        cs = ev.concept_set(obj, args.seed)
+        cs = ev.concept_set(obj, args.seed, args.split)
         engine = impasto.Engine.from_pretrained(args.model, device="cpu")
         if "base" in args.methods:
             t0 = time.perf_counter()

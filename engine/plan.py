@@ -65,6 +65,8 @@ def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: di
       key_text[u]  = text_u through every family.key_text of A_u; encoded alike when it differs
       K, V         = attn.to_k(key_embeds), attn.to_v(embeds) with the UNet LoRA rows of A_u
                      (store.lora_rows), then every family's kv_edit, in registry order
+                     (a family with kv_positions also gets each row's text positions,
+                     prompts.text_positions: False on the padding after each EOS)
       image[u]     = the family's image_kv for u (encoder: image tokens' K'/V' per attn2 layer)
     `lora`, `te_lora`: the UNet's and the text encoder's LoraRuntime (te_lora None: no text-encoder LoRA).
     grad: plan with autograd on (training, impasto.train), so gradients reach adapter tensors
@@ -86,10 +88,20 @@ def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: di
     key_embeds = embeds
     if key_texts != texts:  # same chunks as the text, so the keys line up with the values
         key_embeds, _ = _stack(encode([(t, *spec) for t, spec in zip(key_texts, specs)]), dtype)
-    edits = []
+    edits, positions = [], None
     for family in FAMILIES.values():
         rows = [[u for u in row if u.family is family] for row in uses]
-        if any(rows) and (edit := family.kv_edit(store, rows)) is not None:
+        if not any(rows):
+            continue
+        extra = {}
+        if family.kv_positions:  # once per plan, only when a family asks: [U, L] bool, values' and keys'
+            if positions is None:
+                positions = tuple(
+                    _stack_mask(prompts.text_positions(base.tokenizer, [(t, *spec) for t, spec in zip(txts, specs)],
+                                                       tokens), embeds.shape[1], embeds.device)
+                    for txts in (texts, key_texts))
+            extra["positions"] = positions
+        if (edit := family.kv_edit(store, rows, **extra)) is not None:
             edits.append(edit)
     lora_rows = [store.lora_rows(b.adapters, files) for b in unique]
     kv = {}
@@ -110,6 +122,14 @@ def build_plan(branches: list[Branch], base, attn2: dict, lora, store, files: di
                             raise RequestError("adapters: two families give one branch image tokens")
                         image[u] = x
     return Plan(index, embeds, kv, image if any(x is not None for x in image) else [], lengths)
+
+
+def _stack_mask(rows: list, length: int, device) -> torch.Tensor:
+    """Rows of Shape [L_u] bool -> Shape [U, length] bool, False beyond each row (as `_stack` pads)."""
+    out = torch.zeros(len(rows), length, dtype=torch.bool, device=device)
+    for u, r in enumerate(rows):
+        out[u, : r.shape[0]] = r.to(device)
+    return out
 
 
 def _stack(rows: list, dtype) -> tuple[torch.Tensor, list]:

@@ -161,6 +161,7 @@ class Chunk:
     ids: list
     weights: list
     marks: list
+    length: int = CHUNK + 2  # positions up to and including the EOS; the rest is padding
 
 
 def _as_word(p: str) -> str:
@@ -192,7 +193,7 @@ def chunk_prompt(tokenizer, text: str, placeholders=(), *, weighted: bool = Fals
         weights = [1.0] + [w for _, w, _ in cur] + [1.0]
         marks = [(i + 1, p) for i, (_, _, p) in enumerate(cur) if p is not None]
         pad = CHUNK + 2 - len(ids)
-        chunks.append(Chunk(ids + [tokenizer.pad_token_id] * pad, weights + [1.0] * pad, marks))
+        chunks.append(Chunk(ids + [tokenizer.pad_token_id] * pad, weights + [1.0] * pad, marks, len(ids)))
         cur, last_comma = [], -1
 
     for piece, weight in parsed:
@@ -224,6 +225,21 @@ def chunk_prompt(tokenizer, text: str, placeholders=(), *, weighted: bool = Fals
 
 def empty_chunk(tokenizer) -> Chunk:
     return chunk_prompt(tokenizer, "")[0]
+
+
+def text_positions(tokenizer, prompts: list, tokens: list) -> list:
+    """Semantics: per prompt (as `encode_prompts` takes them), Shape [77 * c_i] bool: True at every
+    chunk's BOS, tokens and EOS, False at the padding after each chunk's EOS (an added empty chunk:
+    its BOS and EOS). Positions line up with `encode_prompts`' rows. (CLIP's unk id, which a
+    placeholder's position holds, is its EOS id, so the EOS is found from the chunk's length, not
+    its ids.)"""
+    out = []
+    for (text, n_chunks, _, weighted), tok in zip(prompts, tokens):
+        widths = {p: e.shape[0] for p, e in tok.items() if e.dim() == 2}
+        chunks = chunk_prompt(tokenizer, text, list(tok), weighted=weighted, widths=widths)[:n_chunks]
+        chunks += [empty_chunk(tokenizer)] * (n_chunks - len(chunks))
+        out.append(torch.tensor([k < c.length for c in chunks for k in range(len(c.ids))]))
+    return out
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: list, tokens: list, device, *, te_rows=None,

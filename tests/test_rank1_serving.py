@@ -1,6 +1,7 @@
 """Perfusion (`rank1`) adapters served through the plan, equal to an independent reference: a
-diffusers pipeline whose attn2 to_k/to_v compute the paper's equations (`perfusion_h`) and whose
-tokenizer learned the placeholder by `load_textual_inversion`."""
+diffusers pipeline whose attn2 to_k/to_v compute the paper's equations (`perfusion_h`) at the
+prompt's positions up to its EOS and W e on the padding after it, and whose tokenizer learned the
+placeholder by `load_textual_inversion`."""
 
 import numpy as np
 import pytest
@@ -48,19 +49,34 @@ def _concept(engine, seed, placeholder, super_word, tmp_path, beta=0.7, tau=0.15
 
 
 class _Perfusion(torch.nn.Module):
-    def __init__(self, W, concepts, which, C_inv):
+    """h(e) at the positions `edited` marks (Shape [B, 77] bool, set per call), W e elsewhere."""
+
+    def __init__(self, W, concepts, which, C_inv, edited=None):
         super().__init__()
-        self.W, self.C_inv = W, C_inv
+        self.W, self.C_inv, self.edited = W, C_inv, edited
         self.i = torch.stack([c["i_star"] for c in concepts])
         self.o = torch.stack([c["o"][which] for c in concepts])
         self.betas, self.taus = [c["beta"] for c in concepts], [c["tau"] for c in concepts]
 
     def forward(self, e):
-        return perfusion_h(e, self.W, self.i, self.o, self.betas, self.taus, self.C_inv).to(e.dtype)
+        h = perfusion_h(e, self.W, self.i, self.o, self.betas, self.taus, self.C_inv).to(e.dtype)
+        if self.edited is None:
+            return h
+        return torch.where(self.edited[..., None], h, e @ self.W.T)
 
 
-def _reference(tiny_dir, engine, files, prompt, seed, options=None):
-    """diffusers pipeline with attn2 K/V replaced by the paper's equations; tokens by textual inversion."""
+def edited_positions(tokenizer, texts, edit_eos=None):
+    """Shape [B, 77] bool: BOS, the text's tokens and (edit_eos) its EOS, from the tokenizer's
+    unpadded ids (one 77-token chunk); False on the padding after the EOS."""
+    edit_eos = impasto.adapters.families.rank1.EDIT_EOS if edit_eos is None else edit_eos
+    n = [len(tokenizer(t, truncation=True, max_length=77).input_ids) - (0 if edit_eos else 1) for t in texts]
+    return torch.arange(77)[None, :] < torch.tensor(n)[:, None]
+
+
+def _reference(tiny_dir, engine, files, prompt, seed, options=None, padding=False):
+    """diffusers pipeline with attn2 K/V replaced by the paper's equations, kept off the padding
+    after the EOS (padding=True: on every position, as the community code); tokens by textual
+    inversion. Classifier-free guidance: rows [negative prompt "", prompt]."""
     pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     C_inv = engine.adapters.covariance()
@@ -75,10 +91,11 @@ def _reference(tiny_dir, engine, files, prompt, seed, options=None):
                              tau=opt.get("tau", float(meta["impasto.tau"])),
                              o={name: (t[name + ".to_k.o_star"], t[name + ".to_v.o_star"])
                                 for name in cross_attention_layers(pipe.unet)}))
+    edited = None if padding else edited_positions(pipe.tokenizer, ["", prompt])
     for name, attn in cross_attention_layers(pipe.unet).items():
         per = [dict(c, o=c["o"][name]) for c in concepts]
-        attn.to_k = _Perfusion(attn.to_k.weight.detach(), per, 0, C_inv)
-        attn.to_v = _Perfusion(attn.to_v.weight.detach(), per, 1, C_inv)
+        attn.to_k = _Perfusion(attn.to_k.weight.detach(), per, 0, C_inv, edited)
+        attn.to_v = _Perfusion(attn.to_v.weight.detach(), per, 1, C_inv, edited)
     return pipe(prompt, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(seed),
                 output_type="np").images
 
@@ -106,6 +123,10 @@ def test_single_and_multi_concept_equal_paper_reference(tiny_dir, perf):
     ref2 = _reference(tiny_dir, eng, [("<teddy>", paths["teddy"]), ("<cat1>", paths["cat"])],
                       "a <teddy> and a <cat1>", 5, options=[dict(beta=0.6, tau=0.1), {}])
     assert _diff(two.images, ref2) <= TOL
+    # The padding is left alone: the same equations on every position (the community code's) differ.
+    everywhere = _reference(tiny_dir, eng, [("<teddy>", paths["teddy"])], "a photo of a <teddy> on the grass", 4,
+                            padding=True)
+    assert _diff(out.images, everywhere) > 10 * TOL  # measured 0.074
     # The edit matters: textual inversion alone (no K/V edit) gives another image.
     pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
@@ -157,3 +178,50 @@ def test_other_base_model_refused(perf):
         eng.adapters.register("other", other)
     with pytest.raises(impasto.AdapterPathError, match="outside adapter_root"):
         eng.adapters.register("outside", __file__)
+
+
+@pytest.mark.parametrize("edit_eos", [False, True])
+def test_edit_stays_off_the_padding(perf, monkeypatch, edit_eos):
+    """The planned K/V: exactly the base projection W e at every padding position after a chunk's
+    EOS (and at the EOS when EDIT_EOS is off, the default), the paper's h(e) at the prompt's
+    positions, for a one-chunk and a two-chunk prompt (each chunk's own EOS) and the global key
+    lock's key text."""
+    monkeypatch.setattr(impasto.adapters.families.rank1, "EDIT_EOS", edit_eos)
+    from impasto.plan import Branch, build_plan
+    from impasto.prompts import chunk_prompt, encode_prompts
+
+    eng, _ = perf
+    long = " ".join(["red star"] * 40) + " a <teddy>"  # 82 tokens: two chunks
+    cases = [("a photo of a <teddy> on the grass", 1, {}), (long, 2, {}),
+             ("a photo of a <teddy>", 1, {"global_lock": True})]
+    for text, chunks, options in cases:
+        opts = tuple(options.items())
+        files = {"teddy": eng.adapters.load("teddy")}
+        plan = build_plan([Branch(text, (("teddy", 1.0, opts),), chunks)], eng.base, eng.attn2, eng.lora, eng.adapters,
+                          files, "cpu", torch.float32)
+        pieces = chunk_prompt(eng.base.tokenizer, text, ["<teddy>"])
+        assert len(pieces) == chunks
+        f = files["teddy"]
+        C_inv = eng.adapters.covariance()
+        key_text = text.replace("<teddy>", "teddy") if options else text
+        key_embeds = plan.embeds
+        if options:
+            key_embeds = encode_prompts(eng.base.tokenizer, eng.base.text_encoder, [(key_text, chunks, 1, False)],
+                                        [{}], "cpu")[0][None]
+        for c, piece in enumerate(pieces):
+            # the chunk's EOS: BOS + its tokens (a placeholder's unk id is the EOS id: count, do not search)
+            ids = eng.base.tokenizer(text.replace("<teddy>", "teddy"), add_special_tokens=False).input_ids
+            n_tokens = min(75, len(ids) - 75 * c)
+            eos = 77 * c + 1 + n_tokens
+            last = eos + (1 if edit_eos else 0)
+            for name, attn in eng.attn2.items():
+                for which, (proj, e) in enumerate(((attn.to_k, key_embeds), (attn.to_v, plan.embeds))):
+                    got = plan.kv[name][which][0]
+                    with torch.inference_mode():
+                        plain = proj(e[0])
+                    span = slice(77 * c, 77 * (c + 1))
+                    h = perfusion_h(e[0, span], proj.weight, f.i_star[None], f.layers[name][which][None], [f.beta],
+                                    [f.tau], C_inv)
+                    assert torch.equal(got[last:77 * (c + 1)], plain[last:77 * (c + 1)]), (text, name, which)
+                    assert float((got[span][: last - 77 * c] - h[: last - 77 * c]).abs().max()) <= 1e-4, (text, name)
+                    assert float((got[span][: last - 77 * c] - plain[span][: last - 77 * c]).abs().max()) > 1e-3

@@ -16,7 +16,10 @@ normalized by the mask's area, unlike Custom Diffusion).
 
 The K/V reach the UNet as the `rank1` family's own plan contribution: the in-memory concept is a
 `Rank1File` whose o* are these Parameters, applied by `impasto.kernels.rank1_edit` with its
-registered autograd inside `build_plan(grad=True)` — the code that serves the written file.
+registered autograd inside `build_plan(grad=True)` — the code that serves the written file. So
+training edits the positions serving edits: each chunk's BOS and tokens, never its EOS
+(EDIT_EOS) or the padding after it (families/rank1.py; the community code edits all 77
+positions, with per-position o*).
 Defaults and their sources: docs/training.md, "Perfusion".
 """
 

@@ -61,6 +61,7 @@ class Family:
     lora_like: bool = False  # its UNet weights go through the per-row LoRA slot pools
     image_input: bool = False  # its adapters read the request's ip_adapter_image (encoder)
     implicit: bool = False  # used by every request whose text `mentioned` it, named or not (embedding)
+    kv_positions: bool = False  # kv_edit also gets positions= (the rows' text positions; rank1)
 
     # ------------------------------------------------------------------ files
     def detect(self, path: str, metadata: dict) -> bool:
@@ -116,7 +117,9 @@ class Family:
 
         rows: per unique branch of the plan, the uses of this family's adapters (some empty; at
         least one not). Do per-plan work here (it runs once), return a KvEdit that the plan
-        calls for every layer in order, or None for no change.
+        calls for every layer in order, or None for no change. A family with `kv_positions`
+        is called with positions=(value_mask, key_mask), each Shape [U, L] bool: True at every
+        chunk's BOS, tokens and EOS, False at the padding after each EOS (prompts.text_positions).
         """
         return None
 
