@@ -57,6 +57,7 @@ def test_training_lowers_the_held_out_loss_and_writes_the_ip_adapter_base_layout
     result, method, before, after = trained
     assert result.steps == STEPS and len(result.losses) == STEPS and np.isfinite(result.losses).all()
     assert after < 0.9 * before, (before, after)  # a batch it never trained on
+    assert set(result.files) == {"weights"}  # trained on the base model's own encoder: nothing copied
     state = load_file(result.files["weights"])
     ids = encoder_format.layer_ids(eng.base.unet)
     assert set(state) == {f"image_proj.{k}" for k in ("proj.weight", "proj.bias", "norm.weight", "norm.bias")} | {
@@ -176,9 +177,20 @@ def test_cli_train_encoder(tmp_path, capsys):
     from impasto.cli import main
 
     out = tmp_path / "cli"
-    assert main(["train", "encoder", "-o", str(out), "--steps", "2", "--batch-size", "2", "-q"]) == 0
+    tower = os.path.join(SHIPPED_DIR, "ip_adapter", "image_encoder")  # not the base model's image_encoder/
+    assert main(["train", "encoder", "-o", str(out), "--steps", "2", "--batch-size", "2", "-q",
+                 "--image-encoder", tower]) == 0
     assert "trained 2 steps" in capsys.readouterr().out
     assert encoder_format.is_ip_adapter(out / "ip_adapter.safetensors")
+    # the encoder it was trained on ships beside the file, where registration looks first
+    copied = out / "image_encoder" / "model.safetensors"
+    assert copied.read_bytes() == open(os.path.join(tower, "model.safetensors"), "rb").read()
+    e = impasto.Engine.from_pretrained("tiny", device="cpu")
+    try:
+        assert e.adapters.register("cli", str(out / "ip_adapter.safetensors")).image_encoder == str(
+            (out / "image_encoder").resolve())
+    finally:
+        e.close()
 
 
 def test_server_passes_ip_adapter_image(eng):
