@@ -1,15 +1,19 @@
 """What the encoder adapter can take from a reference image on the miniature world.
 
-Two measurements, both on seen shapes only (the held-out objects stay out of it):
+Three measurements; the first two on seen shapes only (the held-out objects stay out of them):
 
-    information   how well the frozen tiny image encoder's `image_embeds` (the base variant's
-                  only input) encode a masked reference's shape and colour: a linear probe
+    information   how well a frozen tiny image encoder's `image_embeds` (the base variant's
+                  only input; --image-encoder, default the shipped adapter's
+                  ip_adapter/image_encoder/) encode a masked reference's shape and colour: a linear probe
                   (softmax regression, standardized features) fit on `--fit` cross-reference
                   references of stream 3 and scored on `--test` more (also the reference's
                   size and position, what copy-paste would copy). No adapter can copy an
                   attribute from the reference that this embedding does not carry. For
                   comparison, the same probe on the penultimate hidden states (all 65 tokens,
-                  flattened: what the Plus variant's Resampler reads).
+                  flattened: what the Plus variant's Resampler reads). "geometry": one 11-way
+                  probe over the 8 seen shapes and the 3 held-out objects' outlines (drawn in
+                  seen colours, so colour does not name them), scored on the seen and the
+                  held-out test rows apart: does the embedding separate shapes it never saw.
     follow        whether generations take what the prompt leaves open from the reference: the
                   prompt names a shape and no colour ("a star on a blue background, flat"), the
                   reference is that shape in one of 4 colours; "colour" = share of images whose
@@ -19,7 +23,12 @@ Two measurements, both on seen shapes only (the held-out objects stay out of it)
                   share whose shape probe reads the reference's shape. The base (no adapter) row
                   is the chance level of each.
 
+    validation    (--validation) zero-shot concept / prompt fidelity of --files on
+                  concept_set(obj, split="validation"), 25 steps: what checkpoints are chosen on.
+
     python benchmarks/bench_encoder_reference.py [--files A.safetensors=label ...] [--steps 10]
+    python benchmarks/bench_encoder_reference.py --information-only [--image-encoder FOLDER]
+    python benchmarks/bench_encoder_reference.py --validation --files A.safetensors=label ...
 """
 
 from __future__ import annotations
@@ -218,7 +227,10 @@ def main(argv=None):
                 json.dump(out, f, indent=1)
         return
     engine = impasto.Engine.from_pretrained("tiny", device="cpu")
-    out = {"information": information(engine, args.fit, args.test, args.image_encoder), "follow": {}}
+    tower = args.image_encoder
+    if tower is None and os.path.isdir(os.path.join(SHIPPED_DIR, "ip_adapter", "image_encoder")):
+        tower = os.path.join(SHIPPED_DIR, "ip_adapter", "image_encoder")  # the shipped adapter's own
+    out = {"information": information(engine, args.fit, args.test, tower), "follow": {}}
     print("image_embeds linear probe:", json.dumps(out["information"]), flush=True)
     if args.information_only:
         files = []
