@@ -9,6 +9,8 @@
     python -m impasto.tiny.train unet       --run /work/tiny_runs/r2 --steps 8000 --threads 2
     python -m impasto.tiny.train export     --run /work/tiny_runs/r2 --out engine/tiny/model
     python -m impasto.tiny.train decoder    --run ... --steps 3000  (optional: decoder only; latents unchanged)
+    python -m impasto.tiny.train image_encoder --run R --steps 1500   (the encoder adapter's tower, written to
+                                                                      engine/tiny/model/ip_adapter/image_encoder/)
 
 (The shipped run's record, with times and losses, is in docs/tiny.md.)
 Every stage is seeded (--seed), writes `<stage>.pt` checkpoints every --ckpt-every steps and
@@ -584,9 +586,11 @@ def stage_export(args):
 
 
 STAGES = dict(data=stage_data, vae=stage_vae, decoder=lambda a: stage_vae(a, decoder_only=True), clip=stage_clip,
-              image_encoder=stage_image_encoder, probes=stage_probes, probes_vae=stage_probes_vae, latents=stage_latents, unet=stage_unet, export=stage_export)
+              probes=stage_probes, probes_vae=stage_probes_vae, latents=stage_latents, unet=stage_unet, export=stage_export,
+              image_encoder=stage_image_encoder)
 DEFAULTS = dict(  # stage -> (batch size, lr)
-    vae=(16, 1e-3), decoder=(16, 5e-4), clip=(64, 1e-3), image_encoder=(64, 1e-3), probes=(64, 2e-3), probes_vae=(64, 5e-4), unet=(32, 6e-4))
+    vae=(16, 1e-3), decoder=(16, 5e-4), clip=(64, 1e-3), probes=(64, 2e-3), probes_vae=(64, 5e-4), unet=(32, 6e-4),
+    image_encoder=(64, 1e-3))
 
 
 def main(argv=None):
