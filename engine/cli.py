@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a reference image for the request's encoder (IP-Adapter) adapter; repeat for several")
     g.add_argument("--image-encoder", default=None, metavar="FOLDER",
                    help="CLIPVisionModelWithProjection folder of encoder adapters given to --register "
-                        "(default: the model folder's image_encoder/)")
+                        "(default: an image_encoder/ folder beside the file, else the model folder's image_encoder/)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.add_argument("-v", "--verbose", action="store_true", help="show the libraries' own logs and bars")
     g.set_defaults(func=_generate)

@@ -453,8 +453,16 @@ def test_hostile_and_malformed_files(ip_engine, ip_dir, tmp_path):
     assert not (tmp_path / "pwned").exists()
     with pytest.raises(impasto.AdapterFormatError, match="image_encoder= is for encoder adapters"):
         ip_engine.adapters.register("nope", os.path.join(ip_dir, "base.safetensors"), family="lora", image_encoder=enc)
+    import shutil
+
+    alone = tmp_path / "alone"  # no image_encoder/ beside the file, and the base folder has none
+    alone.mkdir()
+    shutil.copyfile(os.path.join(ip_dir, "base.safetensors"), alone / "base.safetensors")
     with pytest.raises(impasto.AdapterFormatError, match="image encoder"):
-        ip_engine.adapters.register("noenc", os.path.join(ip_dir, "base.safetensors"))  # base folder has none
+        ip_engine.adapters.register("noenc", str(alone / "base.safetensors"))
+    beside = ip_engine.adapters.register("beside", os.path.join(ip_dir, "base.safetensors"))  # ip_dir/image_encoder/
+    assert beside.image_encoder == os.path.realpath(enc)
+    ip_engine.adapters.unregister("beside")
 
 
 def test_mutated_files_register_and_serve_or_fail_cleanly(ip_engine, ip_dir, tmp_path):

@@ -19,7 +19,7 @@ from impasto.adapters import encoder as encoder_format
 from impasto.adapters.families import FAMILIES
 from impasto.api import ReferenceImages
 from impasto.adapters.families import Use
-from impasto.tiny import SHIPPED_DIR, references
+from impasto.tiny import SHIPPED_DIR, references, world
 from impasto.train import TrainInputError, encoder
 from impasto.train.encoder import EncoderAdapter, EncoderTrainer
 
@@ -57,6 +57,7 @@ def test_training_lowers_the_held_out_loss_and_writes_the_ip_adapter_base_layout
     result, method, before, after = trained
     assert result.steps == STEPS and len(result.losses) == STEPS and np.isfinite(result.losses).all()
     assert after < 0.9 * before, (before, after)  # a batch it never trained on
+    assert set(result.files) == {"weights"}  # trained on the base model's own encoder: nothing copied
     state = load_file(result.files["weights"])
     ids = encoder_format.layer_ids(eng.base.unet)
     assert set(state) == {f"image_proj.{k}" for k in ("proj.weight", "proj.bias", "norm.weight", "norm.bias")} | {
@@ -176,9 +177,20 @@ def test_cli_train_encoder(tmp_path, capsys):
     from impasto.cli import main
 
     out = tmp_path / "cli"
-    assert main(["train", "encoder", "-o", str(out), "--steps", "2", "--batch-size", "2", "-q"]) == 0
+    tower = os.path.join(SHIPPED_DIR, "ip_adapter", "image_encoder")  # not the base model's image_encoder/
+    assert main(["train", "encoder", "-o", str(out), "--steps", "2", "--batch-size", "2", "-q",
+                 "--image-encoder", tower]) == 0
     assert "trained 2 steps" in capsys.readouterr().out
     assert encoder_format.is_ip_adapter(out / "ip_adapter.safetensors")
+    # the encoder it was trained on ships beside the file, where registration looks first
+    copied = out / "image_encoder" / "model.safetensors"
+    assert copied.read_bytes() == open(os.path.join(tower, "model.safetensors"), "rb").read()
+    e = impasto.Engine.from_pretrained("tiny", device="cpu")
+    try:
+        assert e.adapters.register("cli", str(out / "ip_adapter.safetensors")).image_encoder == str(
+            (out / "image_encoder").resolve())
+    finally:
+        e.close()
 
 
 def test_server_passes_ip_adapter_image(eng):
@@ -250,24 +262,43 @@ def test_shipped_adapter_takes_the_colour_the_prompt_leaves_open(eng):
 ZERO_SHOT_OBJECT = "sparkle"
 
 
-@pytest.mark.xfail(strict=True, reason="target not met: the shipped adapter (coarse captions, 1000 steps) adds "
-                   "+0.03 here (0.094 -> 0.125; +0.167 at 25 steps): the frozen tiny image encoder's image_embeds "
-                   "barely encode shape (docs/training.md, 'The encoder adapter'); strict: passing would be news")
-def test_shipped_adapter_zero_shot_concept_fidelity(eng):
-    """32 fixed seeds of the protocol's held-out prompts (the class word, one masked reference in)
-    against the base on the same prompts and seeds: the encoder adds >= 0.25 concept fidelity on
-    an object neither the base nor the encoder saw."""
+@pytest.fixture(scope="module")
+def zero_shot(eng):
+    """{object: (base, shipped adapter)} concept fidelity on 32 fixed seeds of the protocol's
+    held-out prompts (the class word, one masked reference in; 10 sampling steps), the base on the
+    same prompts and seeds; every held-out object (neither the base nor the encoder saw them)."""
     eng.adapters.register("zs", SHIPPED)
     try:
-        cs = ev.concept_set(ZERO_SHOT_OBJECT)
-
         def run(reqs):
             outs = eng.generate_batch(reqs)
             assert all(o.error is None for o in outs)
             return [o.images[0] for o in outs]
 
-        base = ev.concept_accuracy(run(ev.zero_shot_requests(cs, None, n=32, steps=10)), ZERO_SHOT_OBJECT)
-        shot = ev.concept_accuracy(run(ev.zero_shot_requests(cs, "zs", n=32, steps=10)), ZERO_SHOT_OBJECT)
-        assert shot >= base + 0.25, (base, shot)
+        out = {}
+        for obj in world.NOVEL_OBJECTS:
+            cs = ev.concept_set(obj)
+            out[obj] = tuple(ev.concept_accuracy(run(ev.zero_shot_requests(cs, name, n=32, steps=10)), obj)
+                             for name in (None, "zs"))
+        return out
     finally:
         eng.adapters.unregister("zs")
+
+
+def test_shipped_adapter_zero_shot_concept_fidelity(zero_shot):
+    """The encoder adds >= 0.25 concept fidelity on the sparkle, one object in (measured: 0.094 ->
+    0.375; 0.083 -> 0.354 at 25 steps on all 48 test prompts). The previous shipped adapter, on
+    tiny-CLIP's tower, added 0.03 here (0.125)."""
+    base, shot = zero_shot[ZERO_SHOT_OBJECT]
+    assert shot >= base + 0.25, (base, shot)
+
+
+@pytest.mark.xfail(strict=True, reason="target not met: the mean over the three held-out objects rises by +0.10 "
+                   "here (0.031 -> 0.135; +0.111 at 25 steps): the sparkle +0.28, the moon +0.03, the arrow 0: a "
+                   "reference's shape now follows on seen shapes (13 of 16), but the frozen UNet draws a held-out "
+                   "one as the nearest seen shape (docs/training.md, 'The encoder adapter'); strict: passing would "
+                   "be news")
+def test_shipped_adapter_zero_shot_concept_fidelity_on_every_held_out_object(zero_shot):
+    """The issue's target: the mean over the held-out objects is >= the base's + 0.25."""
+    base = np.mean([b for b, _ in zero_shot.values()])
+    shot = np.mean([s for _, s in zero_shot.values()])
+    assert shot >= base + 0.25, zero_shot

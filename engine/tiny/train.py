@@ -9,6 +9,8 @@
     python -m impasto.tiny.train unet       --run /work/tiny_runs/r2 --steps 8000 --threads 2
     python -m impasto.tiny.train export     --run /work/tiny_runs/r2 --out engine/tiny/model
     python -m impasto.tiny.train decoder    --run ... --steps 3000  (optional: decoder only; latents unchanged)
+    python -m impasto.tiny.train image_encoder --run R --steps 1500   (the encoder adapter's tower, written to
+                                                                      engine/tiny/model/ip_adapter/image_encoder/)
 
 (The shipped run's record, with times and losses, is in docs/tiny.md.)
 Every stage is seeded (--seed), writes `<stage>.pt` checkpoints every --ckpt-every steps and
@@ -281,6 +283,118 @@ def stage_clip(args):
     train_loop(args, "clip", holder.parameters(), step_fn, {"clip": holder})
 
 
+# The image tower of the first `clip` stage reads colour and background but hardly any shape: a
+# linear probe on its image_embeds reads shape 0.19 (chance 0.125) even on that stage's own
+# training stream, because in-batch InfoNCE over random scenes is solved by colour and background
+# (docs/tiny.md). Encoder adapters need an image embedding that carries the object's shape, as a
+# real IP-Adapter's CLIP ViT does; this stage trains one, against the *frozen* shipped text tower.
+SHAPE_ENCODER_SEED = 6  # its world stream (seen vocabulary only: the held-out objects stay unseen)
+SILHOUETTE = 16  # side of the canonical silhouette the shape head reconstructs
+
+
+def canonical_silhouette(shape: str) -> np.ndarray:
+    """Semantics: the coverage of `shape` drawn centred and large, box-filtered to
+    [SILHOUETTE, SILHOUETTE] float32 in [0, 1]: its geometry without size, position or colour."""
+    m = world._mask(shape, [(world.SIZE / 2, world.SIZE / 2)], world.SIZE / 2 - 1.5)[..., 0]
+    k = world.SIZE // SILHOUETTE
+    return m.reshape(SILHOUETTE, k, SILHOUETTE, k).mean((1, 3)).astype(np.float32)
+
+
+def shape_encoder_batch(seed: int, step: int, batch_size: int) -> dict:
+    """Batch `step` of the image-encoder stage, a pure function of (seed, step): groups of
+    len(world.SHAPES) rows that share colour, background, style, count and size and differ only in
+    shape (each its own render and jitter), so in-batch InfoNCE cannot match captions by colour or
+    background alone; every other group is a lone object on the gray background (what a masked
+    reference is: references.GRAY is world gray). Seen shapes only.
+
+    Returns {"images": uint8 [B, 32, 32, 3], "captions": B world captions (usual omissions),
+    "shape": int64 [B] index in world.SHAPES}."""
+    n = len(world.SHAPES)
+    images, captions, shapes = [], [], []
+    for g in range((batch_size + n - 1) // n):
+        rng = np.random.default_rng([seed, step, g])
+        base = world.sample_scene(rng, **(dict(background="gray", count=1) if g % 2 else {}))
+        for j in rng.permutation(n):
+            s = world.sample_scene(rng, shape=world.SHAPES[j], colour=base.colour, style=base.style,
+                                   background=base.background, count=base.count, size=base.size)
+            images.append(world.render(s, rng))
+            captions.append(world.caption(s, rng))
+            shapes.append(int(j))
+    return {"images": np.stack(images[:batch_size]), "captions": captions[:batch_size],
+            "shape": np.array(shapes[:batch_size], np.int64)}
+
+
+def load_shipped_text_tower(model_dir):
+    """(CLIPTextModel fp32, text projection [E, D] fp32, frozen) of a shipped model folder."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    text = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", local_files_only=True,
+                                         dtype=torch.float32)
+    proj = load_file(os.path.join(model_dir, "clip", "text_projection.safetensors"))["text_projection"].float()
+    return text.eval().requires_grad_(False), proj
+
+
+def stage_image_encoder(args):
+    """A new tiny image tower (VISION_CONFIG, from scratch) whose image_embeds carry shape: symmetric
+    InfoNCE against the frozen shipped text tower (text_encoder + clip/text_projection) on
+    shape-contrastive batches (`shape_encoder_batch`), plus a shape cross-entropy head and a
+    canonical-silhouette head on the normalized embedding. Neither the text tower, the
+    probes nor the world streams change. Writes `<out>/ip_adapter/image_encoder/` (fp16) when done."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from . import SHIPPED_DIR
+
+    text, proj = load_shipped_text_tower(args.text_from or SHIPPED_DIR)
+    tok = tokenizer()
+    torch.manual_seed(args.seed)
+    holder = torch.nn.Module()
+    holder.vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION_CONFIG))
+    holder.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    holder.shape_head = torch.nn.Linear(TEXT_WIDTH, len(world.SHAPES))
+    holder.silhouette_head = torch.nn.Linear(TEXT_WIDTH, SILHOUETTE * SILHOUETTE)
+    silhouettes = torch.from_numpy(np.stack([canonical_silhouette(s) for s in world.SHAPES])).flatten(1)
+
+    def step_fn(step):
+        b = shape_encoder_batch(args.seed + SHAPE_ENCODER_SEED, step, args.bs)
+        with torch.no_grad():
+            t = F.normalize(text(tokenize(tok, b["captions"], TEXT_TRAIN_LEN)).pooler_output @ proj.T, dim=-1)
+        e = F.normalize(holder.vision(pixel_values=to_tensor(b["images"])).image_embeds, dim=-1)
+        logits = holder.logit_scale.exp().clamp(max=100) * e @ t.T
+        target = torch.arange(len(e))
+        nce = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        y = torch.from_numpy(b["shape"])
+        shape_ce = F.cross_entropy(holder.shape_head(e * 10), y)
+        sil = F.binary_cross_entropy_with_logits(holder.silhouette_head(e * 10), silhouettes[y])
+        acc = (logits.argmax(1) == target).float().mean()
+        return dict(loss=nce + args.shape_weight * (shape_ce + sil), nce=nce, shape_ce=shape_ce, sil=sil, acc=acc)
+
+    train_loop(args, "image_encoder", holder.parameters(), step_fn, {"image_encoder": holder})
+    out = os.path.join(args.out, "ip_adapter", "image_encoder")
+    export_image_encoder(holder.vision, out)
+    Log(args.run, "image_encoder")(f"wrote {out}")
+
+
+def export_image_encoder(vision, out):
+    """Write `vision` as a CLIPVisionModelWithProjection folder (fp16 safetensors) with the
+    processor the tiny towers read pixels through ([-1, 1]: mean = std = 0.5)."""
+    import shutil
+
+    from transformers import CLIPImageProcessor
+
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vision.half().save_pretrained(tmp, safe_serialization=True)
+    vision.float()
+    CLIPImageProcessor(size=VISION_CONFIG["image_size"], crop_size=VISION_CONFIG["image_size"],
+                       image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(tmp)
+    for f in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, f), 0o644)
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    os.replace(tmp, out)
+
+
 def stage_probes(args):
     from .probes import Probes
 
@@ -472,9 +586,11 @@ def stage_export(args):
 
 
 STAGES = dict(data=stage_data, vae=stage_vae, decoder=lambda a: stage_vae(a, decoder_only=True), clip=stage_clip,
-              probes=stage_probes, probes_vae=stage_probes_vae, latents=stage_latents, unet=stage_unet, export=stage_export)
+              probes=stage_probes, probes_vae=stage_probes_vae, latents=stage_latents, unet=stage_unet, export=stage_export,
+              image_encoder=stage_image_encoder)
 DEFAULTS = dict(  # stage -> (batch size, lr)
-    vae=(16, 1e-3), decoder=(16, 5e-4), clip=(64, 1e-3), probes=(64, 2e-3), probes_vae=(64, 5e-4), unet=(32, 6e-4))
+    vae=(16, 1e-3), decoder=(16, 5e-4), clip=(64, 1e-3), probes=(64, 2e-3), probes_vae=(64, 5e-4), unet=(32, 6e-4),
+    image_encoder=(64, 1e-3))
 
 
 def main(argv=None):
@@ -493,6 +609,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--n-base", type=int, default=40000)
     p.add_argument("--n-probe", type=int, default=24000)
+    p.add_argument("--shape-weight", type=float, default=1.0, help="image_encoder: weight of the shape heads")
+    p.add_argument("--text-from", default=None, help="image_encoder: model folder of the frozen text tower "
+                   "(default: the shipped one)")
     p.add_argument("--which", default="base,probe,probe_val", help="data stage: which streams")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "model"))
     args = p.parse_args(argv)

@@ -4,7 +4,10 @@ on IP-Adapter's base layout, through the one training loop (core.py).
 Trained (fp32 master weights, initialised as IP-Adapter's tutorial_train.py does,
 `encoder.initial_weights`): the image projection (Linear E -> T·D, LayerNorm D) and every attn2
 layer's decoupled W'_K, W'_V [h, D]. Frozen: the UNet, text encoder, VAE and the image encoder
-(the model folder's image_encoder/, a CLIPVisionModelWithProjection).
+(a CLIPVisionModelWithProjection folder: `image_encoder=`, by default the model folder's
+image_encoder/; the shipped tiny adapter uses engine/tiny/model/ip_adapter/image_encoder/, the tower
+trained to carry shape, docs/tiny.md). An encoder other than the base model's own is copied beside
+the output file (`<output>/image_encoder/`), where registration looks for it first.
 
 Semantics of one step (batch `step` of `training_batch(seed, step, B)`):
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,7 +180,25 @@ class EncoderAdapter(Method):
         path = os.path.join(output, WEIGHTS_NAME)
         encoder_format.save(path, {k: p.detach().float() for k, p in self.proj.items()},
                             {k: p.detach().float() for k, p in self.ip.items()})
-        return {"weights": path}
+        files = {"weights": path}
+        base_encoder = os.path.join(engine.adapters.model_dir or "", "image_encoder")
+        if not os.path.isdir(base_encoder) or not os.path.samefile(base_encoder, self.folder):
+            # trained on another image encoder than the base model's: ship it beside the file,
+            # where registration (and diffusers' load_ip_adapter) looks first
+            files["image_encoder"] = copy_image_encoder(self.folder, os.path.join(output, "image_encoder"))
+        return files
+
+
+def copy_image_encoder(folder: str, out: str) -> str:
+    """Copy an image-encoder folder's config.json, model.safetensors and preprocessor_config.json
+    (if any) to `out`, replacing what was there; returns `out`."""
+    if os.path.realpath(folder) == os.path.realpath(out):
+        return out
+    os.makedirs(out, exist_ok=True)
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        if os.path.isfile(os.path.join(folder, name)):
+            shutil.copyfile(os.path.join(folder, name), os.path.join(out, name))
+    return out
 
 
 def training_batch(seed: int, step: int, batch_size: int, *, cross_reference: bool = True,
@@ -252,7 +274,9 @@ def encoder(base, *, steps: int = 1000, lr: float = 1e-3, batch_size: int = 8, t
                                  coarse_rates=COARSE_RATES if coarse else (0.0, 0.0), steps=steps, lr=lr,
                                  batch_size=batch_size, max_grad_norm=max_grad_norm, weight_decay=weight_decay)
         result = train(trainer, output, checkpoint_every=checkpoint_every, resume=resume, progress=progress)
-        result.nbytes = sum(os.path.getsize(p) for p in result.files.values())
+        result.nbytes = sum(os.path.getsize(p) if os.path.isfile(p) else
+                            sum(os.path.getsize(os.path.join(p, f)) for f in os.listdir(p))
+                            for p in result.files.values())
         return result
     finally:
         if owned:

@@ -48,6 +48,18 @@ def image_encoder(store, folder: str):
     return store.base_value(f"encoder.model:{folder}", make)
 
 
+def default_image_encoder(store, path) -> str | None:
+    """The image encoder an adapter file gets without image_encoder=: an `image_encoder/` folder
+    beside the file (IP-Adapter's own layout, which diffusers' `load_ip_adapter` reads by default:
+    image_encoder_folder="image_encoder" under the adapter's folder), else the base model's
+    `image_encoder/`, else None."""
+    for folder in (os.path.join(os.path.dirname(os.path.abspath(os.fspath(path))), "image_encoder"),
+                   os.path.join(store.model_dir, "image_encoder") if store.model_dir else None):
+        if folder is not None and os.path.isdir(folder):
+            return folder
+    return None
+
+
 class EncoderFamily(Family):
     name = encoder_format.FAMILY
     image_input = True
@@ -58,13 +70,11 @@ class EncoderFamily(Family):
     def register(self, store, name, path, *, suffix, token, image_encoder=None) -> AdapterInfo:
         if suffix is not None or token is not None:
             raise AdapterNameError(f"{path}: an encoder adapter takes no suffix= or token=")
-        folder = image_encoder
+        folder = image_encoder if image_encoder is not None else default_image_encoder(store, path)
         if folder is None:
-            folder = os.path.join(store.model_dir, "image_encoder") if store.model_dir else None
-            if folder is None or not os.path.isdir(folder):
-                raise AdapterFormatError(f"{path}: an IP-Adapter needs its image encoder: the base model has no "
-                                         f"image_encoder/ folder, pass image_encoder= a local "
-                                         f"CLIPVisionModelWithProjection folder")
+            raise AdapterFormatError(f"{path}: an IP-Adapter needs its image encoder: there is no image_encoder/ "
+                                     f"folder beside the file and the base model has none, pass image_encoder= a "
+                                     f"local CLIPVisionModelWithProjection folder")
         folder = os.path.realpath(os.fspath(folder))
         cfg = encoder_format.read_encoder_config(folder)
         header, _, _ = encoder_format.read_header(path)
