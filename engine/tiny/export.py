@@ -64,7 +64,7 @@ def export(run: str, out: str, covariance: bool = True, unet_weights: str = "ema
 
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    lat = torch.load(os.path.join(run, "latents.pt"))
+    lat = torch.load(os.path.join(run, "latents.pt"), weights_only=True)
     vae = AutoencoderKL(**T.VAE_CONFIG, scaling_factor=lat["scaling_factor"])
     dec = _state(run, "decoder") or _state(run, "vae")
     vae.load_state_dict(dec["vae"])

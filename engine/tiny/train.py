@@ -101,7 +101,7 @@ def save_ckpt(path, **state):
 
 
 def load_ckpt(path):
-    return torch.load(path, weights_only=False) if os.path.exists(path) else None
+    return torch.load(path, weights_only=True) if os.path.exists(path) else None
 
 
 def tokenizer():
@@ -523,7 +523,7 @@ def stage_unet(args):
 
     data = load_data(args.run, "base")
     captions = data["captions"]
-    lat = torch.load(os.path.join(args.run, "latents.pt"))
+    lat = torch.load(os.path.join(args.run, "latents.pt"), weights_only=True)
     mean, std, scaling = lat["mean"], lat["std"], lat["scaling_factor"]
     text = load_text_encoder(args.run)
     tok = tokenizer()
