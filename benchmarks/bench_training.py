@@ -120,7 +120,7 @@ def run_one(obj, method, args, work):
             kw = dict(train_kv=cd, compress=cd and args.freeze == "crossattn_kv" and n == points[-1],
                       aug=args.rescale_aug, freeze=args.freeze if cd else "crossattn_kv")
             r = custom_diffusion(engine, cs.images, steps=n, lr=args.lr[method], checkpoint_every=every, resume=True,
-                                 **kw, **extra, **common)
+                                 prior_weight=args.prior_weight, **kw, **extra, **common)
         elif method == "ft":
             r = full_finetune(engine, cs.images, steps=n, lr=args.lr[method], checkpoint_every=every, resume=True,
                               **common)
@@ -166,6 +166,7 @@ def main(argv=None):
     p.add_argument("--lr", default="ti=1e-3,ft=1e-4,cd=1e-4", help="per method (ti, cd: base rate x batch)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--num-prior", type=int, default=0, help="class images for prior preservation (ti, cd)")
+    p.add_argument("--prior-weight", type=float, default=1.0, help="cd/ti: weight of the prior term (the script's 1.0)")
     p.add_argument("--prior-prompts", default="class", choices=("class", "context"),
                    help="class: every class image from 'a <class word>' (the script's); context: "
                         "ConceptSet.prior_prompts, the world's full captions on backgrounds neither split uses")
@@ -206,7 +207,8 @@ def main(argv=None):
                 for label, path in runs:
                     got = [run_encoder(obj, path, label, args)] if path else run_one(obj, m, args, work)
                     for info, images, cs in got:
-                        rows[label] = images  # the sheet shows the last step count's generations
+                        if info.get("split", "test") == args.split[-1]:  # one sheet row per step count
+                            rows[label if len(args.eval_at) < 2 or m == "base" else f"{label}@{info['steps']}"] = images
                         results.append(info)
                         print(json.dumps({k: v for k, v in info.items() if k != "files"}), flush=True)
             if args.sheets:
