@@ -14,6 +14,10 @@ eval.prompt_fidelity over background, count and style. 25 DDIM steps, guidance 7
 random-rescale augmentation is off unless --rescale-aug (full fine-tuning never uses it).
 
     python benchmarks/bench_training.py --objects sparkle moon arrow --json out.json --sheets docs/
+
+Choosing and reporting (docs/training.md, "A real baseline, ..."): --split validation test scores
+both splits, --eval-at 500,1000 scores one run at several step counts; Custom Diffusion's current
+recipe adds --captions --no-masks (each reference captioned with its own background).
 """
 
 from __future__ import annotations
