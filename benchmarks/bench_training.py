@@ -14,6 +14,10 @@ eval.prompt_fidelity over background, count and style. 25 DDIM steps, guidance 7
 random-rescale augmentation is off unless --rescale-aug (full fine-tuning never uses it).
 
     python benchmarks/bench_training.py --objects sparkle moon arrow --json out.json --sheets docs/
+
+Choosing and reporting (docs/training.md, "A real baseline, ..."): --split validation test scores
+both splits, --eval-at 500,1000 scores one run at several step counts; Custom Diffusion's current
+recipe adds --captions --no-masks (each reference captioned with its own background).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -32,6 +37,7 @@ import impasto
 from impasto import eval as ev
 from impasto.tiny import SHIPPED_DIR
 from impasto.train import custom_diffusion, full_finetune
+from impasto.train.custom_diffusion import generate_prior
 
 METHODS = ("base", "ti", "ft", "cd", "enc")
 
@@ -72,42 +78,73 @@ def run_encoder(obj, path, label, args):
     return info, images, cs
 
 
-def run_one(obj, method, args, work):
-    cs = ev.concept_set(obj, args.seed)
-    engine = impasto.Engine.from_pretrained(args.model, device="cpu")
-    out = os.path.join(work, f"{obj}-{method}")
-    info = {"object": obj, "method": method, "train_seconds": 0.0, "steps": 0, "bytes": 0}
-    masks = cs.masks if args.masks else None
-    common = dict(class_word=cs.class_word, masks=masks, batch_size=args.batch_size, seed=args.seed, output=out,
-                  progress=False, num_prior=args.num_prior)
-    adapters, phrase = [], cs.class_word
-    if method in ("ti", "cd"):
-        cd = method == "cd"
-        t_call = time.perf_counter()  # with prior preservation this includes generating the class images
-        r = custom_diffusion(engine, cs.images, steps=args.steps[method], lr=args.lr[method], train_kv=cd,
-                             compress=cd and args.freeze == "crossattn_kv", aug=args.rescale_aug,
-                             freeze=args.freeze if cd else "crossattn_kv", **common)
-        info["call_seconds"] = time.perf_counter() - t_call
-        engine.adapters.register("trained", r.path)
-        adapters, phrase = ["trained"], f"<new1> {cs.class_word}"
-    elif method == "ft":
-        r = full_finetune(engine, cs.images, steps=args.steps[method], lr=args.lr[method], **common)
-        engine.adapters.register("trained", r.path)
-        adapters, phrase = ["trained"], f"<new1> {cs.class_word}"
-    if method != "base":
-        # bytes of what the method's result needs: ft its UNet, cd its weights + token, ti its token
-        need = {"ft": ("unet", "<new1>"), "cd": ("weights", "<new1>"), "ti": ("<new1>",)}[method]
-        info.update(train_seconds=r.seconds, steps=r.steps, bytes=sum(os.path.getsize(r.files[k]) for k in need),
-                    files={k: os.path.getsize(v) for k, v in r.files.items()}, final_loss=float(np.mean(r.losses[-20:])))
+def score(engine, cs, obj, phrase, adapters, args):
+    """Generate the split's 48 prompts at their seeds and score them (concept, prompt fidelity)."""
     t0 = time.perf_counter()
     images, prompts = generate(engine, cs, phrase, adapters, args.sample_steps)
-    info["generate_seconds"] = time.perf_counter() - t0
-    info["concept_accuracy"] = ev.concept_accuracy(images, obj)
+    info = {"generate_seconds": time.perf_counter() - t0, "concept_accuracy": ev.concept_accuracy(images, obj)}
     pf = ev.prompt_fidelity(images, prompts, attributes=ev.CONTEXT_ATTRIBUTES)
     info["prompt_fidelity"] = pf["overall"]
     info.update({f"pf_{k}": pf[k] for k in ev.CONTEXT_ATTRIBUTES})
+    return info, images
+
+
+def run_one(obj, method, args, work):
+    """Train once and score at every --eval-at step count on every --split: a run of N steps is
+    bit for bit the first N steps of a longer one (constant lr; resumed from its checkpoint at N,
+    which test_resume_is_bit_identical checks), so one run gives the whole step sweep.
+    Yields (info, images of the last split, concept set of the last split) per step count."""
+    sets = {split: ev.concept_set(obj, args.seed, split=split) for split in args.split}
+    cs = sets[args.split[0]]
+    engine = impasto.Engine.from_pretrained(args.model, device="cpu")
+    out = os.path.join(work, f"{obj}-{method}")
+    masks = cs.masks if args.masks else None
+    common = dict(class_word=cs.class_word, masks=masks, batch_size=args.batch_size, seed=args.seed, output=out,
+                  progress=False)
+    extra, prior_s = {}, 0.0
+    if method in ("ti", "cd") and args.num_prior:
+        # the class images once (what custom_diffusion itself would generate from these prompts, in
+        # this order and at these seeds), passed to every resumed call
+        texts = cs.prior_prompts(args.num_prior, args.seed) if args.prior_prompts == "context" else \
+            [f"a {cs.class_word}"]
+        t0 = time.perf_counter()
+        pairs = generate_prior(engine, texts, args.num_prior, seed=args.seed * 7919)
+        prior_s = time.perf_counter() - t0
+        extra = dict(prior_images=[im for im, _ in pairs], class_prompts=[t for _, t in pairs])
+    if method in ("ti", "cd") and args.captions:
+        extra["captions"] = cs.reference_captions("{placeholder} {class_word}")
+    points = [0] if method == "base" else (args.eval_at or [args.steps[method]])
+    every = int(np.gcd.reduce(points)) if method != "base" else 0
+    train_s = 0.0
+    for n in points:
+        info = {"object": obj, "method": method, "train_seconds": 0.0, "steps": 0, "bytes": 0}
+        adapters, phrase = [], cs.class_word
+        if method in ("ti", "cd"):
+            cd = method == "cd"
+            kw = dict(train_kv=cd, compress=cd and args.freeze == "crossattn_kv" and n == points[-1],
+                      aug=args.rescale_aug, freeze=args.freeze if cd else "crossattn_kv")
+            r = custom_diffusion(engine, cs.images, steps=n, lr=args.lr[method], checkpoint_every=every, resume=True,
+                                 prior_weight=args.prior_weight, **kw, **extra, **common)
+        elif method == "ft":
+            r = full_finetune(engine, cs.images, steps=n, lr=args.lr[method], checkpoint_every=every, resume=True,
+                              **common)
+        if method != "base":
+            train_s += r.seconds
+            at = f"{out}-at{n}"  # a copy per step count: each registration reads its own files
+            shutil.copytree(out, at, ignore=shutil.ignore_patterns("checkpoint-*"))
+            engine.adapters.register(f"trained{n}", at)
+            adapters, phrase = [f"trained{n}"], f"<new1> {cs.class_word}"
+            # bytes of what the method's result needs: ft its UNet, cd its weights + token, ti its token
+            need = {"ft": ("unet", "<new1>"), "cd": ("weights", "<new1>"), "ti": ("<new1>",)}[method]
+            info.update(train_seconds=train_s, prior_seconds=prior_s, steps=r.steps,
+                        bytes=sum(os.path.getsize(r.files[k]) for k in need),
+                        files={k: os.path.getsize(v) for k, v in r.files.items()},
+                        final_loss=float(np.mean(r.losses[-20:])))
+        for split, cset in sets.items():
+            scored, images = score(engine, cset, obj, phrase, adapters, args)
+            row = dict(info, split=split, **scored)
+            yield row, images, cset
     engine.close()
-    return info, images, cs
 
 
 def sheet(cs, rows: dict, path: str, n: int = 8) -> None:
@@ -132,7 +169,17 @@ def main(argv=None):
                         "steps, 200 s; docs/training.md, 'The runs the corrected setup left open')")
     p.add_argument("--lr", default="ti=1e-3,ft=1e-4,cd=1e-4", help="per method (ti, cd: base rate x batch)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--num-prior", type=int, default=0)
+    p.add_argument("--num-prior", type=int, default=0, help="class images for prior preservation (ti, cd)")
+    p.add_argument("--prior-weight", type=float, default=1.0, help="cd/ti: weight of the prior term (the script's 1.0)")
+    p.add_argument("--prior-prompts", default="class", choices=("class", "context"),
+                   help="class: every class image from 'a <class word>' (the script's); context: "
+                        "ConceptSet.prior_prompts, the world's full captions on backgrounds neither split uses")
+    p.add_argument("--captions", action="store_true",
+                   help="ti/cd: caption each reference with its own size, background and style "
+                        "(ConceptSet.reference_captions) instead of 'a <new1> <class word>'")
+    p.add_argument("--split", nargs="+", default=["test"], choices=("test", "validation"),
+                   help="concept_set splits to score on (validation: for choosing; test: for reporting)")
+    p.add_argument("--eval-at", default="", help="comma-separated step counts to score one run at (e.g. 250,500,1000)")
     p.add_argument("--freeze", default="crossattn_kv", choices=("crossattn_kv", "crossattn"),
                    help="cd: K/V only (the default) or Q, K, V and out of every attn2")
     p.add_argument("--no-masks", dest="masks", action="store_false", help="train without the exact masks")
@@ -150,6 +197,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.steps = {k: int(v) for k, v in (kv.split("=") for kv in args.steps.split(","))}
     args.lr = {k: float(v) for k, v in (kv.split("=") for kv in args.lr.split(","))}
+    args.eval_at = sorted(int(v) for v in args.eval_at.split(",") if v)
     torch.set_num_threads(args.threads)
     results = []
     with tempfile.TemporaryDirectory() as work:
@@ -161,16 +209,18 @@ def main(argv=None):
                     files = args.encoder or [os.path.join(SHIPPED_DIR, "ip_adapter", "ip_adapter.safetensors")]
                     runs = [(f.partition("=")[2] or "enc", f.partition("=")[0]) for f in files]
                 for label, path in runs:
-                    info, images, cs = run_encoder(obj, path, label, args) if path else run_one(obj, m, args, work)
-                    rows[label] = images
-                    results.append(info)
-                    print(json.dumps({k: v for k, v in info.items() if k != "files"}), flush=True)
+                    got = [run_encoder(obj, path, label, args)] if path else run_one(obj, m, args, work)
+                    for info, images, cs in got:
+                        if info.get("split", "test") == args.split[-1]:  # one sheet row per step count
+                            rows[label if len(args.eval_at) < 2 or m == "base" else f"{label}@{info['steps']}"] = images
+                        results.append(info)
+                        print(json.dumps({k: v for k, v in info.items() if k != "files"}), flush=True)
             if args.sheets:
                 sheet(cs, rows, os.path.join(args.sheets, f"{obj}_training.png"))
-    print(f"{'object':8} {'method':6} {'concept':>8} {'prompt':>7} {'train s':>8} {'s/step':>7} {'bytes':>11}")
+    print(f"{'object':8} {'method':6} {'split':10} {'steps':>5} {'concept':>8} {'prompt':>7} {'train s':>8} {'s/step':>7} {'bytes':>11}")
     for r in results:
         sps = r["train_seconds"] / r["steps"] if r["steps"] else 0.0
-        print(f"{r['object']:8} {r['method']:6} {r['concept_accuracy']:8.3f} {r['prompt_fidelity']:7.3f} "
+        print(f"{r['object']:8} {r['method']:6} {r.get('split', 'test'):10} {r['steps']:5} {r['concept_accuracy']:8.3f} {r['prompt_fidelity']:7.3f} "
               f"{r['train_seconds']:8.1f} {sps:7.2f} {r['bytes']:11,}")
     if args.json:
         with open(args.json, "w") as f:

@@ -242,6 +242,40 @@ class ConceptSet:
             out.append(Image.fromarray(world.render(scene, rng)))
         return out
 
+    def reference_captions(self, phrase: str) -> list[str]:
+        """One caption per reference naming what the world drew there: its size (medium has no
+        word, as in the held-out prompts), its background and its style, e.g. "a large {phrase} on
+        a gray background, flat". Training with these, the placeholder need not absorb the
+        background or style (docs/training.md, Custom Diffusion's context drift)."""
+        out = []
+        for i in range(len(self.images)):
+            size, bg = REFERENCE_SIZES[i % 2], self.reference_backgrounds[i % len(self.reference_backgrounds)]
+            head = "a" + ("" if size == "medium" else f" {size}")
+            out.append(f"{head} {phrase} on {world._article(bg)} {bg} background, flat")
+        return out
+
+    def prior_prompts(self, n: int, seed: int = 0) -> list[str]:
+        """n class prompts for prior preservation in the world's full-caption grammar ("two small
+        red triangles on a gray background, striped"): the class word with a random colour, count,
+        size and style, on a background that neither split's prompts use (the references' and
+        those holding the object's colours), so no prompt's context is one a test or validation
+        prompt names. Deterministic in (object, n, seed)."""
+        o = world.NOVEL_OBJECTS[self.name]
+        held = set(_new_backgrounds(o))
+        bgs = [b for b in world.BACKGROUNDS if b not in held]
+        rng = np.random.default_rng([seed, 9000 + world.PROBE_SHAPES.index(self.name)])
+        out = []
+        for _ in range(n):
+            count = int(rng.choice(world.COUNTS))
+            size = str(rng.choice(world.SIZE_NAMES if count == 1 else ("small", "medium")))
+            bg = str(rng.choice(bgs))
+            colour = str(rng.choice([c for c in world.COLOUR_NAMES if c not in world._bg_colours(bg)]))
+            style = str(rng.choice(world.STYLES))
+            noun = self.class_word if count == 1 else world.PLURALS.get(self.class_word, self.class_word + "s")
+            head = ("a" if count == 1 else "two") + ("" if size == "medium" else f" {size}")
+            out.append(f"{head} {colour} {noun} on {world._article(bg)} {bg} background, {style}")
+        return out
+
     def prompts(self, phrase: str) -> list[str]:
         """The held-out prompts with `phrase` for the concept ("<new1> star", or "star" for the
         base); a count of two pluralizes the phrase's last word."""
@@ -256,6 +290,17 @@ class ConceptSet:
 
 REFERENCE_BACKGROUNDS = ("gray", "black", "green", "purple", "pink", "blue", "black to blue gradient",
                          "green to yellow gradient")
+REFERENCE_SIZES = ("medium", "large")  # reference i is drawn at REFERENCE_SIZES[i % 2]
+
+
+def _usable_backgrounds(o) -> list:
+    """Backgrounds that share no colour with the object or its accent (the protocol's)."""
+    return [b for b in world.BACKGROUNDS if not {o.colour, o.accent} & set(world._bg_colours(b))]
+
+
+def _new_backgrounds(o) -> list:
+    """The backgrounds of both splits' prompts: usable, and used by no reference."""
+    return [b for b in _usable_backgrounds(o) if b not in REFERENCE_BACKGROUNDS]
 
 
 def concept_set(obj: str, seed: int = 0, split: str = "test") -> ConceptSet:
