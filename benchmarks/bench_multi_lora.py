@@ -218,24 +218,35 @@ def forward_main(args):
         for fn in runs.values():  # warm-up
             fn()
         res = {k: [] for k in runs}
+        cpu = {k: [] for k in runs}  # the thread's CPU time: what the VM's stolen time does not inflate
         keys = list(runs)
         for i in range(args.rounds * args.repeats):  # one forward per variant in turn, the order
             for k in keys[i % len(keys):] + keys[:i % len(keys)]:  # rotated: drift hits all alike
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 runs[k]()
                 res[k].append((time.perf_counter() - t0) * 1e3)
+                cpu[k].append((time.thread_time() - c0) * 1e3)
         med = {k: statistics.median(v) for k, v in res.items()}
         mins = {k: min(v) for k, v in res.items()}
+        # paired: each forward against the plain forward of the same turn (seconds apart), whose
+        # ratio the VM's slow drift between speed modes (a forward's median is ~1.3x its min) spares
+        paired = {k: statistics.median(a / b for a, b in zip(v, res["plain"])) for k, v in res.items()}
+        paired_peft = {k: statistics.median(a / b for a, b in zip(v, res["peft_shared"])) for k, v in res.items()}
+        cpu_paired = {k: statistics.median(a / b for a, b in zip(v, cpu["plain"])) for k, v in cpu.items()}
+        cpu_paired_peft = {k: statistics.median(a / b for a, b in zip(v, cpu["peft_shared"])) for k, v in cpu.items()}
         print(f"config: UNet {medium} ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M params), {rows} rows, "
               f"32x32 latents, 77 text tokens, rank {RANK} on {TARGETS}, float32, {torch.get_num_threads()} threads, "
               f"inference_mode, median of {args.repeats * args.rounds} forwards per variant, one of each in turn (min in brackets)")
         print(f"arithmetic floor: LoRA {lora_flops / 1e9:.2f} GFLOP / UNet {unet_flops / 1e9:.2f} GFLOP "
               f"= {lora_flops / unet_flops:.2%}")
-        print("| variant | ms | x plain | x PEFT shared |")
-        print("|---|---|---|---|")
+        print("| variant | ms | x plain | x PEFT shared | x plain, paired | x PEFT shared, paired | CPU ms | "
+              "CPU x plain, paired | CPU x PEFT shared, paired |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for k in runs:
             print(f"| {k} | {med[k]:.1f} ({mins[k]:.1f}) | {med[k] / med['plain']:.3f} ({mins[k] / mins['plain']:.3f}) | "
-                  f"{med[k] / med['peft_shared']:.3f} ({mins[k] / mins['peft_shared']:.3f}) |")
+                  f"{med[k] / med['peft_shared']:.3f} ({mins[k] / mins['peft_shared']:.3f}) | "
+                  f"{paired[k]:.3f} | {paired_peft[k]:.3f} | {statistics.median(cpu[k]):.1f} | "
+                  f"{cpu_paired[k]:.3f} | {cpu_paired_peft[k]:.3f} |")
         for k in ("impasto_shared", "impasto_distinct", "before_distinct (runs, through the op)"):
             b = _breakdown(runs[k])
             hook = med[k] - med["plain"]
