@@ -53,20 +53,9 @@ SWAP = (("star", "cross", "white"), ("circle", "heart", "red"), ("circle", "hexa
 SWAP_BGS = ("blue", "black", "gray", "pink", "purple", "orange")
 
 
-def linear_probe(x: torch.Tensor, y: torch.Tensor, fit: int, classes: int, iters: int = 500) -> float:
-    """Test accuracy of softmax regression fit on the first `fit` rows of x [N, E], labels y [N]."""
-    mu, sd = x[:fit].mean(0), x[:fit].std(0) + 1e-6
-    z = (x - mu) / sd
-    g = torch.Generator().manual_seed(0)
-    w = (0.01 * torch.randn(x.shape[1], classes, generator=g)).requires_grad_()
-    b = torch.zeros(classes, requires_grad=True)
-    opt = torch.optim.Adam([w, b], 1e-2)
-    for _ in range(iters):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(z[:fit] @ w + b, y[:fit]).backward()
-        opt.step()
-    with torch.no_grad():
-        return float(((z[fit:] @ w + b).argmax(1) == y[fit:]).float().mean())
+def linear_probe(x: torch.Tensor, y: torch.Tensor, fit: int, classes: int) -> float:
+    """Test accuracy of `eval.linear_probe` fit on the first `fit` rows of x [N, E], labels y [N]."""
+    return float(ev.linear_probe(x, y, fit, classes).float().mean())
 
 
 def geometry_reference(geometry: str, rng: np.random.Generator) -> np.ndarray:
@@ -122,18 +111,7 @@ def information(engine, fit: int, test: int, image_encoder=None) -> dict:
 
 def _split_probe(x, y, fit, classes, held) -> dict:
     """linear_probe's accuracy over all test rows, and over its seen / held-out rows apart."""
-    mu, sd = x[:fit].mean(0), x[:fit].std(0) + 1e-6
-    z = (x - mu) / sd
-    g = torch.Generator().manual_seed(0)
-    w = (0.01 * torch.randn(x.shape[1], classes, generator=g)).requires_grad_()
-    b = torch.zeros(classes, requires_grad=True)
-    opt = torch.optim.Adam([w, b], 1e-2)
-    for _ in range(500):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(z[:fit] @ w + b, y[:fit]).backward()
-        opt.step()
-    with torch.no_grad():
-        hit = (z[fit:] @ w + b).argmax(1) == y[fit:]
+    hit = ev.linear_probe(x, y, fit, classes)
     return {"geometry_all": float(hit.float().mean()), "geometry_seen": float(hit[~held].float().mean()),
             "geometry_held_out": float(hit[held].float().mean())}
 

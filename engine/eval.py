@@ -350,6 +350,26 @@ def concept_set(obj: str, seed: int = 0, split: str = "test") -> ConceptSet:
     return ConceptSet(obj, o.supercategory, images, masks, templates, seeds, ref_bgs, contexts)
 
 
+def linear_probe(x: torch.Tensor, y: torch.Tensor, fit: int, classes: int, iters: int = 500) -> torch.Tensor:
+    """Semantics: what a representation carries linearly. Softmax regression (features
+    standardized on the fit rows, Adam 1e-2, `iters` full-batch steps, seed 0) fit on the first
+    `fit` rows of x [N, E] with labels y [N] in [0, classes); returns its hits on the other rows,
+    Shape [N - fit] bool (the accuracy is their mean)."""
+    mu, sd = x[:fit].mean(0), x[:fit].std(0) + 1e-6
+    z = (x - mu) / sd
+    g = torch.Generator().manual_seed(0)
+    w = (0.01 * torch.randn(x.shape[1], classes, generator=g)).requires_grad_()
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.Adam([w, b], 1e-2)
+    with torch.enable_grad():
+        for _ in range(iters):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(z[:fit] @ w + b, y[:fit]).backward()
+            opt.step()
+    with torch.no_grad():
+        return (z[fit:] @ w + b).argmax(1) == y[fit:]
+
+
 def concept_accuracy(images, obj: str, probes=None) -> float:
     """Concept fidelity of the protocol: the share of images in which the probes' shape head reads `obj`."""
     if obj not in CLASSES["shape"]:

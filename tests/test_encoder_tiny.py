@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import impasto
+from impasto import eval as ev
 from impasto.adapters import encoder as encoder_format
 from impasto.adapters.families import encoder as encoder_family
 from impasto.tiny import SHIPPED_DIR, references, world
@@ -101,20 +102,8 @@ def test_training_batch_drops_and_pairs():
     assert not any(s.novel for s in b["scenes"])  # the seen world only: the novel objects stay held out
 
 
-def _linear_probe(x, y, fit, classes, iters=500):
-    """Test accuracy of softmax regression (standardized features) fit on the first `fit` rows
-    (benchmarks/bench_encoder_reference.py's probe)."""
-    mu, sd = x[:fit].mean(0), x[:fit].std(0) + 1e-6
-    z = (x - mu) / sd
-    w = (0.01 * torch.randn(x.shape[1], classes, generator=torch.Generator().manual_seed(0))).requires_grad_()
-    b = torch.zeros(classes, requires_grad=True)
-    opt = torch.optim.Adam([w, b], 1e-2)
-    for _ in range(iters):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(z[:fit] @ w + b, y[:fit]).backward()
-        opt.step()
-    with torch.no_grad():
-        return float(((z[fit:] @ w + b).argmax(1) == y[fit:]).float().mean())
+def _linear_probe(x, y, fit, classes):  # benchmarks/bench_encoder_reference.py's probe
+    return float(ev.linear_probe(x, y, fit, classes).float().mean())
 
 
 @torch.no_grad()
