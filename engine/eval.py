@@ -318,14 +318,13 @@ def concept_set(obj: str, seed: int = 0, split: str = "test") -> ConceptSet:
     if split not in ("test", "validation"):
         raise ValueError(f"concept_set: split must be 'test' or 'validation', got {split!r}")
     o = world.NOVEL_OBJECTS[obj]
-    avoid = {o.colour, o.accent}
-    usable = [b for b in world.BACKGROUNDS if not avoid & set(world._bg_colours(b))]
+    usable = _usable_backgrounds(o)
     ref_bgs = tuple(b for b in REFERENCE_BACKGROUNDS if b in usable)
-    new_bgs = [b for b in usable if b not in ref_bgs]
+    new_bgs = _new_backgrounds(o)
     images, masks = [], []
     for i in range(8):
         rng = np.random.default_rng([seed, 5000 + world.PROBE_SHAPES.index(obj), i])
-        scene = world.sample_scene(rng, shape=obj, count=1, size=("medium", "large")[i % 2], style="flat",
+        scene = world.sample_scene(rng, shape=obj, count=1, size=REFERENCE_SIZES[i % 2], style="flat",
                                    background=ref_bgs[i % len(ref_bgs)])
         image, mask = world.render_with_mask(scene, rng)
         images.append(Image.fromarray(image))
@@ -338,7 +337,7 @@ def concept_set(obj: str, seed: int = 0, split: str = "test") -> ConceptSet:
     # One permutation for both splits, so the test prompts never change and validation's are disjoint.
     order = rng.permutation(len(combos))
     rest = order[48:]  # the contexts no test prompt uses; fewer than 48, so validation cycles them
-    if not len(rest):
+    if split == "validation" and not len(rest):
         raise ValueError(f"concept_set: {obj!r} has only {len(combos)} contexts, none left for validation")
     picked = order[:48] if split == "test" else [rest[i % len(rest)] for i in range(48)]
     for j in picked:  # 48 distinct contexts for the test split
