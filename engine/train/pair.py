@@ -319,10 +319,9 @@ def pair(base, content_image, style_image, *, content_prompt, style_prompt=None,
         size = engine.base.unet.config.sample_size * engine.base.vae_scale_factor
         contents = [square(im, size) for im in load_images(cimgs, "content_image")]
         styles = [square(im, size) for im in load_images(simgs, "style_image")]
-        one = lambda v: v if many else v[0]  # noqa: E731
         method = PairCustomization(engine, content_rank=content_rank, style_rank=style_rank, basis_seed=basis_seed)
         method.output_file, method.suffix, method.content_file = output, suffix, content_output
-        trainer = PairTrainer(engine, method, one(contents), one(styles), content_prompt=one(cps), style_prompt=one(sps),
+        trainer = PairTrainer(engine, method, contents, styles, content_prompt=cps, style_prompt=sps,
                               steps=steps, style_start=style_start if content_updates else 0, lr=lr, seed=seed,
                               weight_decay=weight_decay, content_updates=content_updates,
                               style_timesteps=style_timesteps, shift=shift, flip=flip)
