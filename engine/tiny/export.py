@@ -87,10 +87,7 @@ def export(run: str, out: str, covariance: bool = True, unet_weights: str = "ema
     )
     pipe.save_pretrained(tmp, safe_serialization=True)
     # the image tower reads pixels in [-1, 1] (trained so): the processor encoder adapters use
-    from transformers import CLIPImageProcessor
-
-    CLIPImageProcessor(size=T.VISION_CONFIG["image_size"], crop_size=T.VISION_CONFIG["image_size"],
-                       image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(os.path.join(tmp, "image_encoder"))
+    T.image_processor().save_pretrained(os.path.join(tmp, "image_encoder"))
     # the tokenizer: the vendored CLIP BPE files, verbatim (with their licence)
     shutil.rmtree(os.path.join(tmp, "tokenizer"))
     shutil.copytree(TOKENIZER_DIR, os.path.join(tmp, "tokenizer"))

@@ -375,19 +375,25 @@ def stage_image_encoder(args):
     Log(args.run, "image_encoder")(f"wrote {out}")
 
 
-def export_image_encoder(vision, out):
-    """Write `vision` as a CLIPVisionModelWithProjection folder (fp16 safetensors) with the
-    processor the tiny towers read pixels through ([-1, 1]: mean = std = 0.5)."""
-    import shutil
-
+def image_processor():
+    """The processor the tiny image towers read pixels through: [-1, 1] (mean = std = 0.5), as
+    they were trained (to_tensor)."""
     from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size=VISION_CONFIG["image_size"], crop_size=VISION_CONFIG["image_size"],
+                              image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def export_image_encoder(vision, out):
+    """Write `vision` as a CLIPVisionModelWithProjection folder (fp16 safetensors) with
+    `image_processor()`."""
+    import shutil
 
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     vision.half().save_pretrained(tmp, safe_serialization=True)
     vision.float()
-    CLIPImageProcessor(size=VISION_CONFIG["image_size"], crop_size=VISION_CONFIG["image_size"],
-                       image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(tmp)
+    image_processor().save_pretrained(tmp)
     for f in os.listdir(tmp):
         os.chmod(os.path.join(tmp, f), 0o644)
     shutil.rmtree(out, ignore_errors=True)
