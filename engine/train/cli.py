@@ -186,12 +186,12 @@ def _perfusion(args) -> int:
 
 
 def _summary(r) -> None:
+    from .core import path_nbytes
+
     per_step = r.seconds / max(1, len(r.losses))
     print(f"trained {r.steps} steps in {r.seconds:.1f} s ({per_step:.2f} s/step), final loss "
           f"{r.losses[-1] if r.losses else float('nan'):.4f}")
-    for role, path in r.files.items():  # a folder (an encoder's image_encoder/) counts its files
-        size = os.path.getsize(path) if os.path.isfile(path) else sum(
-            os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
-        print(f"  {role}: {path} ({size:,} bytes)")
+    for role, path in r.files.items():
+        print(f"  {role}: {path} ({path_nbytes(path):,} bytes)")
     print(f"wrote {r.nbytes:,} bytes to {os.path.abspath(r.path)}; serve it with "
           f"engine.adapters.register(name, {next(iter(r.files.values()))!r})")

@@ -351,8 +351,19 @@ def train(trainer: Trainer, output: str, *, checkpoint_every: int = 0, resume: b
         bar.close()
     seconds = time.perf_counter() - t0
     files = trainer.method.write(trainer.engine, output)
-    nbytes = sum(os.path.getsize(p) for p in files.values())
-    return TrainResult(output, list(trainer.losses), seconds, files, nbytes, trainer.step)
+    return TrainResult(output, list(trainer.losses), seconds, files, files_nbytes(files), trainer.step)
+
+
+def path_nbytes(path: str) -> int:
+    """Bytes of a written file, or of the files in a written folder (an encoder's image_encoder/)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+
+
+def files_nbytes(files: dict) -> int:
+    """Bytes of every file (or folder) a method wrote: role -> path."""
+    return sum(path_nbytes(p) for p in files.values())
 
 
 def target_for(scheduler, latents, noise, timesteps):

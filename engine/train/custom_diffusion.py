@@ -33,7 +33,7 @@ from ..adapters import kv as kv_format
 from ..adapters.families import FAMILIES, Use
 from ..api import AdapterInfo
 from ..plan import PLACEHOLDER
-from .core import Example, Method, Trainer, train
+from .core import Example, Method, Trainer, files_nbytes, train
 from .data import TrainInputError, load_images, load_masks, square
 
 WEIGHTS_NAME = "pytorch_custom_diffusion_weights.safetensors"
@@ -321,7 +321,7 @@ def custom_diffusion(base, images=None, *, placeholder: str = "<new1>", class_wo
             result.files["compressed"] = os.path.join(output, COMPRESSED_NAME)
             os.makedirs(os.path.dirname(result.files["compressed"]), exist_ok=True)
             kv_format.write_kv(result.files["compressed"], small)
-        result.nbytes = sum(os.path.getsize(p) for p in result.files.values())
+        result.nbytes = files_nbytes(result.files)
         return result
     finally:
         if owned:

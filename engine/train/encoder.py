@@ -274,9 +274,6 @@ def encoder(base, *, steps: int = 1000, lr: float = 1e-3, batch_size: int = 8, t
                                  coarse_rates=COARSE_RATES if coarse else (0.0, 0.0), steps=steps, lr=lr,
                                  batch_size=batch_size, max_grad_norm=max_grad_norm, weight_decay=weight_decay)
         result = train(trainer, output, checkpoint_every=checkpoint_every, resume=resume, progress=progress)
-        result.nbytes = sum(os.path.getsize(p) if os.path.isfile(p) else
-                            sum(os.path.getsize(os.path.join(p, f)) for f in os.listdir(p))
-                            for p in result.files.values())
         return result
     finally:
         if owned:
