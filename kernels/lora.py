@@ -700,7 +700,7 @@ def _eager(*tensors) -> bool:
     """Whether a call may skip the custom op and run the dispatch table's implementation itself:
     outside torch.compile's tracing and with no tensor that autograd would have to see. The op's
     eager dispatch (schema defaults, ADInplaceOrView, the dynamo-disable wrapper) costs more than a
-    narrow layer's two small matmuls (benchmarks/RESULTS.md, "Where the LoRA time goes"); under
+    narrow layer's two small matmuls (benchmarks/RESULTS.md, "LoRA overhead"); under
     compile the op stays, since it is what keeps the launcher opaque to Dynamo."""
     if torch.compiler.is_compiling():
         return False
