@@ -68,6 +68,8 @@ def register(op: str, backend: str, dtypes=None) -> Callable:
 
 
 def _parse(backend) -> Backend:
+    if isinstance(backend, Backend):  # the hot path passes members; Enum lookup costs ~1 us
+        return backend
     try:
         return Backend(backend)
     except ValueError:
@@ -91,6 +93,8 @@ def platform_reasons(backend, device_type: str) -> list[str]:
     """Why `backend` cannot run on `device_type` at all (empty list: it can)."""
     backend = _parse(backend)
     reasons = []
+    if backend is Backend.REFERENCE:
+        return reasons
     if backend is Backend.TRITON:
         if not _triton_importable():
             reasons.append("triton is not installed")
@@ -145,7 +149,7 @@ def requested_backend(backend=None) -> Backend | None:
 
 def select(op: str, device: torch.device | str, dtype: torch.dtype | None = None, backend=None) -> Backend:
     """Resolve the backend for one call, or raise with every backend's reasons."""
-    device_type = torch.device(device).type
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     chosen = requested_backend(backend)
     if chosen is None:
         chosen = default_backend(device_type)
@@ -163,6 +167,12 @@ def select(op: str, device: torch.device | str, dtype: torch.dtype | None = None
 def implementation(op: str, backend) -> Callable:
     """The function registered for `op` on `backend`."""
     return _REGISTRY[op][_parse(backend)]
+
+
+def resolve(op: str, device: torch.device | str, dtype: torch.dtype | None = None, backend=None) -> Callable:
+    """The implementation that runs `op` for one call: `implementation(op, select(...))`.
+    `backend` "" or None defers to the context, the environment and the device default."""
+    return _REGISTRY[op][select(op, device, dtype, backend or None)]
 
 
 @contextlib.contextmanager

@@ -319,10 +319,6 @@ def _guidance_blend_triton(out, noise, table: BranchTable) -> None:
 # The backend string "" means: resolve through dispatch (argument > context > env > default).
 
 
-def _impl(op: str, backend: str, device, dtype):
-    return dispatch.implementation(op, dispatch.select(op, device, dtype, backend or None))
-
-
 @torch.library.custom_op("impasto::guidance_blend_", mutates_args=("out",))
 def _guidance_blend_op(
     out: torch.Tensor,
@@ -337,7 +333,7 @@ def _guidance_blend_op(
     backend: str,
 ) -> None:
     table = BranchTable(uncond_row, cond_row, style_rows, style_weights, cfg, rescale, stats)
-    _impl("guidance_blend", backend, noise.device, noise.dtype)(out, noise, table)
+    dispatch.resolve("guidance_blend", noise.device, noise.dtype, backend)(out, noise, table)
 
 
 @_guidance_blend_op.register_fake

@@ -392,20 +392,26 @@ def _segments(slots: torch.Tensor) -> list[tuple[int, int, int]]:
 def _lora_apply_segments(y, x, A_pool, B_pool, slots, scales, runs) -> None:
     """One adapter per row (M = 1), fp32/fp64 on CPU: per run of rows sharing a slot, two plain
     matmuls on the run's tokens straight from the pool, accumulated into y in place. A shared
-    adapter is then PEFT's own arithmetic ([rows*T, K] @ A, @ B), and distinct ones need no
-    per-layer gather of A and B. Pairs with slot -1 are never read, so free slots' contents
-    (NaN included) never reach y."""
+    adapter is then PEFT's own arithmetic ([rows*T, K] @ A, @ B, scaled after B), and distinct ones
+    need no per-layer gather of A and B. Pairs with slot -1 are never read, so free slots'
+    contents (NaN included) never reach y."""
     rows, T, K = x.shape
     N = y.shape[2]
+    row_scales = scales[:, 0].tolist()
     for slot, r0, r1 in runs:
         n = r1 - r0
-        h = torch.mm(x[r0:r1].reshape(n * T, K), A_pool[slot]).view(n, T, -1)  # [n, T, R]
-        h.mul_(scales[r0:r1, :1, None])
+        h = torch.mm(x[r0:r1].reshape(n * T, K), A_pool[slot])  # [n*T, R]
+        alpha = row_scales[r0]
+        if min(row_scales[r0:r1]) != max(row_scales[r0:r1]):
+            h.view(n, T, -1).mul_(scales[r0:r1, :1, None])
+            alpha = 1.0
+        # else the GEMM's alpha applies the run's one scale: a pass over [n*T, R] saved, which at
+        # 1024 tokens costs as much as the matmul
         ys = y[r0:r1]
         if ys.is_contiguous():
-            ys.view(n * T, N).addmm_(h.view(n * T, -1), B_pool[slot])
+            ys.view(n * T, N).addmm_(h, B_pool[slot], alpha=alpha)
         else:
-            ys.baddbmm_(h, B_pool[slot].expand(n, *B_pool.shape[1:]))
+            ys.baddbmm_(h.view(n, T, -1), B_pool[slot].expand(n, *B_pool.shape[1:]), alpha=alpha)
 
 
 def _lora_apply_rows(y, x, A_pool, B_pool, slots, scales) -> None:
@@ -413,21 +419,33 @@ def _lora_apply_rows(y, x, A_pool, B_pool, slots, scales) -> None:
     (two small copies of [rows, K, R] and [rows, R, N]) and two batched matmuls. Beats a matmul
     pair per run from two runs on (1.1-4x per projection at the SD-1.5-shaped UNet's widths,
     one thread); one run stays on `_lora_apply_segments`, PEFT's arithmetic."""
-    idx = slots[:, 0].long()
-    h = torch.bmm(x, A_pool.index_select(0, idx))  # [rows, T, R]
-    h.mul_(scales[:, :1, None])
-    y.baddbmm_(h, B_pool.index_select(0, idx))
+    T, K, N = x.shape[1], x.shape[2], y.shape[2]
+    idx = slots[:, 0]  # int32 indexes directly; a .long() copy costs as much as the check
+    A, B = A_pool.index_select(0, idx), B_pool.index_select(0, idx)  # [rows, K, R], [rows, R, N]
+    s = scales[:, :1, None]
+    # The per-row scale goes on the smallest per-row operand: A's copy [K, R], B's [R, N] or the
+    # intermediate [T, R] (1024 tokens at SD's 64x64 latents: a full extra pass there).
+    if K <= min(T, N):
+        A.mul_(s)
+    elif N <= T:
+        B.mul_(s)
+    h = torch.bmm(x, A)  # [rows, T, R]
+    if T < min(K, N):
+        h.mul_(s)
+    y.baddbmm_(h, B)
 
 
 @dispatch.register("lora_apply", "reference", dtypes=_REFERENCE_DTYPES)
 def _lora_apply_reference(y, x, A_pool, B_pool, slots, scales, meta: LoraMeta) -> None:
-    if int(meta.stats[0]) == 0:
+    groups, _, lo, hi, active = meta.stats.tolist()  # one read: this runs per layer per step
+    if groups == 0:
         return  # no adapter anywhere: y is not touched
     if slots.shape[1] == 1 and y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64):
-        runs = _segments(slots)
-        if len(runs) > 1 and int(meta.stats[4]) == y.shape[0]:
-            return _lora_apply_rows(y, x, A_pool, B_pool, slots, scales)
-        return _lora_apply_segments(y, x, A_pool, B_pool, slots, scales, runs)
+        if active == y.shape[0]:  # every row has an adapter: one run iff one slot
+            if lo != hi:
+                return _lora_apply_rows(y, x, A_pool, B_pool, slots, scales)
+            return _lora_apply_segments(y, x, A_pool, B_pool, slots, scales, [(lo, 0, active)])
+        return _lora_apply_segments(y, x, A_pool, B_pool, slots, scales, _segments(slots))
     _lora_apply_gathered(y, x, A_pool, B_pool, slots, scales, meta)
 
 
@@ -496,10 +514,6 @@ def _lora_delta_backward_triton(dy, x, A_pool, B_pool, slots, scales, meta: Lora
 # The backend string "" means: resolve through dispatch (argument > context > env > default).
 
 
-def _impl(op: str, backend: str, device, dtype):
-    return dispatch.implementation(op, dispatch.select(op, device, dtype, backend or None))
-
-
 @torch.library.custom_op("impasto::lora_apply_", mutates_args=("y",))
 def _lora_apply_op(
     y: torch.Tensor,
@@ -515,7 +529,7 @@ def _lora_apply_op(
     backend: str,
 ) -> None:
     meta = LoraMeta(pair_order, group_slot, group_start, stats)
-    _impl("lora_apply", backend, x.device, x.dtype)(y, x, A_pool, B_pool, slots, scales, meta)
+    dispatch.resolve("lora_apply", x.device, x.dtype, backend)(y, x, A_pool, B_pool, slots, scales, meta)
 
 
 @_lora_apply_op.register_fake
@@ -538,7 +552,7 @@ def _lora_delta_op(
 ) -> torch.Tensor:
     y = x.new_zeros(*x.shape[:2], B_pool.shape[2])
     meta = LoraMeta(pair_order, group_slot, group_start, stats)
-    _impl("lora_apply", backend, x.device, x.dtype)(y, x, A_pool, B_pool, slots, scales, meta)
+    dispatch.resolve("lora_apply", x.device, x.dtype, backend)(y, x, A_pool, B_pool, slots, scales, meta)
     return y
 
 
@@ -562,7 +576,7 @@ def _lora_delta_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     meta = LoraMeta(pair_order, group_slot, group_start, stats)
-    impl = _impl("lora_delta_backward", backend, x.device, x.dtype)
+    impl = dispatch.resolve("lora_delta_backward", x.device, x.dtype, backend)
     return impl(dy, x, A_pool, B_pool, slots, scales, meta)
 
 
@@ -690,7 +704,7 @@ def lora_apply(y, x, A_pool, B_pool, slots, scales, *, meta: LoraMeta | None = N
         meta = lora_meta(slots, A_pool.shape[0])
     _check_meta(meta, slots, A_pool)
     if _eager(y, x, A_pool, B_pool):
-        _impl("lora_apply", backend or "", x.device, x.dtype)(y, x, A_pool, B_pool, slots, scales, meta)
+        dispatch.resolve("lora_apply", x.device, x.dtype, backend)(y, x, A_pool, B_pool, slots, scales, meta)
     else:
         torch.ops.impasto.lora_apply_(y, x, A_pool, B_pool, slots, scales, *meta, backend or "")
     return y

@@ -451,10 +451,6 @@ def _rank1_edit_backward_triton(dy, e, P, WU, G, O, beta, tau):
 # The backend string "" means: resolve through dispatch (argument > context > env > default).
 
 
-def _impl(op: str, backend: str, device, dtype):
-    return dispatch.implementation(op, dispatch.select(op, device, dtype, backend or None))
-
-
 @torch.library.custom_op("impasto::rank1_edit", mutates_args=())
 def _rank1_edit_op(
     base: torch.Tensor,
@@ -467,7 +463,7 @@ def _rank1_edit_op(
     tau: torch.Tensor,
     backend: str,
 ) -> torch.Tensor:
-    return _impl("rank1_edit", backend, e.device, e.dtype)(base, e, P, WU, G, O, beta, tau)
+    return dispatch.resolve("rank1_edit", e.device, e.dtype, backend)(base, e, P, WU, G, O, beta, tau)
 
 
 @_rank1_edit_op.register_fake
@@ -487,7 +483,7 @@ def _rank1_edit_backward_op(
     tau: torch.Tensor,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _impl("rank1_edit_backward", backend, e.device, e.dtype)
+    impl = dispatch.resolve("rank1_edit_backward", e.device, e.dtype, backend)
     return impl(dy, e, P, WU, G, O, beta, tau)
 
 

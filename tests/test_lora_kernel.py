@@ -48,15 +48,20 @@ CASES = [
     Case("several", rows=5, T=29, K=80, N=56, R=12, S=4, M=3),
     Case("one_token", rows=3, T=1, K=96, N=96, R=32, S=3, M=1),
     Case("runs", rows=6, T=21, K=40, N=28, R=8, S=5, M=1),  # runs of rows sharing a slot, a row with none
+    # The CPU reference's per-row path puts each row's scale on its smallest operand: K, N or T
+    # ("distinct" above: T). And one adapter at one weight in every row: the GEMM's alpha.
+    Case("distinct_k", rows=5, T=50, K=24, N=40, R=8, S=6, M=1),
+    Case("distinct_n", rows=5, T=50, K=40, N=20, R=8, S=6, M=1),
+    Case("shared", rows=4, T=33, K=40, N=28, R=8, S=3, M=1),
 ]
 
 
 def _slots(case: Case, gen: torch.Generator) -> torch.Tensor:
     rows, M, S = case.rows, case.M, case.S
     slots = torch.full((rows, M), -1, dtype=torch.int32)
-    if case.popularity == "distinct":
+    if case.popularity.startswith("distinct"):
         slots[:, 0] = torch.randperm(S, generator=gen)[:rows].int()
-    elif case.popularity in ("identical", "one_token"):
+    elif case.popularity in ("identical", "one_token", "shared"):
         slots[:, 0] = S - 1  # slot 0 unused: pairs with -1 must not read it
     elif case.popularity == "zipf":
         p = 1.0 / torch.arange(1, S + 1, dtype=torch.float64) ** 1.5
@@ -85,6 +90,8 @@ def _problem(case: Case, dtype, seed=0, poison_unused=True):
     B = torch.randn(case.S, case.R, case.N, generator=gen) / case.R**0.5
     y = torch.randn(case.rows, case.T, case.N, generator=gen)
     scales = 0.25 + 1.75 * torch.rand(case.rows, case.M, generator=gen)
+    if case.popularity == "shared":
+        scales.fill_(0.75)  # one user weight for every row
     slots = _slots(case, gen)
     if poison_unused:
         unused = torch.ones(case.S, dtype=torch.bool)

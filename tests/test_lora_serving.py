@@ -170,12 +170,19 @@ def test_requests_sharing_a_lora_are_adjacent_one_matmul_pair_each(lora_engine, 
     form one run (two runs per hooked projection, not one per request; where a row has no adapter
     the CPU path computes a matmul pair per run), and each request still gets its own image back,
     equal to generating it alone."""
+    from impasto.kernels import dispatch
     from impasto.kernels import lora as lora_kernels
 
-    runs, in_step = [], []  # runs per call inside the UNet forward (the plan's attn2 K/V runs once)
-    segments = lora_kernels._segments
-    monkeypatch.setattr(lora_kernels, "_segments",
-                        lambda slots: (in_step and runs.append(len(segments(slots)))) or segments(slots))
+    runs, in_step = [], []  # runs of rows per call inside the UNet forward (the plan's attn2 K/V run once)
+    impls = dispatch._REGISTRY["lora_apply"]
+    reference = impls[dispatch.Backend.REFERENCE]
+
+    def counting(y, x, A, B, slots, *rest):
+        if in_step:
+            runs.append(len(lora_kernels._segments(slots)))
+        return reference(y, x, A, B, slots, *rest)
+
+    monkeypatch.setitem(impls, dispatch.Backend.REFERENCE, counting)
     unet = lora_engine.base.unet
     hooks = [unet.register_forward_pre_hook(lambda m, a: in_step.append(1)),
              unet.register_forward_hook(lambda m, a, o: in_step.clear())]
@@ -189,7 +196,7 @@ def test_requests_sharing_a_lora_are_adjacent_one_matmul_pair_each(lora_engine, 
             h.remove()
     assert calls == [2 * len(reqs)] * STEPS
     assert runs and set(runs) == {2}, "two adapters: two runs of rows per projection, not one per request"
-    monkeypatch.setattr(lora_kernels, "_segments", segments)
+    monkeypatch.setitem(impls, dispatch.Backend.REFERENCE, reference)
     for req, out in zip(reqs, outs):
         assert out.error is None
         assert _diff(out.images, lora_engine.generate_batch([req])[0].images) <= TOL
