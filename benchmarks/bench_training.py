@@ -16,8 +16,12 @@ random-rescale augmentation is off unless --rescale-aug (full fine-tuning never 
     python benchmarks/bench_training.py --objects sparkle moon arrow --json out.json --sheets docs/
 
 Choosing and reporting (docs/training.md, "A real baseline, ..."): --split validation test scores
-both splits, --eval-at 500,1000 scores one run at several step counts; Custom Diffusion's current
-recipe adds --captions --no-masks (each reference captioned with its own background).
+both splits, --eval-at 500,1000 scores one run at several step counts. The current recipes
+(docs/training.md, "The baseline on the same captions, ..."): every method --captions --no-masks
+(each reference captioned with its own size, background and style), full fine-tuning 750 steps,
+Custom Diffusion --freeze crossattn at 500 steps:
+
+    python benchmarks/bench_training.py --methods ft cd --captions --no-masks --freeze crossattn --steps ti=250,ft=750,cd=500
 """
 
 from __future__ import annotations
