@@ -16,8 +16,12 @@ random-rescale augmentation is off unless --rescale-aug (full fine-tuning never 
     python benchmarks/bench_training.py --objects sparkle moon arrow --json out.json --sheets docs/
 
 Choosing and reporting (docs/training.md, "A real baseline, ..."): --split validation test scores
-both splits, --eval-at 500,1000 scores one run at several step counts; Custom Diffusion's current
-recipe adds --captions --no-masks (each reference captioned with its own background).
+both splits, --eval-at 500,1000 scores one run at several step counts. The current recipes
+(docs/training.md, "The baseline on the same captions, ..."): every method --captions --no-masks
+(each reference captioned with its own size, background and style), full fine-tuning 750 steps,
+Custom Diffusion --freeze crossattn at 500 steps:
+
+    python benchmarks/bench_training.py --methods ft cd --captions --no-masks --freeze crossattn --steps ti=250,ft=750,cd=500
 """
 
 from __future__ import annotations
@@ -111,7 +115,7 @@ def run_one(obj, method, args, work):
         pairs = generate_prior(engine, texts, args.num_prior, seed=args.seed * 7919)
         prior_s = time.perf_counter() - t0
         extra = dict(prior_images=[im for im, _ in pairs], class_prompts=[t for _, t in pairs])
-    if method in ("ti", "cd") and args.captions:
+    if method in ("ti", "cd", "ft") and args.captions:  # the baseline gets the same data and prompts
         extra["captions"] = cs.reference_captions("{placeholder} {class_word}")
     points = [0] if method == "base" else (args.eval_at or [args.steps[method]])
     every = int(np.gcd.reduce(points)) if method != "base" else 0
@@ -127,7 +131,7 @@ def run_one(obj, method, args, work):
                                  prior_weight=args.prior_weight, **kw, **extra, **common)
         elif method == "ft":
             r = full_finetune(engine, cs.images, steps=n, lr=args.lr[method], checkpoint_every=every, resume=True,
-                              **common)
+                              captions=extra.get("captions"), **common)
         if method != "base":
             train_s += r.seconds
             at = f"{out}-at{n}"  # a copy per step count: each registration reads its own files
@@ -175,7 +179,7 @@ def main(argv=None):
                    help="class: every class image from 'a <class word>' (the script's); context: "
                         "ConceptSet.prior_prompts, the world's full captions on backgrounds neither split uses")
     p.add_argument("--captions", action="store_true",
-                   help="ti/cd: caption each reference with its own size, background and style "
+                   help="ti/cd/ft: caption each reference with its own size, background and style "
                         "(ConceptSet.reference_captions) instead of 'a <new1> <class word>'")
     p.add_argument("--split", nargs="+", default=["test"], choices=("test", "validation"),
                    help="concept_set splits to score on (validation: for choosing; test: for reporting)")

@@ -465,3 +465,30 @@ def test_captions_and_class_prompts_reach_the_batch(eng):
     with pytest.raises(TrainInputError, match="class_prompts"):
         concept_examples(eng, [{"images": ims, "placeholder": "<new1>", "class_word": "star"}], prompt_template=None,
                          num_prior=0, prior_images=renders("moon", 1), seed=0, init=None, class_prompts=["a {shape}"])
+
+
+def test_full_finetune_takes_the_same_captions(tiny_dir, tmp_path, monkeypatch):
+    """The baseline can be given Custom Diffusion's data and prompts: captions= reach full
+    fine-tuning's batches with the placeholder and class word filled in (its own engine: the UNet
+    is trained in place); a wrong count is refused before any step."""
+    from impasto.train import finetune
+
+    seen = []
+
+    class Recording(finetune.Trainer):
+        def make_batch(self):
+            batch = super().make_batch()
+            seen.extend(batch.texts)
+            return batch
+
+    monkeypatch.setattr(finetune, "Trainer", Recording)
+    caps = ["a {placeholder} {class_word} on a gray background, flat", "a large {placeholder} {class_word} on a black background, flat"]
+    own = impasto.Engine.from_pretrained(tiny_dir, device="cpu")
+    r = finetune.full_finetune(own, renders(n=2), class_word="star", captions=caps, steps=2, lr=1e-4, batch_size=2,
+                               output=tmp_path / "ft", progress=False)
+    assert len(r.losses) == 2 and len(seen) == 4
+    assert set(seen) <= {c.format(placeholder="<new1>", class_word="star") for c in caps}, seen
+    with pytest.raises(TrainInputError, match="one per image"):
+        finetune.full_finetune(own, renders(n=2), class_word="star", captions=caps[:1], steps=1, lr=1e-4,
+                               output=tmp_path / "ft2", progress=False)
+    own.close()

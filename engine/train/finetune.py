@@ -65,14 +65,17 @@ class FullFineTune(Method):
 
 def full_finetune(base, images, *, placeholder="<new1>", class_word, masks=None, steps=250, lr=5e-6,
                   batch_size=4, prior_images=None, num_prior=0, prior_weight=1.0, seed=0, output, progress=True,
-                  resume=False, checkpoint_every=0, init_token="sks", max_grad_norm=1.0):
+                  resume=False, checkpoint_every=0, init_token="sks", max_grad_norm=1.0, captions=None):
     """DreamBooth-style full UNet fine-tuning through the engine; `base` is changed in place when
-    it is an Engine. lr is used as given (DreamBooth: 5e-6, no batch scaling)."""
+    it is an Engine. lr is used as given (DreamBooth: 5e-6, no batch scaling). captions: None (every
+    image "a {placeholder} {class_word}") or one prompt per image, as custom_diffusion takes them,
+    so the baseline can be given the same data and prompts."""
     engine, owned = resolve_engine(base)
     try:
         concepts = [{"images": images, "placeholder": placeholder, "class_word": class_word, "masks": masks}]
         examples, rows = concept_examples(engine, concepts, prompt_template=None, num_prior=num_prior,
-                                          prior_images=prior_images, seed=seed, init=init_token)
+                                          prior_images=prior_images, seed=seed, init=init_token,
+                                          captions=captions)
         trainer = Trainer(engine, FullFineTune(engine, rows), examples, steps=steps, lr=lr, batch_size=batch_size,
                           prior_weight=prior_weight, seed=seed, max_grad_norm=max_grad_norm, weight_decay=1e-2)
         return train(trainer, os.fspath(output), checkpoint_every=checkpoint_every, resume=resume,
