@@ -40,7 +40,7 @@ import torch
 
 
 TRAINING_ARGS = ("model", "steps", "style_start", "lr", "rank", "suffix", "seed", "style_timesteps", "shift", "flip",
-                 "extra_pairs")
+                 "extra_pairs", "many")
 
 
 def run(args) -> dict:
@@ -60,8 +60,9 @@ def run(args) -> dict:
         ceiling = ev.vae_ceiling(eng.base.vae, style)
         plain, styled, content_prompt, content = ev.style_pair(style)
         rec = {"ceiling": ceiling, "methods": {}}
-        if extra:  # several pairs of one style: the pair's and one per extra (shape, colour)
+        if extra or args.many:  # several pairs of one style: the pair's and one per extra (shape, colour)
             more = [extra_pair(style, *spec, seed=i + 1) for i, spec in enumerate(extra)]
+            more += many_scenes(style, args.many)
             train_plain, train_styled = [plain] + [m[0] for m in more], [styled] + [m[1] for m in more]
             train_prompts = [content_prompt] + [m[2] for m in more]
         else:
@@ -116,7 +117,25 @@ def run(args) -> dict:
                 own_images = [im for o in eng.generate_batch(own) for im in o.images]
                 rows[-1]["own_pair_style"] = ev.style_strength(own_images, style)["accuracy"]
                 print(style, method, rows[-1], flush=True)
+            plain_rows = []
+            for scale in args.plain:  # the style LoRA as a plain LoRA, the suffix in the prompt, no style guidance
+                eng.adapters.register(name + "-lora", path, family="lora")
+                reqs = [impasto.Request(p + " " + args.suffix, adapters=[(name + "-lora", scale)],
+                                        guidance=impasto.Guidance(cfg=args.cfg), steps=args.sample_steps, seed=s)
+                        for p, s in prompts]
+                images = [im for o in eng.generate_batch(reqs) for im in o.images]
+                texts = [p for p, _ in prompts]
+                leak = ev.content_leakage(images, texts, content)
+                plain_rows.append({"scale": scale, "style": ev.style_strength(images, style)["accuracy"],
+                                   "structure": ev.prompt_fidelity(images, texts, attributes=("shape", "colour",
+                                                                                              "background"))["overall"],
+                                   "leakage": leak["leakage"], "any_leakage": leak["any_leakage"],
+                                   "colour_leakage": leak["colour_leakage"]})
+                print(style, method, "plain LoRA", plain_rows[-1], flush=True)
+                eng.adapters.unregister(name + "-lora")
             rec["methods"][method] = {"train_seconds": seconds, "sweep": rows}
+            if plain_rows:
+                rec["methods"][method]["plain_lora"] = plain_rows
             eng.adapters.unregister(name)
         out["styles"][style] = rec
         sheet[(style, "pair", "train")] = [np.asarray(plain), np.asarray(styled)]
@@ -156,6 +175,36 @@ def held_out_prompts(n: int, contents, seed: int) -> list:
                if world.parse_prompt(p)["shape"] not in shapes and world.parse_prompt(p)["colour"] not in colours][:n]
         k *= 2
     return out
+
+
+def many_scenes(style: str, n: int, seed: int = 77) -> list:
+    """n random world scenes of seen shapes (any colour, size, position, background, one or two
+    objects), flat and in `style`, with their full captions: the upper-bound training set. No
+    scene names the (shape, colour, background) of a held-out prompt of either split, and none is
+    the pair's green heart, so the scored prompts' contents are never trained on."""
+    from impasto import eval as ev
+    from impasto.tiny import world
+
+    held = {tuple(world.parse_prompt(p)[k] for k in ("shape", "colour", "background"))
+            for split_seed in (300, 301) for p, _ in ev.pair_prompts(64, seed=split_seed)}
+    out, i = [], 0
+    while len(out) < n:
+        rng = np.random.default_rng([seed, i])
+        scene = world.sample_scene(rng, style=style)
+        i += 1
+        if (scene.shape, scene.colour, scene.background) in held or (scene.shape, scene.colour) == ("heart", "green"):
+            continue
+        plain, styled = world.render_pair(scene, 10_000 + i)
+        from PIL import Image
+
+        out.append((Image.fromarray(plain), Image.fromarray(styled), world.caption(replace_style(scene, "flat"))))
+    return out
+
+
+def replace_style(scene, style):
+    from dataclasses import replace
+
+    return replace(scene, style=style)
 
 
 def extra_pair(style: str, shape: str, colour: str, size: str = "large", *, seed: int):
@@ -370,6 +419,11 @@ def main(argv=None):
     p.add_argument("--extra-pairs", nargs="*", default=[], metavar="SHAPE:COLOUR[:SIZE]",
                    help="train on several pairs of one style: these besides the green heart (held-out prompts "
                         "then avoid every pair's shape and colour)")
+    p.add_argument("--many", type=int, default=0, metavar="N",
+                   help="the upper bound: also train on N random scenes of seen shapes in the style (none names a "
+                        "held-out prompt's contents); held-out prompts stay the pair's")
+    p.add_argument("--plain", type=float, nargs="*", default=[], metavar="SCALE",
+                   help="also serve each style file as a plain LoRA at these scales, the suffix in the prompt")
     p.add_argument("--n", type=int, default=32, help="held-out prompts per weight")
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)

@@ -242,6 +242,43 @@ def test_cli_trains_a_style(tiny_dir, tmp_path, capsys):
 
 
 
+def test_cli_passes_every_pair_option(tiny_dir, eng, tmp_path, capsys):
+    """Several pairs, --style-timesteps, --shift, --flip, --weight-decay and --content-output from
+    the CLI give the files of pair() called with the same options, bit for bit; the options are
+    not no-ops here (the window drops a style update, shift/flip and weight decay change the file),
+    so a flag the CLI dropped would fail this."""
+    from impasto.cli import main
+
+    (c, s), (c2, s2) = the_pair(), the_pair(seed=1)
+    for name, im in (("a", c), ("b", s), ("c", c2), ("d", s2)):
+        im.save(tmp_path / f"{name}.png")
+    prompts = ["a green heart", "a green heart on the left"]
+    kw = dict(content_prompt=prompts, suffix="in sks style", content_rank=2, style_rank=2, steps=4, style_start=0,
+              lr=1e-2, seed=5, progress=False, weight_decay=0.5, style_timesteps=(0, 600), shift=4, flip=True)
+    ref = pair(eng, [c, c2], [s, s2], output=tmp_path / "ref.safetensors",
+               content_output=tmp_path / "ref-content.safetensors", **kw)
+    assert 0 < len(ref.style_losses) < 4  # the window skipped a style update
+    out, content = tmp_path / "cli.safetensors", tmp_path / "cli-content.safetensors"
+    rc = main(["train", "pair", "--model", tiny_dir, "--content", str(tmp_path / "a.png"), str(tmp_path / "c.png"),
+               "--style", str(tmp_path / "b.png"), str(tmp_path / "d.png"), "--content-prompt", *prompts,
+               "--content-rank", "2", "--style-rank", "2", "--steps", "4", "--style-start", "0", "--lr", "1e-2",
+               "--seed", "5", "--weight-decay", "0.5", "--style-timesteps", "0", "600", "--shift", "4", "--flip",
+               "--content-output", str(content), "-q", "-o", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "2 pairs" in text and str(content) in text
+    assert _same(out, ref.files["style"]) and _same(content, ref.files["content"])
+    for change in (dict(shift=0, flip=False), dict(weight_decay=1e-4)):
+        other = pair(eng, [c, c2], [s, s2], output=tmp_path / "o.safetensors", **{**kw, **change})
+        assert not _same(other.files["style"], out), change
+    rc = main(["train", "pair", "--model", tiny_dir, "--content", str(tmp_path / "a.png"), str(tmp_path / "c.png"),
+               "--style", str(tmp_path / "b.png"), "-q", "-o", str(tmp_path / "x.safetensors")])
+    assert rc == 2 and "--style" in capsys.readouterr().err
+    rc = main(["train", "pair", "--model", tiny_dir, "--content", str(tmp_path / "a.png"), str(tmp_path / "c.png"),
+               "--style", str(tmp_path / "b.png"), str(tmp_path / "d.png"), "--content-prompt", "x", "y", "z",
+               "-q", "-o", str(tmp_path / "x.safetensors")])
+    assert rc == 2 and "--content-prompt" in capsys.readouterr().err
+
 
 def test_options_beyond_the_official_recipe(eng, run_a, tmp_path):
     """style_timesteps, paired shift/flip, several pairs and content_output: off, a run is the
