@@ -40,7 +40,7 @@ import torch
 
 
 TRAINING_ARGS = ("model", "steps", "style_start", "lr", "rank", "suffix", "seed", "style_timesteps", "shift", "flip",
-                 "extra_pairs", "many")
+                 "extra_pairs", "many", "crop", "weight_decay", "style_rank")
 
 
 def run(args) -> dict:
@@ -75,15 +75,17 @@ def run(args) -> dict:
             if args.adapters and os.path.isfile(path):  # reuse a file this bench trained with the same recipe
                 with open(path + ".json") as f:
                     kept = json.load(f)
-                if kept["recipe"] != recipe:
+                defaults = {"many": 0, "crop": 1.0, "weight_decay": 1e-4, "style_rank": 0}  # files from before these flags
+                if {**defaults, **kept["recipe"]} != recipe:
                     raise SystemExit(f"{path} was trained with {kept['recipe']}, not {recipe}")
                 seconds = kept["train_seconds"]
             else:
                 t0 = time.perf_counter()
                 pair(eng, train_plain, train_styled, content_prompt=train_prompts, suffix=args.suffix,
-                     content_rank=args.rank, style_rank=args.rank, steps=args.steps, style_start=args.style_start,
-                     lr=args.lr, seed=args.seed, output=path, progress=False, content_updates=updates,
-                     shift=args.shift, flip=args.flip,
+                     content_rank=args.rank, style_rank=args.style_rank or args.rank, steps=args.steps,
+                     style_start=args.style_start, lr=args.lr, seed=args.seed, output=path, progress=False,
+                     content_updates=updates, shift=args.shift, flip=args.flip, crop=args.crop,
+                     weight_decay=args.weight_decay,
                      style_timesteps=tuple(args.style_timesteps) if args.style_timesteps else None)
                 seconds = time.perf_counter() - t0
                 if args.adapters:
@@ -412,6 +414,9 @@ def main(argv=None):
                    help="train the style update only at the shared t in [LO, HI)")
     p.add_argument("--shift", type=int, default=0, help="paired random horizontal shift (px) in training")
     p.add_argument("--flip", action="store_true", help="paired random horizontal flip in training")
+    p.add_argument("--crop", type=float, default=1.0, help="paired random crop (smallest side fraction) in training")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay in training")
+    p.add_argument("--style-rank", type=int, default=0, help="the style LoRA's rank (default: --rank)")
     p.add_argument("--style-blocks", nargs="+", default=None, metavar="PREFIX",
                    help="serve the style LoRA in these UNet blocks only (e.g. up_blocks), B zeroed elsewhere")
     p.add_argument("--adapters", default=None, help="keep the trained files here and reuse them when the recipe "

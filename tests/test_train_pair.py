@@ -321,8 +321,26 @@ def test_options_beyond_the_official_recipe(eng, run_a, tmp_path):
         moves.add(found[0])
     assert texts == {0, 1} and len(moves) > 3
 
+    # paired random crop: one square crop of both images, resized back to the model's size
+    t = PairTrainer(eng, PairCustomization(eng, content_rank=RC, style_rank=RS), c, s, content_prompt="a",
+                    style_prompt="a x", steps=2, style_start=0, lr=1e-3, seed=0, crop=0.75)
+    t.draw = lambda pixels, rows=None: seen.append(pixels) or (torch.zeros(2, 4, 8, 8), torch.zeros(1, 4, 8, 8),
+                                                                torch.zeros(1, dtype=torch.long))
+    size, crops = originals[0].shape[-1], set()
+    for _ in range(6):
+        t.make_batch()
+        found = [(side, y, x) for side in range(24, size + 1) for y in range(size - side + 1)
+                 for x in range(size - side + 1)
+                 if torch.allclose(seen[-1], torch.nn.functional.interpolate(
+                     originals[0][:, :, y:y + side, x:x + side], size=(size, size), mode="bilinear", antialias=True),
+                     atol=1e-6)]
+        assert found, "the pair's two images were not cropped together"
+        crops.add(found[0])
+    assert len(crops) > 2 and any(side < size for side, _, _ in crops)
+
     bad = [(dict(style_timesteps=(5, 2)), "style_timesteps"), (dict(shift=-1), "shift"),
-           (dict(content_output=tmp_path / "x.bin"), "content_output")]
+           (dict(content_output=tmp_path / "x.bin"), "content_output"), (dict(crop=0.0), "crop"),
+           (dict(crop=1.5), "crop")]
     for extra, words in bad:
         with pytest.raises(TrainInputError, match=words):
             pair(eng, c, s, steps=STEPS, output=tmp_path / "x.safetensors", **{**KW, **extra})
