@@ -40,7 +40,8 @@ import torch
 
 
 TRAINING_ARGS = ("model", "steps", "style_start", "lr", "rank", "suffix", "seed", "style_timesteps", "shift", "flip",
-                 "extra_pairs", "many", "crop", "weight_decay", "style_rank")
+                 "extra_pairs", "many", "crop", "weight_decay", "style_rank",
+                 "permute_channels")
 
 
 def run(args) -> dict:
@@ -59,7 +60,7 @@ def run(args) -> dict:
     for style in args.styles:
         ceiling = ev.vae_ceiling(eng.base.vae, style)
         plain, styled, content_prompt, content = ev.style_pair(style)
-        rec = {"ceiling": ceiling, "methods": {}}
+        rec = {"ceiling": ceiling, "on_prompts": prompts_ceiling(eng, style, prompts), "methods": {}}
         if extra or args.many:  # several pairs of one style: the pair's and one per extra (shape, colour)
             more = [extra_pair(style, *spec, seed=i + 1) for i, spec in enumerate(extra)]
             more += many_scenes(style, args.many)
@@ -75,7 +76,7 @@ def run(args) -> dict:
             if args.adapters and os.path.isfile(path):  # reuse a file this bench trained with the same recipe
                 with open(path + ".json") as f:
                     kept = json.load(f)
-                defaults = {"many": 0, "crop": 1.0, "weight_decay": 1e-4, "style_rank": 0}  # files from before these flags
+                defaults = {"many": 0, "crop": 1.0, "weight_decay": 1e-4, "style_rank": 0, "permute_channels": False}  # files from before these flags
                 if {**defaults, **kept["recipe"]} != recipe:
                     raise SystemExit(f"{path} was trained with {kept['recipe']}, not {recipe}")
                 seconds = kept["train_seconds"]
@@ -85,7 +86,7 @@ def run(args) -> dict:
                      content_rank=args.rank, style_rank=args.style_rank or args.rank, steps=args.steps,
                      style_start=args.style_start, lr=args.lr, seed=args.seed, output=path, progress=False,
                      content_updates=updates, shift=args.shift, flip=args.flip, crop=args.crop,
-                     weight_decay=args.weight_decay,
+                     weight_decay=args.weight_decay, permute_channels=args.permute_channels,
                      style_timesteps=tuple(args.style_timesteps) if args.style_timesteps else None)
                 seconds = time.perf_counter() - t0
                 if args.adapters:
@@ -143,6 +144,30 @@ def run(args) -> dict:
         sheet[(style, "pair", "train")] = [np.asarray(plain), np.asarray(styled)]
     if args.sheet:
         write_sheet(sheet, args.sheet)
+    return out
+
+
+def prompts_ceiling(eng, style: str, prompts) -> dict:
+    """What a perfect method would score on these prompts: the world's own renders of each prompt
+    (its shape, colour and background; size and position drawn from its seed), in `style`, and
+    flat, read clean and after a VAE round trip: style strength and structure preservation (the
+    same prompt_fidelity the sweep reports). The styled-after-VAE pair is the joint ceiling."""
+    from impasto import eval as ev
+    from impasto.tiny import world
+
+    texts, out = [p for p, _ in prompts], {}
+    for look in (style, "flat"):
+        ims = []
+        for p, s in prompts:
+            named = world.parse_prompt(p)
+            scene = world.sample_scene(np.random.default_rng([s]), shape=named["shape"], colour=named["colour"],
+                                       background=named["background"], count=1, style=look)
+            ims.append(world.render_pair(scene, s)[1])
+        ims = np.stack(ims)
+        for where, x in (("clean", ims), ("vae", ev.vae_round_trip(eng.base.vae, ims))):
+            out[f"{look}_{where}"] = {
+                "style": ev.style_strength(x, style)["accuracy"],
+                "structure": ev.prompt_fidelity(x, texts, attributes=("shape", "colour", "background"))["overall"]}
     return out
 
 
@@ -415,6 +440,7 @@ def main(argv=None):
     p.add_argument("--shift", type=int, default=0, help="paired random horizontal shift (px) in training")
     p.add_argument("--flip", action="store_true", help="paired random horizontal flip in training")
     p.add_argument("--crop", type=float, default=1.0, help="paired random crop (smallest side fraction) in training")
+    p.add_argument("--permute-channels", action="store_true", help="paired random RGB permutation in training")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay in training")
     p.add_argument("--style-rank", type=int, default=0, help="the style LoRA's rank (default: --rank)")
     p.add_argument("--style-blocks", nargs="+", default=None, metavar="PREFIX",

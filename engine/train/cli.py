@@ -126,6 +126,8 @@ def add_pair_parser(methods) -> None:
     p.add_argument("--flip", action="store_true", help="the same random horizontal mirror for both images of the pair")
     p.add_argument("--crop", type=float, default=1.0, help="the same random square crop (side at least this "
                    "fraction) of both images, resized back, each step (default 1: none)")
+    p.add_argument("--permute-channels", action="store_true", help="the same random RGB channel permutation for "
+                   "both images of the pair, each step (a paired colour augmentation)")
     _run_options(p)
     p.add_argument("--basis-seed", type=int, default=123846, help="seed of the orthonormal basis of the A matrices")
     p.set_defaults(func=_pair)
@@ -160,7 +162,8 @@ def _pair(args) -> int:
              style_start=args.style_start, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
              basis_seed=args.basis_seed, output=args.output, content_output=args.content_output,
              style_timesteps=tuple(args.style_timesteps) if args.style_timesteps else None, shift=args.shift,
-             flip=args.flip, crop=args.crop, progress=not args.quiet, resume=args.resume, checkpoint_every=args.checkpoint_every)
+             flip=args.flip, crop=args.crop,
+             permute_channels=args.permute_channels, progress=not args.quiet, resume=args.resume, checkpoint_every=args.checkpoint_every)
     last = lambda xs: xs[-1] if xs else float("nan")  # noqa: E731
     print(f"trained {r.steps} steps on {n} pair{'s' if n > 1 else ''} in {r.seconds:.1f} s, final content loss "
           f"{last(r.losses):.4f}, style loss {last(r.style_losses):.4f}")
