@@ -420,6 +420,43 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_compare(runs: list, path: str, title: str) -> None:
+    """Style strength against structure preservation for several runs of this bench (one style
+    each): `runs` = [(label, JSON path)], one curve per (run, method); a plain-LoRA row is a
+    cross, the split's joint ceiling (the world's renders after the VAE) a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    ceiling = None
+    for label, file in runs:
+        with open(file) as f:
+            result = json.load(f)
+        rec = next(iter(result["styles"].values()))
+        ceiling = rec.get("on_prompts", {}).get(f"{next(iter(result['styles']))}_vae", ceiling)
+        for method, sweep in rec["methods"].items():
+            name = label if len(rec["methods"]) == 1 else f"{label}, {'pair' if method == 'pair' else 'single-image'}"
+            line, = ax.plot([r["structure"] for r in sweep["sweep"]], [r["style"] for r in sweep["sweep"]],
+                            "o-" if method == "pair" else "s--", ms=4, label=name)
+            for r in sweep["sweep"]:
+                ax.annotate(f"{r['weight']:g}", (r["structure"], r["style"]), fontsize=6, xytext=(2, 2),
+                            textcoords="offset points")
+            for r in sweep.get("plain_lora", []):
+                ax.plot([r["structure"]], [r["style"]], "x", color=line.get_color(), ms=7)
+    if ceiling:
+        ax.plot([ceiling["structure"]], [ceiling["style"]], "*", color="k", ms=12,
+                label="the prompts' own styled renders after the VAE")
+    ax.axvline(0.8, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("structure preservation (shape, colour, background)")
+    ax.set_ylabel("style strength (probe accuracy)")
+    ax.set_title(title + " (labels: style-guidance weight; x: plain LoRA at scale 1)", fontsize=8)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny")
@@ -465,7 +502,13 @@ def main(argv=None):
     p.add_argument("--replot", default=None, metavar="JSON", help="only redraw --png from a JSON this bench wrote")
     p.add_argument("--diagnose", default=None, metavar="JSON",
                    help="instead of the sweep, write the transfer diagnosis (first of --styles, the pair recipe) here")
+    p.add_argument("--compare", nargs="+", default=None, metavar="LABEL=JSON",
+                   help="only draw --png: the trade-off curves of these JSONs this bench wrote, one style each")
+    p.add_argument("--title", default="")
     args = p.parse_args(argv)
+    if args.compare:
+        plot_compare([tuple(x.split("=", 1)) for x in args.compare], args.png, args.title)
+        return
     if args.diagnose:
         torch.set_num_threads(args.threads)
         result = diagnose(args)
