@@ -17,6 +17,12 @@ Writes a JSON of every number and a PNG of style strength against structure pres
 own-pair seeds 100..115) for choosing recipes and weights; the test split (seed 300, own-pair
 seeds 0..15) is what results are reported on. --style-timesteps, --shift, --flip and
 --style-start are the training options compared in docs/training.md (Pair Customization).
+--many N adds N random scenes of seen shapes in the style to the training set (none a held-out
+prompt's contents): the upper bound of docs/training.md, Pair Customization part 6; --plain also
+serves each file as a plain LoRA; each style's `on_prompts` records what a perfect method scores
+on the split's prompts (their own renders in the style, after the VAE). --crop,
+--permute-channels, --style-rank and --weight-decay are the one-pair options of part 7.
+--compare LABEL=JSON[#RUN] ... --png draws several runs' trade-off curves in one plot.
 --diagnose JSON writes the transfer diagnosis instead (docs/training.md, Pair Customization part 4):
 
     python benchmarks/bench_pair_quality.py --diagnose benchmarks/pair_diagnosis.json --styles banded \
@@ -429,15 +435,17 @@ def plot_compare(runs: list, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    fig, ax = plt.subplots(figsize=(8.6, 4.6))
     ceiling = None
     for label, file in runs:
+        file, _, run = file.partition("#")  # FILE#RUN: one run of a file of runs ({"runs": {RUN: result}})
         with open(file) as f:
             result = json.load(f)
+        result = result["runs"][run] if run else result
         rec = next(iter(result["styles"].values()))
         ceiling = rec.get("on_prompts", {}).get(f"{next(iter(result['styles']))}_vae", ceiling)
         for method, sweep in rec["methods"].items():
-            name = label if len(rec["methods"]) == 1 else f"{label}, {'pair' if method == 'pair' else 'single-image'}"
+            name = label if len(rec["methods"]) == 1 else f"{label}, {'Pair' if method == 'pair' else 'style LoRA alone'}"
             line, = ax.plot([r["structure"] for r in sweep["sweep"]], [r["style"] for r in sweep["sweep"]],
                             "o-" if method == "pair" else "s--", ms=4, label=name)
             for r in sweep["sweep"]:
@@ -452,7 +460,7 @@ def plot_compare(runs: list, path: str, title: str) -> None:
     ax.set_xlabel("structure preservation (shape, colour, background)")
     ax.set_ylabel("style strength (probe accuracy)")
     ax.set_title(title + " (labels: style-guidance weight; x: plain LoRA at scale 1)", fontsize=8)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -502,8 +510,9 @@ def main(argv=None):
     p.add_argument("--replot", default=None, metavar="JSON", help="only redraw --png from a JSON this bench wrote")
     p.add_argument("--diagnose", default=None, metavar="JSON",
                    help="instead of the sweep, write the transfer diagnosis (first of --styles, the pair recipe) here")
-    p.add_argument("--compare", nargs="+", default=None, metavar="LABEL=JSON",
-                   help="only draw --png: the trade-off curves of these JSONs this bench wrote, one style each")
+    p.add_argument("--compare", nargs="+", default=None, metavar="LABEL=JSON[#RUN]",
+                   help="only draw --png: the trade-off curves of these JSONs this bench wrote, one style each "
+                        "(#RUN: one run of a file of runs, as benchmarks/pair_upper_bound.json)")
     p.add_argument("--title", default="")
     args = p.parse_args(argv)
     if args.compare:
