@@ -287,7 +287,9 @@ def pair(base, content_image, style_image, *, content_prompt, style_prompt=None,
     Defaults are the official script's (ranks scaled to the model: r_c + r_s must fit the
     narrowest attention input). Returns a TrainResult; .files["style"] is the adapter file.
     content_updates=False trains the single-image LoRA baseline (the style image alone, the
-    style LoRA from step 0; content_image unused, style_start ignored).
+    style LoRA from step 0; content_image unused, style_start ignored). Lists of images and
+    prompts train on several pairs of one style; style_timesteps, shift, flip, crop and
+    permute_channels are the options beyond the official recipe (PairTrainer), all off by default.
     """
     from .custom_diffusion import resolve_engine
 
