@@ -17,6 +17,12 @@ Writes a JSON of every number and a PNG of style strength against structure pres
 own-pair seeds 100..115) for choosing recipes and weights; the test split (seed 300, own-pair
 seeds 0..15) is what results are reported on. --style-timesteps, --shift, --flip and
 --style-start are the training options compared in docs/training.md (Pair Customization).
+--many N adds N random scenes of seen shapes in the style to the training set (none a held-out
+prompt's contents): the upper bound of docs/training.md, Pair Customization part 6; --plain also
+serves each file as a plain LoRA; each style's `on_prompts` records what a perfect method scores
+on the split's prompts (their own renders in the style, after the VAE). --crop,
+--permute-channels, --style-rank and --weight-decay are the one-pair options of part 7.
+--compare LABEL=JSON[#RUN] ... --png draws several runs' trade-off curves in one plot.
 --diagnose JSON writes the transfer diagnosis instead (docs/training.md, Pair Customization part 4):
 
     python benchmarks/bench_pair_quality.py --diagnose benchmarks/pair_diagnosis.json --styles banded \
@@ -40,7 +46,8 @@ import torch
 
 
 TRAINING_ARGS = ("model", "steps", "style_start", "lr", "rank", "suffix", "seed", "style_timesteps", "shift", "flip",
-                 "extra_pairs")
+                 "extra_pairs", "many", "crop", "weight_decay", "style_rank",
+                 "permute_channels")
 
 
 def run(args) -> dict:
@@ -59,9 +66,10 @@ def run(args) -> dict:
     for style in args.styles:
         ceiling = ev.vae_ceiling(eng.base.vae, style)
         plain, styled, content_prompt, content = ev.style_pair(style)
-        rec = {"ceiling": ceiling, "methods": {}}
-        if extra:  # several pairs of one style: the pair's and one per extra (shape, colour)
+        rec = {"ceiling": ceiling, "on_prompts": prompts_ceiling(eng, style, prompts), "methods": {}}
+        if extra or args.many:  # several pairs of one style: the pair's and one per extra (shape, colour)
             more = [extra_pair(style, *spec, seed=i + 1) for i, spec in enumerate(extra)]
+            more += many_scenes(style, args.many)
             train_plain, train_styled = [plain] + [m[0] for m in more], [styled] + [m[1] for m in more]
             train_prompts = [content_prompt] + [m[2] for m in more]
         else:
@@ -74,15 +82,17 @@ def run(args) -> dict:
             if args.adapters and os.path.isfile(path):  # reuse a file this bench trained with the same recipe
                 with open(path + ".json") as f:
                     kept = json.load(f)
-                if kept["recipe"] != recipe:
+                defaults = {"many": 0, "crop": 1.0, "weight_decay": 1e-4, "style_rank": 0, "permute_channels": False}  # files from before these flags
+                if {**defaults, **kept["recipe"]} != recipe:
                     raise SystemExit(f"{path} was trained with {kept['recipe']}, not {recipe}")
                 seconds = kept["train_seconds"]
             else:
                 t0 = time.perf_counter()
                 pair(eng, train_plain, train_styled, content_prompt=train_prompts, suffix=args.suffix,
-                     content_rank=args.rank, style_rank=args.rank, steps=args.steps, style_start=args.style_start,
-                     lr=args.lr, seed=args.seed, output=path, progress=False, content_updates=updates,
-                     shift=args.shift, flip=args.flip,
+                     content_rank=args.rank, style_rank=args.style_rank or args.rank, steps=args.steps,
+                     style_start=args.style_start, lr=args.lr, seed=args.seed, output=path, progress=False,
+                     content_updates=updates, shift=args.shift, flip=args.flip, crop=args.crop,
+                     weight_decay=args.weight_decay, permute_channels=args.permute_channels,
                      style_timesteps=tuple(args.style_timesteps) if args.style_timesteps else None)
                 seconds = time.perf_counter() - t0
                 if args.adapters:
@@ -116,12 +126,54 @@ def run(args) -> dict:
                 own_images = [im for o in eng.generate_batch(own) for im in o.images]
                 rows[-1]["own_pair_style"] = ev.style_strength(own_images, style)["accuracy"]
                 print(style, method, rows[-1], flush=True)
+            plain_rows = []
+            for scale in args.plain:  # the style LoRA as a plain LoRA, the suffix in the prompt, no style guidance
+                eng.adapters.register(name + "-lora", path, family="lora")
+                reqs = [impasto.Request(p + " " + args.suffix, adapters=[(name + "-lora", scale)],
+                                        guidance=impasto.Guidance(cfg=args.cfg), steps=args.sample_steps, seed=s)
+                        for p, s in prompts]
+                images = [im for o in eng.generate_batch(reqs) for im in o.images]
+                texts = [p for p, _ in prompts]
+                leak = ev.content_leakage(images, texts, content)
+                plain_rows.append({"scale": scale, "style": ev.style_strength(images, style)["accuracy"],
+                                   "structure": ev.prompt_fidelity(images, texts, attributes=("shape", "colour",
+                                                                                              "background"))["overall"],
+                                   "leakage": leak["leakage"], "any_leakage": leak["any_leakage"],
+                                   "colour_leakage": leak["colour_leakage"]})
+                print(style, method, "plain LoRA", plain_rows[-1], flush=True)
+                eng.adapters.unregister(name + "-lora")
             rec["methods"][method] = {"train_seconds": seconds, "sweep": rows}
+            if plain_rows:
+                rec["methods"][method]["plain_lora"] = plain_rows
             eng.adapters.unregister(name)
         out["styles"][style] = rec
         sheet[(style, "pair", "train")] = [np.asarray(plain), np.asarray(styled)]
     if args.sheet:
         write_sheet(sheet, args.sheet)
+    return out
+
+
+def prompts_ceiling(eng, style: str, prompts) -> dict:
+    """What a perfect method would score on these prompts: the world's own renders of each prompt
+    (its shape, colour and background; size and position drawn from its seed), in `style`, and
+    flat, read clean and after a VAE round trip: style strength and structure preservation (the
+    same prompt_fidelity the sweep reports). The styled-after-VAE pair is the joint ceiling."""
+    from impasto import eval as ev
+    from impasto.tiny import world
+
+    texts, out = [p for p, _ in prompts], {}
+    for look in (style, "flat"):
+        ims = []
+        for p, s in prompts:
+            named = world.parse_prompt(p)
+            scene = world.sample_scene(np.random.default_rng([s]), shape=named["shape"], colour=named["colour"],
+                                       background=named["background"], count=1, style=look)
+            ims.append(world.render_pair(scene, s)[1])
+        ims = np.stack(ims)
+        for where, x in (("clean", ims), ("vae", ev.vae_round_trip(eng.base.vae, ims))):
+            out[f"{look}_{where}"] = {
+                "style": ev.style_strength(x, style)["accuracy"],
+                "structure": ev.prompt_fidelity(x, texts, attributes=("shape", "colour", "background"))["overall"]}
     return out
 
 
@@ -156,6 +208,36 @@ def held_out_prompts(n: int, contents, seed: int) -> list:
                if world.parse_prompt(p)["shape"] not in shapes and world.parse_prompt(p)["colour"] not in colours][:n]
         k *= 2
     return out
+
+
+def many_scenes(style: str, n: int, seed: int = 77) -> list:
+    """n random world scenes of seen shapes (any colour, size, position, background, one or two
+    objects), flat and in `style`, with their full captions: the upper-bound training set. No
+    scene names the (shape, colour, background) of a held-out prompt of either split, and none is
+    the pair's green heart, so the scored prompts' contents are never trained on."""
+    from impasto import eval as ev
+    from impasto.tiny import world
+
+    held = {tuple(world.parse_prompt(p)[k] for k in ("shape", "colour", "background"))
+            for split_seed in (300, 301) for p, _ in ev.pair_prompts(64, seed=split_seed)}
+    out, i = [], 0
+    while len(out) < n:
+        rng = np.random.default_rng([seed, i])
+        scene = world.sample_scene(rng, style=style)
+        i += 1
+        if (scene.shape, scene.colour, scene.background) in held or (scene.shape, scene.colour) == ("heart", "green"):
+            continue
+        plain, styled = world.render_pair(scene, 10_000 + i)
+        from PIL import Image
+
+        out.append((Image.fromarray(plain), Image.fromarray(styled), world.caption(replace_style(scene, "flat"))))
+    return out
+
+
+def replace_style(scene, style):
+    from dataclasses import replace
+
+    return replace(scene, style=style)
 
 
 def extra_pair(style: str, shape: str, colour: str, size: str = "large", *, seed: int):
@@ -344,6 +426,45 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_compare(runs: list, path: str, title: str) -> None:
+    """Style strength against structure preservation for several runs of this bench (one style
+    each): `runs` = [(label, JSON path)], one curve per (run, method); a plain-LoRA row is a
+    cross, the split's joint ceiling (the world's renders after the VAE) a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.6, 4.6))
+    ceiling = None
+    for label, file in runs:
+        file, _, run = file.partition("#")  # FILE#RUN: one run of a file of runs ({"runs": {RUN: result}})
+        with open(file) as f:
+            result = json.load(f)
+        result = result["runs"][run] if run else result
+        rec = next(iter(result["styles"].values()))
+        ceiling = rec.get("on_prompts", {}).get(f"{next(iter(result['styles']))}_vae", ceiling)
+        for method, sweep in rec["methods"].items():
+            name = label if len(rec["methods"]) == 1 else f"{label}, {'Pair' if method == 'pair' else 'style LoRA alone'}"
+            line, = ax.plot([r["structure"] for r in sweep["sweep"]], [r["style"] for r in sweep["sweep"]],
+                            "o-" if method == "pair" else "s--", ms=4, label=name)
+            for r in sweep["sweep"]:
+                ax.annotate(f"{r['weight']:g}", (r["structure"], r["style"]), fontsize=6, xytext=(2, 2),
+                            textcoords="offset points")
+            for r in sweep.get("plain_lora", []):
+                ax.plot([r["structure"]], [r["style"]], "x", color=line.get_color(), ms=7)
+    if ceiling:
+        ax.plot([ceiling["structure"]], [ceiling["style"]], "*", color="k", ms=12,
+                label="the prompts' own styled renders after the VAE")
+    ax.axvline(0.8, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("structure preservation (shape, colour, background)")
+    ax.set_ylabel("style strength (probe accuracy)")
+    ax.set_title(title + " (labels: style-guidance weight; x: plain LoRA at scale 1)", fontsize=8)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny")
@@ -363,6 +484,10 @@ def main(argv=None):
                    help="train the style update only at the shared t in [LO, HI)")
     p.add_argument("--shift", type=int, default=0, help="paired random horizontal shift (px) in training")
     p.add_argument("--flip", action="store_true", help="paired random horizontal flip in training")
+    p.add_argument("--crop", type=float, default=1.0, help="paired random crop (smallest side fraction) in training")
+    p.add_argument("--permute-channels", action="store_true", help="paired random RGB permutation in training")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay in training")
+    p.add_argument("--style-rank", type=int, default=0, help="the style LoRA's rank (default: --rank)")
     p.add_argument("--style-blocks", nargs="+", default=None, metavar="PREFIX",
                    help="serve the style LoRA in these UNet blocks only (e.g. up_blocks), B zeroed elsewhere")
     p.add_argument("--adapters", default=None, help="keep the trained files here and reuse them when the recipe "
@@ -370,6 +495,11 @@ def main(argv=None):
     p.add_argument("--extra-pairs", nargs="*", default=[], metavar="SHAPE:COLOUR[:SIZE]",
                    help="train on several pairs of one style: these besides the green heart (held-out prompts "
                         "then avoid every pair's shape and colour)")
+    p.add_argument("--many", type=int, default=0, metavar="N",
+                   help="the upper bound: also train on N random scenes of seen shapes in the style (none names a "
+                        "held-out prompt's contents); held-out prompts stay the pair's")
+    p.add_argument("--plain", type=float, nargs="*", default=[], metavar="SCALE",
+                   help="also serve each style file as a plain LoRA at these scales, the suffix in the prompt")
     p.add_argument("--n", type=int, default=32, help="held-out prompts per weight")
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -380,7 +510,14 @@ def main(argv=None):
     p.add_argument("--replot", default=None, metavar="JSON", help="only redraw --png from a JSON this bench wrote")
     p.add_argument("--diagnose", default=None, metavar="JSON",
                    help="instead of the sweep, write the transfer diagnosis (first of --styles, the pair recipe) here")
+    p.add_argument("--compare", nargs="+", default=None, metavar="LABEL=JSON[#RUN]",
+                   help="only draw --png: the trade-off curves of these JSONs this bench wrote, one style each "
+                        "(#RUN: one run of a file of runs, as benchmarks/pair_upper_bound.json)")
+    p.add_argument("--title", default="")
     args = p.parse_args(argv)
+    if args.compare:
+        plot_compare([tuple(x.split("=", 1)) for x in args.compare], args.png, args.title)
+        return
     if args.diagnose:
         torch.set_num_threads(args.threads)
         result = diagnose(args)

@@ -3,6 +3,7 @@ diffusers + PEFT implementation on the same weights, ε and t; the A matrices or
 disjoint and unchanged; content frozen in the style update; reproducibility and resume; the
 written file served as a style adapter; the CLI; style strength on the shipped tiny model."""
 
+import itertools
 import os
 
 import numpy as np
@@ -242,6 +243,46 @@ def test_cli_trains_a_style(tiny_dir, tmp_path, capsys):
 
 
 
+def test_cli_passes_every_pair_option(tiny_dir, eng, tmp_path, capsys):
+    """Several pairs, --style-timesteps, --shift, --flip, --crop, --permute-channels, --weight-decay
+    and --content-output from
+    the CLI give the files of pair() called with the same options, bit for bit; the options are
+    not no-ops here (the window drops a style update, shift/flip and weight decay change the file),
+    so a flag the CLI dropped would fail this."""
+    from impasto.cli import main
+
+    (c, s), (c2, s2) = the_pair(), the_pair(seed=1)
+    for name, im in (("a", c), ("b", s), ("c", c2), ("d", s2)):
+        im.save(tmp_path / f"{name}.png")
+    prompts = ["a green heart", "a green heart on the left"]
+    kw = dict(content_prompt=prompts, suffix="in sks style", content_rank=2, style_rank=2, steps=4, style_start=0,
+              lr=1e-2, seed=5, progress=False, weight_decay=0.5, style_timesteps=(0, 600), shift=4, flip=True,
+              crop=0.8, permute_channels=True)
+    ref = pair(eng, [c, c2], [s, s2], output=tmp_path / "ref.safetensors",
+               content_output=tmp_path / "ref-content.safetensors", **kw)
+    assert 0 < len(ref.style_losses) < 4  # the window skipped a style update
+    out, content = tmp_path / "cli.safetensors", tmp_path / "cli-content.safetensors"
+    rc = main(["train", "pair", "--model", tiny_dir, "--content", str(tmp_path / "a.png"), str(tmp_path / "c.png"),
+               "--style", str(tmp_path / "b.png"), str(tmp_path / "d.png"), "--content-prompt", *prompts,
+               "--content-rank", "2", "--style-rank", "2", "--steps", "4", "--style-start", "0", "--lr", "1e-2",
+               "--seed", "5", "--weight-decay", "0.5", "--style-timesteps", "0", "600", "--shift", "4", "--flip",
+               "--crop", "0.8", "--permute-channels",
+               "--content-output", str(content), "-q", "-o", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "2 pairs" in text and str(content) in text
+    assert _same(out, ref.files["style"]) and _same(content, ref.files["content"])
+    for change in (dict(shift=0, flip=False), dict(weight_decay=1e-4), dict(crop=1.0), dict(permute_channels=False)):
+        other = pair(eng, [c, c2], [s, s2], output=tmp_path / "o.safetensors", **{**kw, **change})
+        assert not _same(other.files["style"], out), change
+    rc = main(["train", "pair", "--model", tiny_dir, "--content", str(tmp_path / "a.png"), str(tmp_path / "c.png"),
+               "--style", str(tmp_path / "b.png"), "-q", "-o", str(tmp_path / "x.safetensors")])
+    assert rc == 2 and "--style" in capsys.readouterr().err
+    rc = main(["train", "pair", "--model", tiny_dir, "--content", str(tmp_path / "a.png"), str(tmp_path / "c.png"),
+               "--style", str(tmp_path / "b.png"), str(tmp_path / "d.png"), "--content-prompt", "x", "y", "z",
+               "-q", "-o", str(tmp_path / "x.safetensors")])
+    assert rc == 2 and "--content-prompt" in capsys.readouterr().err
+
 
 def test_options_beyond_the_official_recipe(eng, run_a, tmp_path):
     """style_timesteps, paired shift/flip, several pairs and content_output: off, a run is the
@@ -284,8 +325,39 @@ def test_options_beyond_the_official_recipe(eng, run_a, tmp_path):
         moves.add(found[0])
     assert texts == {0, 1} and len(moves) > 3
 
+    # paired random crop: one square crop of both images, resized back to the model's size
+    t = PairTrainer(eng, PairCustomization(eng, content_rank=RC, style_rank=RS), c, s, content_prompt="a",
+                    style_prompt="a x", steps=2, style_start=0, lr=1e-3, seed=0, crop=0.75)
+    t.draw = lambda pixels, rows=None: seen.append(pixels) or (torch.zeros(2, 4, 8, 8), torch.zeros(1, 4, 8, 8),
+                                                                torch.zeros(1, dtype=torch.long))
+    size, crops = originals[0].shape[-1], set()
+    for _ in range(6):
+        t.make_batch()
+        found = [(side, y, x) for side in range(24, size + 1) for y in range(size - side + 1)
+                 for x in range(size - side + 1)
+                 if torch.allclose(seen[-1], torch.nn.functional.interpolate(
+                     originals[0][:, :, y:y + side, x:x + side], size=(size, size), mode="bilinear", antialias=True),
+                     atol=1e-6)]
+        assert found, "the pair's two images were not cropped together"
+        crops.add(found[0])
+    assert len(crops) > 2 and any(side < size for side, _, _ in crops)
+
+    # paired channel permutation: one permutation of RGB for both images
+    t = PairTrainer(eng, PairCustomization(eng, content_rank=RC, style_rank=RS), c, s, content_prompt="a",
+                    style_prompt="a x", steps=2, style_start=0, lr=1e-3, seed=0, permute_channels=True)
+    t.draw = lambda pixels, rows=None: seen.append(pixels) or (torch.zeros(2, 4, 8, 8), torch.zeros(1, 4, 8, 8),
+                                                                torch.zeros(1, dtype=torch.long))
+    perms = set()
+    for _ in range(12):
+        t.make_batch()
+        found = [p for p in itertools.permutations(range(3)) if torch.equal(seen[-1], originals[0][:, list(p)])]
+        assert found, "the pair's two images were not permuted together"
+        perms.add(found[0])
+    assert len(perms) > 2
+
     bad = [(dict(style_timesteps=(5, 2)), "style_timesteps"), (dict(shift=-1), "shift"),
-           (dict(content_output=tmp_path / "x.bin"), "content_output")]
+           (dict(content_output=tmp_path / "x.bin"), "content_output"), (dict(crop=0.0), "crop"),
+           (dict(crop=1.5), "crop"), (dict(permute_channels=1), "permute_channels")]
     for extra, words in bad:
         with pytest.raises(TrainInputError, match=words):
             pair(eng, c, s, steps=STEPS, output=tmp_path / "x.safetensors", **{**KW, **extra})

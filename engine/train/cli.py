@@ -100,36 +100,78 @@ def _custom_diffusion(args) -> int:
 
 
 def add_pair_parser(methods) -> None:
-    """`impasto train pair --model tiny --content a.png --style b.png -o style.safetensors`."""
+    """`impasto train pair --model tiny --content a.png --style b.png -o style.safetensors`; several
+    pairs of one style: `--content a.png c.png --style b.png d.png --content-prompt "..." "..."`."""
     p = methods.add_parser("pair", help="Pair Customization: a style LoRA from one (content, styled) pair (Jones et al.)")
     p.add_argument("--model", default="tiny", help='"tiny" or a local diffusers SD-layout folder')
-    p.add_argument("--content", required=True, help="the content image")
-    p.add_argument("--style", required=True, help="the same content, styled")
-    p.add_argument("--content-prompt", default="a photo", help="a caption of the content image")
-    p.add_argument("--style-prompt", default=None, help="default: the content prompt + ' ' + the suffix")
+    p.add_argument("--content", required=True, nargs="+", help="the content image (several: one per pair)")
+    p.add_argument("--style", required=True, nargs="+", help="the same content, styled (one per --content, in order)")
+    p.add_argument("--content-prompt", default=["a photo"], nargs="+",
+                   help="a caption of the content image (one for every pair, or one per pair)")
+    p.add_argument("--style-prompt", default=None, nargs="+",
+                   help="default: the content prompt + ' ' + the suffix (one for every pair, or one per pair)")
     p.add_argument("--suffix", default=None, help='the style\'s text, written as impasto.style_suffix ("in sks style")')
     p.add_argument("-o", "--output", required=True, help="the .safetensors file to write the style LoRA to")
+    p.add_argument("--content-output", default=None, help="also write the content LoRA (a plain LoRA file) here")
     p.add_argument("--content-rank", type=int, default=8)
     p.add_argument("--style-rank", type=int, default=8)
     p.add_argument("--steps", type=int, default=750, help="steps (official: 750)")
     p.add_argument("--style-start", type=int, default=250, help="the first step of the style update (official: 250)")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate, constant (official: 1e-5)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (official: 1e-4)")
+    p.add_argument("--style-timesteps", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="run the style update only at the steps whose shared timestep is in [LO, HI)")
+    p.add_argument("--shift", type=int, default=0, help="the same random horizontal circular shift (px, at most "
+                   "this) for both images of the pair, each step (default 0: none, as the official script)")
+    p.add_argument("--flip", action="store_true", help="the same random horizontal mirror for both images of the pair")
+    p.add_argument("--crop", type=float, default=1.0, help="the same random square crop (side at least this "
+                   "fraction) of both images, resized back, each step (default 1: none)")
+    p.add_argument("--permute-channels", action="store_true", help="the same random RGB channel permutation for "
+                   "both images of the pair, each step (a paired colour augmentation)")
     _run_options(p)
     p.add_argument("--basis-seed", type=int, default=123846, help="seed of the orthonormal basis of the A matrices")
     p.set_defaults(func=_pair)
 
 
+def _per_pair(values, n: int, flag: str):
+    """One CLI value for every pair, or one per pair; a single pair passes plain values (so a
+    one-pair run is exactly pair()'s one-pair call)."""
+    from .data import TrainInputError
+
+    if values is None:
+        return None
+    if len(values) not in (1, n):
+        raise TrainInputError(f"{flag}: give one value for every pair or one per pair ({n}), got {len(values)}")
+    if n == 1:
+        return values[0]
+    return list(values) if len(values) == n else list(values) * n
+
+
 def _pair(args) -> int:
+    from .data import TrainInputError
     from .pair import pair
 
-    r = pair(args.model, args.content, args.style, content_prompt=args.content_prompt, style_prompt=args.style_prompt,
-             suffix=args.suffix, content_rank=args.content_rank, style_rank=args.style_rank, steps=args.steps,
-             style_start=args.style_start, lr=args.lr, seed=args.seed, basis_seed=args.basis_seed, output=args.output,
-             progress=not args.quiet, resume=args.resume, checkpoint_every=args.checkpoint_every)
+    n = len(args.content)
+    if len(args.style) != n:
+        raise TrainInputError(f"--style: one styled image per --content image ({n}), got {len(args.style)}")
+    content = args.content[0] if n == 1 else list(args.content)
+    style = args.style[0] if n == 1 else list(args.style)
+    r = pair(args.model, content, style, content_prompt=_per_pair(args.content_prompt, n, "--content-prompt"),
+             style_prompt=_per_pair(args.style_prompt, n, "--style-prompt"), suffix=args.suffix,
+             content_rank=args.content_rank, style_rank=args.style_rank, steps=args.steps,
+             style_start=args.style_start, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+             basis_seed=args.basis_seed, output=args.output, content_output=args.content_output,
+             style_timesteps=tuple(args.style_timesteps) if args.style_timesteps else None, shift=args.shift,
+             flip=args.flip, crop=args.crop,
+             permute_channels=args.permute_channels, progress=not args.quiet, resume=args.resume, checkpoint_every=args.checkpoint_every)
     last = lambda xs: xs[-1] if xs else float("nan")  # noqa: E731
-    print(f"trained {r.steps} steps in {r.seconds:.1f} s, final content loss {last(r.losses):.4f}, "
-          f"style loss {last(r.style_losses):.4f}")
-    print(f"wrote the style LoRA ({r.nbytes:,} bytes) to {os.path.abspath(r.path)}; serve it with "
+    print(f"trained {r.steps} steps on {n} pair{'s' if n > 1 else ''} in {r.seconds:.1f} s, final content loss "
+          f"{last(r.losses):.4f}, style loss {last(r.style_losses):.4f}")
+    if "content" in r.files:
+        print(f"wrote the content LoRA to {os.path.abspath(r.files['content'])} (a plain LoRA)")
+    from .core import path_nbytes
+
+    print(f"wrote the style LoRA ({path_nbytes(r.path):,} bytes) to {os.path.abspath(r.path)}; serve it with "
           f"engine.adapters.register(name, {r.path!r}, family='style') and Guidance(styles={{name: 3.0}})")
     return 0
 

@@ -175,7 +175,8 @@ class PairTrainer(Trainer):
 
     def __init__(self, engine, method: PairCustomization, content_image, style_image, *, content_prompt: str,
                  style_prompt: str, steps: int, style_start: int, lr: float, seed: int, weight_decay: float = 1e-4,
-                 content_updates: bool = True, style_timesteps=None, shift: int = 0, flip: bool = False):
+                 content_updates: bool = True, style_timesteps=None, shift: int = 0, flip: bool = False,
+                 crop: float = 1.0, permute_channels: bool = False):
         """content_updates=False: no content update (B_c stays 0), the style LoRA alone learns
         the style image: the single-image LoRA baseline, same parametrization, rank and steps.
 
@@ -184,7 +185,11 @@ class PairTrainer(Trainer):
         style_timesteps=(lo, hi): the style update runs only at the steps whose shared t is in
         [lo, hi) (the content update at every step; ε and t stay shared).
         shift, flip: the same random horizontal circular shift by up to `shift` px and (flip)
-        horizontal mirror for both images of the pair, drawn each step with the numpy RNG."""
+        horizontal mirror for both images of the pair, drawn each step with the numpy RNG.
+        crop < 1: the same random square crop (side drawn uniformly in [crop·S, S] px, position
+        uniform) of both images, resized back to S (bilinear, antialiased), each step.
+        permute_channels: the same random permutation of the RGB channels for both images, each
+        step (a paired colour augmentation; the prompts are unchanged)."""
         many = isinstance(content_image, (list, tuple))
         pairs = list(zip(content_image, style_image, content_prompt, style_prompt)) if many else \
             [(content_image, style_image, content_prompt, style_prompt)]
@@ -197,7 +202,8 @@ class PairTrainer(Trainer):
         self.style_losses: list[float] = []
         self.content_updates = content_updates
         self.style_timesteps = style_timesteps
-        self.shift, self.flip = shift, flip
+        self.shift, self.flip, self.crop = shift, flip, crop
+        self.permute_channels = permute_channels
 
     def make_batch(self) -> Batch:
         """Latents of [content, style] (posterior samples), one ε and one t shared by both rows."""
@@ -208,6 +214,14 @@ class PairTrainer(Trainer):
             pixels = torch.roll(pixels, int(self.rng.integers(-self.shift, self.shift + 1)), dims=3)
         if self.flip and self.rng.random() < 0.5:
             pixels = torch.flip(pixels, dims=(3,))
+        if self.crop < 1.0:  # one crop for both images: content and style stay aligned
+            size = pixels.shape[-1]
+            side = int(self.rng.integers(int(np.ceil(self.crop * size)), size + 1))
+            y, x = (int(v) for v in self.rng.integers(0, size - side + 1, size=2))
+            pixels = torch.nn.functional.interpolate(pixels[:, :, y:y + side, x:x + side], size=(size, size),
+                                                     mode="bilinear", antialias=True, align_corners=False)
+        if self.permute_channels:  # one permutation for both images: the style's tones move with the object's
+            pixels = pixels[:, torch.from_numpy(self.rng.permutation(3))]
         latents, noise, t = self.draw(pixels, rows=1)
         mask = torch.ones(1, 1, *latents.shape[2:], device=latents.device)
         return Batch([content_prompt, style_prompt], latents, noise.repeat(2, 1, 1, 1), t.repeat(2), mask, 1)
@@ -261,7 +275,7 @@ def checkpoint_folder(output: str) -> str:
 def pair(base, content_image, style_image, *, content_prompt, style_prompt=None, content_rank=8, style_rank=8,
          steps=750, style_start=250, lr=1e-5, seed=0, basis_seed=BASIS_SEED, suffix=None, output, progress=True,
          resume=False, checkpoint_every=0, weight_decay=1e-4, device=None, dtype=None, content_updates=True,
-         content_output=None, style_timesteps=None, shift=0, flip=False):
+         content_output=None, style_timesteps=None, shift=0, flip=False, crop=1.0, permute_channels=False):
     """Train a style LoRA from one (content, style) image pair; see the module docstring.
 
     base: "tiny", a model folder or an Engine. content_image, style_image: a path or PIL image
@@ -273,7 +287,9 @@ def pair(base, content_image, style_image, *, content_prompt, style_prompt=None,
     Defaults are the official script's (ranks scaled to the model: r_c + r_s must fit the
     narrowest attention input). Returns a TrainResult; .files["style"] is the adapter file.
     content_updates=False trains the single-image LoRA baseline (the style image alone, the
-    style LoRA from step 0; content_image unused, style_start ignored).
+    style LoRA from step 0; content_image unused, style_start ignored). Lists of images and
+    prompts train on several pairs of one style; style_timesteps, shift, flip, crop and
+    permute_channels are the options beyond the official recipe (PairTrainer), all off by default.
     """
     from .custom_diffusion import resolve_engine
 
@@ -310,6 +326,10 @@ def pair(base, content_image, style_image, *, content_prompt, style_prompt=None,
         style_timesteps = (int(style_timesteps[0]), int(style_timesteps[1]))
     if not isinstance(shift, int) or isinstance(shift, bool) or shift < 0:
         raise TrainInputError(f"shift: expected an integer >= 0 (pixels), got {shift!r}")
+    if not isinstance(crop, (int, float)) or isinstance(crop, bool) or not 0 < crop <= 1:
+        raise TrainInputError(f"crop: expected the smallest crop side as a fraction in (0, 1], got {crop!r}")
+    if not isinstance(permute_channels, bool):
+        raise TrainInputError(f"permute_channels: expected True or False, got {permute_channels!r}")
     if not isinstance(flip, bool):
         raise TrainInputError(f"flip: expected True or False, got {flip!r}")
     _check_number("lr", lr)
@@ -324,7 +344,8 @@ def pair(base, content_image, style_image, *, content_prompt, style_prompt=None,
         trainer = PairTrainer(engine, method, contents, styles, content_prompt=cps, style_prompt=sps,
                               steps=steps, style_start=style_start if content_updates else 0, lr=lr, seed=seed,
                               weight_decay=weight_decay, content_updates=content_updates,
-                              style_timesteps=style_timesteps, shift=shift, flip=flip)
+                              style_timesteps=style_timesteps, shift=shift, flip=flip, crop=float(crop),
+                              permute_channels=permute_channels)
         result = train(trainer, checkpoint_folder(output), checkpoint_every=checkpoint_every, resume=resume,
                        progress=progress)
         result.path = output
