@@ -18,7 +18,8 @@ its solo fidelity; and a contact sheet of prompts naming both.
 --plot: concept fidelity against prompt fidelity per object and averaged, one curve per lock
 mode over the gates (Pareto front marked), the base, and Custom Diffusion's point (--cd, a JSON
 file: benchmarks/perfusion_cd_points.json by default).
---at-steps: a step front (one run per mode, resumed from step to step). --gate-inputs: the
+--captions --no-masks: the reference-captioned recipe (each reference's own size, background and
+style named, no loss mask), as Custom Diffusion's. --at-steps: a step front (one run per mode, resumed from step to step). --gate-inputs: the
 gate's input s(e) by kind of position for the trained files. --replot: report and plot joined
 JSON files of earlier runs; files run with --split validation choose the operating points
 (`choose`) that the test split's files are then read at, and only the test split is plotted.
@@ -78,9 +79,13 @@ def train(engine, cs, obj, lock, args, steps):
     done = [int(n.split("-")[1]) for n in (os.listdir(out) if os.path.isdir(out) else []) if n.startswith("checkpoint-")]
     start = max([d for d in done if d <= steps], default=0)
     load0, t0 = os.getloadavg()[0], time.perf_counter()
+    # --captions: each reference captioned with its own size, background and style, the placeholder
+    # alone naming the concept (as the prompts do): "a large <sks> on a gray background, flat"
+    captions = cs.reference_captions("{placeholder}") if args.captions else None
     r = perfusion(engine, cs.images, masks=cs.masks if args.masks else None, super_word=cs.class_word,
                   steps=steps, lr_embedding=args.lr_embedding, lr_value=args.lr_value, batch_size=args.batch_size,
-                  key_lock=lock, seed=args.seed, output=out, progress=False, checkpoint_every=steps, resume=True)
+                  key_lock=lock, seed=args.seed, output=out, progress=False, checkpoint_every=steps, resume=True,
+                  captions=captions, max_norm_ratio=args.max_norm_ratio)
     seconds = time.perf_counter() - t0
     info = {"train_seconds": None if cached else seconds, "trained_from": start,
             "s_per_step": None if cached else seconds / (steps - start),
@@ -370,7 +375,12 @@ def main(argv=None):
     p.add_argument("--taus", default=None)
     p.add_argument("--prompts", type=int, default=48, help="held-out prompts per point (the protocol: 48)")
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps (the protocol: 25)")
-    p.add_argument("--no-masks", dest="masks", action="store_false")
+    p.add_argument("--no-masks", dest="masks", action="store_false", help="train without the exact masks (mask 1)")
+    p.add_argument("--captions", action="store_true",
+                   help="caption each reference with its own size, background and style (ConceptSet.reference_captions, "
+                        "the placeholder alone as the phrase) instead of 'a <sks>'")
+    p.add_argument("--max-norm-ratio", type=float, default=None,
+                   help="clamp the placeholder's row to this multiple of the super word's norm after every step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="test", choices=("test", "validation"),
                    help="eval.concept_set's prompts: choose gates and recipes on validation, report on test")
