@@ -8,7 +8,8 @@ Trained (AdamW, two learning rates): the placeholder's input-embedding row and o
 attn2 layer; with key_lock=False also o*_K (the ablation the paper argues against).
 Fixed: W, C⁻¹, the text encoder, the UNet, and o*_K = W_K i*₀ (the key lock).
 i*: starts as i*₀, the encoding of the placeholder's position with its row still the super
-word's (= the super word's encoding in the training prompt), and before every step's forward
+word's (= the super word's encoding in the training prompt; with captions=, the mean over the
+images' captions, what ChenDarYen's first batch averages), and before every step's forward
 becomes ema·i* + (1 − ema)·mean over the instance rows of the placeholder's encoding, without
 gradient (ChenDarYen `Perfusion.forward`; methods.md §1.2). o*_V starts as W_V i*₀.
 Loss: ChenDarYen's: mask multiplied into prediction and target, then a plain mean (not
