@@ -18,14 +18,15 @@ its solo fidelity; and a contact sheet of prompts naming both.
 --plot: concept fidelity against prompt fidelity per object and averaged, one curve per lock
 mode over the gates (Pareto front marked), the base, and Custom Diffusion's point (--cd, a JSON
 file: benchmarks/perfusion_cd_points.json by default).
---captions --no-masks: the reference-captioned recipe (each reference's own size, background and
-style named, no loss mask), as Custom Diffusion's. --at-steps: a step front (one run per mode, resumed from step to step). --gate-inputs: the
+--captions --no-masks: the protocol's recipe (each reference captioned with its own size,
+background and style, no loss mask), as Custom Diffusion's; --max-norm-ratio: the row's clamp.
+--at-steps: a step front (one run per mode, resumed from step to step). --gate-inputs: the
 gate's input s(e) by kind of position for the trained files. --replot: report and plot joined
 JSON files of earlier runs; files run with --split validation choose the operating points
 (`choose`) that the test split's files are then read at, and only the test split is plotted.
 
-    python benchmarks/bench_perfusion.py --objects sparkle moon arrow --json out.json \\
-        --plot docs/perfusion_pareto.png --pair sparkle arrow --sheet docs/perfusion_pair.png
+    python benchmarks/bench_perfusion.py --objects sparkle moon arrow --captions --no-masks --steps 500 \\
+        --json out.json --plot docs/perfusion_pareto.png --pair sparkle arrow --sheet docs/perfusion_pair.png
 """
 
 from __future__ import annotations

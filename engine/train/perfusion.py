@@ -129,7 +129,8 @@ class Perfusion(Method):
     @torch.no_grad()
     def after_step(self):
         # the clamp (off by default; neither community code has one): training grows the row to
-        # 3.7-4.9x the super word's norm, and CLIP's causal attention lets every later position read it
+        # 3-5x the super word's norm, and CLIP's causal attention lets every later position read
+        # it; measured, holding it at 1x does not stop the captioned moon's collapse (docs/training.md)
         if self.max_norm is not None:
             n = float(self.token.norm())
             if n > self.max_norm:
