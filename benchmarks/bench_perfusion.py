@@ -51,9 +51,12 @@ CD_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "perfusion_cd
 
 
 def load_cd(path):
-    """(points {object: (concept, prompt)}, label) from a JSON file as CD_FILE."""
+    """(points {object: (concept, prompt)}, label) from a JSON file as CD_FILE, or as
+    benchmarks/cd_points.json ({object: {"cd": [c, p], "ft": [c, p]}}: its "cd" points)."""
     with open(path) as f:
         d = json.load(f)
+    if "points" not in d:
+        return {k: tuple(v["cd"]) for k, v in d.items()}, f"Custom Diffusion ({os.path.basename(path)})"
     return {k: tuple(v) for k, v in d["points"].items()}, d.get("label", "Custom Diffusion")
 
 
