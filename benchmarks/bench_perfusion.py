@@ -18,13 +18,15 @@ its solo fidelity; and a contact sheet of prompts naming both.
 --plot: concept fidelity against prompt fidelity per object and averaged, one curve per lock
 mode over the gates (Pareto front marked), the base, and Custom Diffusion's point (--cd, a JSON
 file: benchmarks/perfusion_cd_points.json by default).
+--captions --no-masks: the protocol's recipe (each reference captioned with its own size,
+background and style, no loss mask), as Custom Diffusion's; --max-norm-ratio: the row's clamp.
 --at-steps: a step front (one run per mode, resumed from step to step). --gate-inputs: the
 gate's input s(e) by kind of position for the trained files. --replot: report and plot joined
 JSON files of earlier runs; files run with --split validation choose the operating points
 (`choose`) that the test split's files are then read at, and only the test split is plotted.
 
-    python benchmarks/bench_perfusion.py --objects sparkle moon arrow --json out.json \\
-        --plot docs/perfusion_pareto.png --pair sparkle arrow --sheet docs/perfusion_pair.png
+    python benchmarks/bench_perfusion.py --objects sparkle moon arrow --captions --no-masks --steps 500 \\
+        --json out.json --plot docs/perfusion_pareto.png --pair sparkle arrow --sheet docs/perfusion_pair.png
 """
 
 from __future__ import annotations
@@ -49,9 +51,12 @@ CD_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "perfusion_cd
 
 
 def load_cd(path):
-    """(points {object: (concept, prompt)}, label) from a JSON file as CD_FILE."""
+    """(points {object: (concept, prompt)}, label) from a JSON file as CD_FILE, or as
+    benchmarks/cd_points.json ({object: {"cd": [c, p], "ft": [c, p]}}: its "cd" points)."""
     with open(path) as f:
         d = json.load(f)
+    if "points" not in d:
+        return {k: tuple(v["cd"]) for k, v in d.items()}, f"Custom Diffusion ({os.path.basename(path)})"
     return {k: tuple(v) for k, v in d["points"].items()}, d.get("label", "Custom Diffusion")
 
 
@@ -78,9 +83,13 @@ def train(engine, cs, obj, lock, args, steps):
     done = [int(n.split("-")[1]) for n in (os.listdir(out) if os.path.isdir(out) else []) if n.startswith("checkpoint-")]
     start = max([d for d in done if d <= steps], default=0)
     load0, t0 = os.getloadavg()[0], time.perf_counter()
+    # --captions: each reference captioned with its own size, background and style, the placeholder
+    # alone naming the concept (as the prompts do): "a large <sks> on a gray background, flat"
+    captions = cs.reference_captions("{placeholder}") if args.captions else None
     r = perfusion(engine, cs.images, masks=cs.masks if args.masks else None, super_word=cs.class_word,
                   steps=steps, lr_embedding=args.lr_embedding, lr_value=args.lr_value, batch_size=args.batch_size,
-                  key_lock=lock, seed=args.seed, output=out, progress=False, checkpoint_every=steps, resume=True)
+                  key_lock=lock, seed=args.seed, output=out, progress=False, checkpoint_every=steps, resume=True,
+                  captions=captions, max_norm_ratio=args.max_norm_ratio)
     seconds = time.perf_counter() - t0
     info = {"train_seconds": None if cached else seconds, "trained_from": start,
             "s_per_step": None if cached else seconds / (steps - start),
@@ -370,7 +379,12 @@ def main(argv=None):
     p.add_argument("--taus", default=None)
     p.add_argument("--prompts", type=int, default=48, help="held-out prompts per point (the protocol: 48)")
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps (the protocol: 25)")
-    p.add_argument("--no-masks", dest="masks", action="store_false")
+    p.add_argument("--no-masks", dest="masks", action="store_false", help="train without the exact masks (mask 1)")
+    p.add_argument("--captions", action="store_true",
+                   help="caption each reference with its own size, background and style (ConceptSet.reference_captions, "
+                        "the placeholder alone as the phrase) instead of 'a <sks>'")
+    p.add_argument("--max-norm-ratio", type=float, default=None,
+                   help="clamp the placeholder's row to this multiple of the super word's norm after every step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="test", choices=("test", "validation"),
                    help="eval.concept_set's prompts: choose gates and recipes on validation, report on test")

@@ -197,7 +197,8 @@ def _add_perfusion_parser(methods) -> None:
     pf.add_argument("--serve-tau", type=float, default=None, help="τ written into the file (default 0.15)")
     pf.add_argument("--no-key-lock", dest="key_lock", action="store_false", help="also train o*_K (an ablation)")
     pf.add_argument("--global-lock", action="store_true", help="the K pathway reads the prompt with the super word")
-    pf.add_argument("--captions", default=None, help="a text file, one caption per line: computes C⁻¹ if the base has none")
+    pf.add_argument("--covariance-captions", default=None,
+                    help="a text file, one caption per line: computes C⁻¹ if the base has none")
     pf.add_argument("--adapter-root", default=None, help="where engine state (C⁻¹) lives (default: the user cache)")
     _run_options(pf)
     pf.add_argument("--hflip", action="store_true", help="random horizontal flips (not for asymmetric objects)")
@@ -210,8 +211,8 @@ def _perfusion(args) -> int:
     from . import perfusion
 
     captions = None
-    if args.captions is not None:
-        with open(args.captions, encoding="utf-8") as f:
+    if args.covariance_captions is not None:
+        with open(args.covariance_captions, encoding="utf-8") as f:
             captions = [line.strip() for line in f if line.strip()]
     engine = impasto.Engine.from_pretrained(args.model, adapter_root=args.adapter_root)
     try:
@@ -220,7 +221,8 @@ def _perfusion(args) -> int:
                       lr_value=args.lr_value, batch_size=args.batch_size, beta=args.beta, tau=args.tau, ema=args.ema,
                       global_lock=args.global_lock, key_lock=args.key_lock, seed=args.seed, output=args.output,
                       progress=not args.quiet, resume=args.resume, checkpoint_every=args.checkpoint_every,
-                      hflip=args.hflip, serve_beta=args.serve_beta, serve_tau=args.serve_tau, captions=captions)
+                      hflip=args.hflip, serve_beta=args.serve_beta, serve_tau=args.serve_tau,
+                      covariance_captions=captions)
     finally:
         engine.close()
     _summary(r)

@@ -15,7 +15,7 @@ result. The loop does the rest, the same for all:
         target  = noise (epsilon) or velocity (v_prediction), as the config says
         loss    = mean_b Σ(mask·(pred - target)²)/Σmask over instance rows + w_prior·mse(class rows)
                   (method.loss; Perfusion's is ChenDarYen's, after method.before_loss updated i*)
-        backward; method.after_backward(); clip_grad_norm(max_grad_norm); AdamW step
+        backward; method.after_backward(); clip_grad_norm(max_grad_norm); AdamW step; method.after_step()
 
 Reproducible: one torch.Generator (latents, noise, timesteps) and one numpy Generator
 (sampling, augmentation) seeded from `seed`; a checkpoint (every `checkpoint_every` steps, in
@@ -84,6 +84,9 @@ class Method:
 
     def after_backward(self) -> None:
         """Gradient surgery between backward and the optimizer step."""
+
+    def after_step(self) -> None:
+        """Called after each optimizer step (e.g. to project a parameter back into a set)."""
 
     def param_groups(self, params: dict, lr: float) -> list[dict]:
         """AdamW's parameter groups (per-group learning rates); default: one group at `lr`."""
@@ -264,6 +267,7 @@ class Trainer:
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         self.optimizer.step()
+        self.method.after_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.losses.append(float(loss.detach()))

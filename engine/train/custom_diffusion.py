@@ -216,6 +216,27 @@ def generate_prior(engine, prompts, n: int, *, seed: int, steps: int = 25, guida
     return out
 
 
+def instance_captions(captions, n_images: int, template: str, **fields) -> list[str]:
+    """One instance prompt per image, its fields filled in: `captions` (a list of n_images
+    strings, each holding {placeholder}) or, when None, `template` for every image. fields: the
+    values of {placeholder} and the method's other fields (class_word, super_word)."""
+    if captions is None:
+        captions = [template] * n_images
+    elif isinstance(captions, str) or len(captions) != n_images:
+        raise TrainInputError(f"captions: one per image ({n_images}), got "
+                              f"{1 if isinstance(captions, str) else len(captions)}")
+    out = []
+    for cap in captions:
+        if not isinstance(cap, str) or "{placeholder}" not in cap:
+            raise TrainInputError(f"prompt_template/captions: {cap!r} must contain {{placeholder}}")
+        try:
+            out.append(cap.format(**fields))
+        except (KeyError, IndexError, ValueError) as e:
+            raise TrainInputError(f"prompt_template/captions: {cap!r} ({type(e).__name__}: {e}); the fields are "
+                                  + ", ".join("{" + k + "}" for k in fields)) from None
+    return out
+
+
 def concept_examples(engine, concepts: list[dict], *, prompt_template, num_prior: int, prior_images, seed: int,
                      init: str | None, captions=None, class_prompts=None):
     """Check every concept and build the examples and initial token rows."""
@@ -238,20 +259,12 @@ def concept_examples(engine, concepts: list[dict], *, prompt_template, num_prior
         images = load_images(c.get("images"), f"concepts[{ci}].images" if len(concepts) > 1 else "images")
         masks = load_masks(c.get("masks"), len(images))
         template = c.get("prompt_template") or prompt_template or DEFAULT_TEMPLATE
-        caps = c.get("captions", captions)
-        if caps is None:
-            caps = [template] * len(images)
-        elif isinstance(caps, str) or len(caps) != len(images):
-            raise TrainInputError(f"captions: one per image ({len(images)}), got "
-                                  f"{1 if isinstance(caps, str) else len(caps)}")
-        for cap in caps:
-            if not isinstance(cap, str) or "{placeholder}" not in cap:
-                raise TrainInputError(f"prompt_template/captions: {cap!r} must contain {{placeholder}}")
+        caps = instance_captions(c.get("captions", captions), len(images), template, placeholder=ph, class_word=word)
         for i, im in enumerate(images):
             m = None
             if masks is not None:
                 m = np.asarray(square(Image.fromarray((masks[i] * 255).astype("uint8")), size), np.float32) / 255.0
-            examples.append(Example(square(im, size), caps[i].format(placeholder=ph, class_word=word), m))
+            examples.append(Example(square(im, size), caps[i], m))
         priors = c.get("prior_images", prior_images)
         texts = c.get("class_prompts", class_prompts) or ["a {class_word}"]
         texts = [texts] if isinstance(texts, str) else list(texts)

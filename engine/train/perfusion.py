@@ -8,7 +8,8 @@ Trained (AdamW, two learning rates): the placeholder's input-embedding row and o
 attn2 layer; with key_lock=False also o*_K (the ablation the paper argues against).
 Fixed: W, C⁻¹, the text encoder, the UNet, and o*_K = W_K i*₀ (the key lock).
 i*: starts as i*₀, the encoding of the placeholder's position with its row still the super
-word's (= the super word's encoding in the training prompt), and before every step's forward
+word's (= the super word's encoding in the training prompt; with captions=, the mean over the
+images' captions, what ChenDarYen's first batch averages), and before every step's forward
 becomes ema·i* + (1 − ema)·mean over the instance rows of the placeholder's encoding, without
 gradient (ChenDarYen `Perfusion.forward`; methods.md §1.2). o*_V starts as W_V i*₀.
 Loss: ChenDarYen's: mask multiplied into prediction and target, then a plain mean (not
@@ -38,7 +39,7 @@ from ..api import AdapterInfo
 from ..errors import AdapterError
 from ..prompts import chunk_prompt, encode_prompts
 from .core import Example, Method, Trainer, train
-from .custom_diffusion import check_placeholder, resolve_engine, token_id
+from .custom_diffusion import check_placeholder, instance_captions, resolve_engine, token_id
 from .data import TrainInputError, load_images, load_masks, square
 
 FILE_NAME = "adapter.rank1.safetensors"
@@ -53,9 +54,12 @@ class Perfusion(Method):
 
     def __init__(self, engine, placeholder: str, super_word: str, prompts: list[str], *, beta: float = 0.75,
                  tau: float = 0.1, ema: float = 0.99, key_lock: bool = True, global_lock: bool = False,
-                 lr_embedding: float | None = None, serve_beta: float | None = None, serve_tau: float | None = None):
-        """prompts: the instance prompts (they hold `placeholder`), for i*₀; serve_beta/serve_tau:
-        the written file's inference defaults (None: rank1's 0.7 and 0.15)."""
+                 lr_embedding: float | None = None, serve_beta: float | None = None, serve_tau: float | None = None,
+                 max_norm_ratio: float | None = None):
+        """prompts: the instance prompts (they hold `placeholder`; i*₀ is the mean over them);
+        serve_beta/serve_tau: the written file's inference defaults (None: rank1's DEFAULT_BETA
+        and DEFAULT_TAU); max_norm_ratio: after every optimizer step the placeholder's row is
+        scaled back to at most this multiple of the super word's row norm (None: not clamped)."""
         self.placeholder, self.super_word = placeholder, super_word
         self.beta, self.tau, self.ema = float(beta), float(tau), float(ema)
         self.key_lock, self.global_lock, self.lr_embedding = key_lock, global_lock, lr_embedding
@@ -66,6 +70,7 @@ class Perfusion(Method):
         self.C_inv = engine.adapters.covariance()
         row = base.text_encoder.get_input_embeddings().weight[token_id(engine, super_word, "super_word")]
         self.token = torch.nn.Parameter(row.detach().float().clone())
+        self.max_norm = None if max_norm_ratio is None else float(max_norm_ratio) * float(row.detach().float().norm())
         self.i_star = self.concept_encoding(engine, prompts).double().mean(0).float()  # i*₀
         self.o_k, self.o_v = {}, {}
         with torch.no_grad():
@@ -120,6 +125,16 @@ class Perfusion(Method):
                 raise TrainInputError(f"prompt {text!r}: the placeholder {self.placeholder!r} is not in its first 75 tokens")
             out += [enc[pos].float() for pos, _ in marks]
         return torch.stack(out)
+
+    @torch.no_grad()
+    def after_step(self):
+        # the clamp (off by default; neither community code has one): training grows the row to
+        # 3-5x the super word's norm, and CLIP's causal attention lets every later position read
+        # it; measured, holding it at 1x does not stop the captioned moon's collapse (docs/training.md)
+        if self.max_norm is not None:
+            n = float(self.token.norm())
+            if n > self.max_norm:
+                self.token.mul_(self.max_norm / n)
 
     def before_loss(self, engine, batch):
         # ChenDarYen Perfusion.forward: the EMA runs before the UNet reads i*, on .data (no gradient)
@@ -189,7 +204,8 @@ def perfusion_trainer(engine, images, *, placeholder: str = "<sks>", super_word:
                       lr_value: float = 0.03, batch_size: int = 4, beta: float = 0.75, tau: float = 0.1,
                       ema: float = 0.99, global_lock: bool = False, key_lock: bool = True, seed: int = 0,
                       hflip: bool = False, max_grad_norm: float = 0.0, weight_decay: float = 1e-2,
-                      serve_beta: float | None = None, serve_tau: float | None = None, captions=None) -> Trainer:
+                      serve_beta: float | None = None, serve_tau: float | None = None, captions=None,
+                      covariance_captions=None, max_norm_ratio: float | None = None) -> Trainer:
     """Check every input and build the loop's Trainer for one concept on `engine` (what
     `perfusion` runs; the tests replay its batches)."""
     for name, v in (("lr_embedding", lr_embedding), ("lr_value", lr_value)):
@@ -201,6 +217,8 @@ def perfusion_trainer(engine, images, *, placeholder: str = "<sks>", super_word:
         _check_real("serve_beta", serve_beta)
     if serve_tau is not None:
         _check_real("serve_tau", serve_tau, lo=0, lo_open=True)
+    if max_norm_ratio is not None:
+        _check_real("max_norm_ratio", max_norm_ratio, lo=0, lo_open=True)
     for name, v in (("key_lock", key_lock), ("global_lock", global_lock), ("hflip", hflip)):
         if not isinstance(v, bool):
             raise TrainInputError(f"{name}: expected True or False, got {v!r}")
@@ -208,23 +226,22 @@ def perfusion_trainer(engine, images, *, placeholder: str = "<sks>", super_word:
     if super_word is None:
         raise TrainInputError("super_word: the concept's category word is required (e.g. 'circle')")
     token_id(engine, super_word, "super_word")
-    ensure_covariance(engine, captions)
-    template = prompt_template or DEFAULT_TEMPLATE
-    if "{placeholder}" not in template:
-        raise TrainInputError(f"prompt_template: {template!r} must contain {{placeholder}}")
-    prompt = template.format(placeholder=placeholder, super_word=super_word)
+    ensure_covariance(engine, covariance_captions)
     size = engine.base.unet.config.sample_size * engine.base.vae_scale_factor
     ims = load_images(images)
     ms = load_masks(masks, len(ims))
+    prompts = instance_captions(captions, len(ims), prompt_template or DEFAULT_TEMPLATE, placeholder=placeholder,
+                                super_word=super_word)
     examples = []
     for i, im in enumerate(ims):
         m = None
         if ms is not None:
             m = np.asarray(square(Image.fromarray((ms[i] * 255).astype("uint8")), size), np.float32) / 255.0
             m = m / max(float(m.max()), 1e-12)  # ChenDarYen's dataset: mask / mask.max()
-        examples.append(Example(square(im, size), prompt, m))
-    method = Perfusion(engine, placeholder, super_word, [prompt], beta=beta, tau=tau, ema=ema, key_lock=key_lock,
-                       global_lock=global_lock, lr_embedding=lr_embedding, serve_beta=serve_beta, serve_tau=serve_tau)
+        examples.append(Example(square(im, size), prompts[i], m))
+    method = Perfusion(engine, placeholder, super_word, prompts, beta=beta, tau=tau, ema=ema, key_lock=key_lock,
+                       global_lock=global_lock, lr_embedding=lr_embedding, serve_beta=serve_beta, serve_tau=serve_tau,
+                       max_norm_ratio=max_norm_ratio)
     return Trainer(engine, method, examples, steps=steps, lr=lr_value, batch_size=batch_size, seed=seed,
                    max_grad_norm=max_grad_norm, weight_decay=weight_decay, hflip=hflip, aug=False)
 
@@ -235,16 +252,21 @@ def perfusion(base, images=None, *, placeholder: str = "<sks>", super_word: str 
               global_lock: bool = False, key_lock: bool = True, seed: int = 0, output=None, progress: bool = True,
               resume: bool = False, checkpoint_every: int = 0, hflip: bool = False, max_grad_norm: float = 0.0,
               weight_decay: float = 1e-2, serve_beta: float | None = None, serve_tau: float | None = None,
-              captions=None, device=None, dtype=None):
+              captions=None, covariance_captions=None, max_norm_ratio: float | None = None, device=None,
+              dtype=None):
     """Train one Perfusion concept through the engine's own path and write impasto's `rank1`
     file to `output`/adapter.rank1.safetensors (docs/training.md, "Perfusion", for every default).
 
     images: a folder, image paths or PIL images of the concept; super_word: its category, one
     token (the key lock, and the placeholder row's initializer); masks: one per image (the loss
-    mask). beta, tau: the gate during training; serve_beta, serve_tau: the file's inference
-    defaults (None: 0.7, 0.15). key_lock=False also trains o*_K; global_lock=True makes the K
-    pathway read the prompt with the super word in the placeholder's place. captions: used to
-    compute the base's C⁻¹ when it has none. Returns a TrainResult (.files["rank1"]).
+    mask; None: every pixel weighs 1); captions: one instance prompt per image (each with
+    {placeholder}, optionally {super_word}; e.g. naming the image's own size, background and
+    style, so the placeholder need not absorb them) instead of prompt_template. beta, tau: the
+    gate during training; serve_beta, serve_tau: the file's inference defaults (None:
+    rank1.DEFAULT_BETA, DEFAULT_TAU). key_lock=False also trains o*_K; global_lock=True makes
+    the K pathway read the prompt with the super word in the placeholder's place.
+    covariance_captions: used to compute the base's C⁻¹ when it has none. max_norm_ratio: clamp
+    the placeholder's row to that multiple of the super word's row norm after every step. Returns a TrainResult (.files["rank1"]).
     """
     if output is None:
         raise TrainInputError("output: a folder to write the adapter to is required")
@@ -256,7 +278,8 @@ def perfusion(base, images=None, *, placeholder: str = "<sks>", super_word: str 
             prompt_template=prompt_template, steps=steps, lr_embedding=lr_embedding, lr_value=lr_value,
             batch_size=batch_size, beta=beta, tau=tau, ema=ema, global_lock=global_lock, key_lock=key_lock,
             seed=seed, hflip=hflip, max_grad_norm=max_grad_norm, weight_decay=weight_decay, serve_beta=serve_beta,
-            serve_tau=serve_tau, captions=captions)
+            serve_tau=serve_tau, captions=captions, covariance_captions=covariance_captions,
+            max_norm_ratio=max_norm_ratio)
         return train(trainer, output, checkpoint_every=checkpoint_every, resume=resume, progress=progress)
     finally:
         if owned:
