@@ -128,6 +128,41 @@ def test_coarse_captions_leave_the_shape_to_the_reference():
         training_batch(5, 0, 4, coarse_rates=(0.8, 0.4))
 
 
+def test_turned_outlines_turn_target_reference_and_position_word_alike():
+    from impasto.train.encoder import ORIENTATION_POSITIONS, ORIENTATIONS, TURNS, orient, orient_caption, training_batch
+
+    plain, same = training_batch(5, 0, 300), training_batch(5, 0, 300, turn=0.0)
+    assert np.array_equal(plain["targets"], same["targets"]) and plain["captions"] == same["captions"]
+    b = training_batch(5, 0, 300, turn=1.0)
+    turned = [i for i, o in enumerate(b["orientations"]) if o is not None]
+    can = [i for i, s in enumerate(b["scenes"]) if s.shape in TURNS and s.background not in world.GRADIENTS
+           and s.style != "striped"]
+    assert turned == can and len(turned) > 60  # share 1: every row that can turn does
+    assert {b["orientations"][i] for i in turned} == set(ORIENTATIONS)
+    for i in range(300):
+        o, s = b["orientations"][i], b["scenes"][i]
+        if o is None:
+            assert np.array_equal(b["targets"][i], plain["targets"][i]) and b["captions"][i] == plain["captions"][i]
+            continue
+        assert o in TURNS[s.shape]
+        assert np.array_equal(b["targets"][i], orient(plain["targets"][i], o, axes=(1, 2)))
+        assert np.array_equal(b["references"][i], orient(plain["references"][i], o))
+    # the picture and the position word turn the same way: a turned render sits where the moved word says
+    for o in ORIENTATIONS:
+        for pos in ("top", "left"):
+            scene = world.Scene("triangle", "red", "small", 1, pos, "blue", "flat")
+            _, m = references.render_with_mask(scene, 3)
+            _, want = references.render_with_mask(replace(scene, position=ORIENTATION_POSITIONS[o][pos]), 3)
+            centroid = lambda x: np.argwhere(x > 0.5).mean(0)  # noqa: E731
+            assert np.abs(centroid(orient(m, o)) - centroid(want)).max() < 4, (o, pos)
+        cap = orient_caption("a red heart on the left on a blue background", replace(scene, position="left"), o)
+        assert cap == f"a red heart {world.POSITION_PHRASES[ORIENTATION_POSITIONS[o]['left']]} on a blue background"
+    with pytest.raises(ValueError, match="share"):
+        training_batch(5, 0, 4, turn=1.5)
+    with pytest.raises(ValueError, match="orientation"):
+        orient(np.zeros((4, 4)), "rot45")
+
+
 def test_plus_variant_trains_and_serves_with_the_training_forwards_image_kv(eng, tmp_path):
     method = EncoderAdapter(eng, seed=0, variant=encoder_format.PLUS, tokens=16)
     trainer = EncoderTrainer(eng, method, seed=0, steps=2, lr=1e-3, batch_size=2)
