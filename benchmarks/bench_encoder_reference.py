@@ -10,7 +10,8 @@ Three measurements; the first two on seen shapes only (the held-out objects stay
                   size and position, what copy-paste would copy). No adapter can copy an
                   attribute from the reference that this embedding does not carry. For
                   comparison, the same probe on the penultimate hidden states (all 65 tokens,
-                  flattened: what the Plus variant's Resampler reads). "geometry": one 11-way
+                  flattened: what the Plus variant's Resampler reads; and the patch tokens
+                  mean-pooled over a 2x2 grid, `patch_grid`, with the geometry probe on it too). "geometry": one 11-way
                   probe over the 8 seen shapes and the 3 held-out objects' outlines (drawn in
                   seen colours, so colour does not name them), scored on the seen and the
                   held-out test rows apart: does the embedding separate shapes it never saw.

@@ -52,7 +52,7 @@ def add_encoder_parser(methods) -> None:
                              "(Taming Encoder's recipe; docs/training.md)")
     enc.add_argument("--model", default="tiny", help='"tiny" or a local diffusers SD-layout folder with image_encoder/')
     enc.add_argument("-o", "--output", required=True, help="the folder to write ip_adapter.safetensors to")
-    enc.add_argument("--steps", type=int, default=1000, help="optimizer steps (the shipped adapter: 1000)")
+    enc.add_argument("--steps", type=int, default=1000, help="optimizer steps (the shipped adapter: 4000)")
     enc.add_argument("--lr", type=float, default=1e-3)
     enc.add_argument("--batch-size", type=int, default=8)
     enc.add_argument("--tokens", type=int, default=None, help="image tokens per image (default: 4 base, 16 Plus)")
