@@ -10,7 +10,8 @@ Three measurements; the first two on seen shapes only (the held-out objects stay
                   size and position, what copy-paste would copy). No adapter can copy an
                   attribute from the reference that this embedding does not carry. For
                   comparison, the same probe on the penultimate hidden states (all 65 tokens,
-                  flattened: what the Plus variant's Resampler reads). "geometry": one 11-way
+                  flattened: what the Plus variant's Resampler reads; and the patch tokens
+                  mean-pooled over a 2x2 grid, `patch_grid`, with the geometry probe on it too). "geometry": one 11-way
                   probe over the 8 seen shapes and the 3 held-out objects' outlines (drawn in
                   seen colours, so colour does not name them), scored on the seen and the
                   held-out test rows apart: does the embedding separate shapes it never saw.
@@ -89,15 +90,24 @@ def information(engine, fit: int, test: int, image_encoder=None) -> dict:
     position = torch.tensor([world.POSITIONS.index(p.reference_scene.position) for p in pairs])
     px = [encoder_format.pixels(method.processor, [Image.fromarray(r) for r in refs[i:i + 200]])
           for i in range(0, len(refs), 200)]
+    hidden = lambda xs: torch.cat([method.model(pixel_values=x, output_hidden_states=True).hidden_states[-2]  # noqa: E731
+                                   for x in xs]).float()
     with torch.no_grad():  # what IP-Adapter Plus reads instead: the penultimate hidden states, all tokens
-        h = torch.cat([method.model(pixel_values=x, output_hidden_states=True).hidden_states[-2].flatten(1) for x in px])
+        hs = hidden(px)
+    h = hs.flatten(1)
     # held-out shapes: 11 geometries (8 seen, the 3 held-out objects' outlines in seen colours),
     # one probe fit on all of them, scored apart on the seen and the held-out rows of the test set
     geos = world.SHAPES + HELD_OUT_GEOMETRIES
     gy = torch.arange(fit + test) % len(geos)
-    ge = embed([geometry_reference(geos[int(k)], np.random.default_rng([31, i])) for i, k in enumerate(gy)])
+    gref = [geometry_reference(geos[int(k)], np.random.default_rng([31, i])) for i, k in enumerate(gy)]
+    ge = embed(gref)
     held = gy[fit:] >= len(world.SHAPES)
-    return {"shape": linear_probe(e, shape, fit, len(world.SHAPES)), "shape_chance": 1 / len(world.SHAPES),
+    with torch.no_grad():
+        gh = hidden([encoder_format.pixels(method.processor, [Image.fromarray(r) for r in gref[i:i + 200]])
+                     for i in range(0, len(gref), 200)])
+    return {"shape_from_patch_grid": linear_probe(patch_grid(hs), shape, fit, len(world.SHAPES)),
+            **{f"{k}_from_patch_grid": v for k, v in _split_probe(patch_grid(gh), gy, fit, len(geos), held).items()},
+            "shape": linear_probe(e, shape, fit, len(world.SHAPES)), "shape_chance": 1 / len(world.SHAPES),
             "shape_from_hidden_states": linear_probe(h.float(), shape, fit, len(world.SHAPES)),
             "colour": linear_probe(e, colour, fit, len(world.COLOUR_NAMES)),
             "colour_chance": 1 / len(world.COLOUR_NAMES),
@@ -107,6 +117,19 @@ def information(engine, fit: int, test: int, image_encoder=None) -> dict:
             "position_majority": float(max((position[fit:] == k).float().mean() for k in range(len(world.POSITIONS)))),
             **_split_probe(ge, gy, fit, len(geos), held), "geometry_chance": 1 / len(geos),
             "fit": fit, "test": test}
+
+
+def patch_grid(hidden: torch.Tensor, grid: int = 2) -> torch.Tensor:
+    """Semantics: hidden [N, 1 + P·P, D] (the class token, then the P×P patch tokens row-major)
+    -> [N, grid·grid·D]: the patch tokens mean-pooled over a grid×grid partition of the image (the
+    silhouette's layout at a resolution a 900-row probe can fit; all 65 tokens flattened are
+    4,160 features)."""
+    n, t, d = hidden.shape
+    side = int(round((t - 1) ** 0.5))
+    if side * side != t - 1 or side % grid:
+        raise ValueError(f"patch_grid: {t - 1} patch tokens are not a square divisible by {grid}")
+    x = hidden[:, 1:].reshape(n, grid, side // grid, grid, side // grid, d)
+    return x.mean(dim=(2, 4)).flatten(1)
 
 
 def _split_probe(x, y, fit, classes, held) -> dict:

@@ -52,7 +52,7 @@ def add_encoder_parser(methods) -> None:
                              "(Taming Encoder's recipe; docs/training.md)")
     enc.add_argument("--model", default="tiny", help='"tiny" or a local diffusers SD-layout folder with image_encoder/')
     enc.add_argument("-o", "--output", required=True, help="the folder to write ip_adapter.safetensors to")
-    enc.add_argument("--steps", type=int, default=1000, help="optimizer steps (the shipped adapter: 1000)")
+    enc.add_argument("--steps", type=int, default=1000, help="optimizer steps (the shipped adapter: 4000)")
     enc.add_argument("--lr", type=float, default=1e-3)
     enc.add_argument("--batch-size", type=int, default=8)
     enc.add_argument("--tokens", type=int, default=None, help="image tokens per image (default: 4 base, 16 Plus)")
@@ -62,6 +62,8 @@ def add_encoder_parser(methods) -> None:
     enc.add_argument("--no-drop", action="store_true", help="ablation: never drop the object embedding or the text")
     enc.add_argument("--plus", action="store_true", help="the Plus variant (a Resampler over the encoder's hidden "
                      "states, 16 tokens) instead of the base variant")
+    enc.add_argument("--turn", type=float, default=0.0, help="share of the rows that can turn drawn rotated or "
+                     "flipped, target and reference alike (new outlines of the seen shapes; default 0)")
     enc.add_argument("--no-coarse", action="store_true", help="every caption names the exact shape and colour "
                      "(the first recipe)")
     _run_options(enc)
@@ -75,7 +77,7 @@ def _encoder(args) -> int:
                 seed=args.seed, output=args.output, cross_reference=not args.no_cross_reference, drop=not args.no_drop,
                 coarse=not args.no_coarse, variant="ip-adapter-plus" if args.plus else "ip-adapter",
                 image_encoder=args.image_encoder, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                progress=not args.quiet)
+                progress=not args.quiet, turn=args.turn)
     _summary(r)
     return 0
 

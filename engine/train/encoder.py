@@ -65,6 +65,59 @@ CATEGORY = {"circle": "circle", "hexagon": "circle", "heart": "circle", "triangl
 COARSE_RATES = (0.35, 0.15)  # per row: (category word, no object word); the rest keep the full caption
 
 
+# Orientations of a seen shape's silhouette (np.rot90 on the image's (row, column) axes, or a flip
+# top to bottom): the world draws every shape upright, so an adapter trained on it alone meets 8
+# silhouettes and learns to pick among them (a held-out four-point star comes out as a cross). An
+# upside-down heart or a sideways triangle is still a seen shape, but a new outline the reference
+# must carry. Applied to the target and its reference alike, only where nothing else in the
+# picture would turn (plain backgrounds: a gradient runs top to bottom; not "striped": its
+# diagonal stripes would mirror), and only where the outline changes (a square, circle or cross
+# is its own rotation). The position word turns with the picture.
+ORIENTATIONS = ("rot90", "rot270", "flip")
+ORIENTATION_POSITIONS = {  # where an object at each position ends up
+    "rot90": {"top": "left", "left": "bottom", "bottom": "right", "right": "top", "center": "center"},
+    "rot270": {"top": "right", "right": "bottom", "bottom": "left", "left": "top", "center": "center"},
+    "flip": {"top": "bottom", "bottom": "top", "left": "left", "right": "right", "center": "center"},
+}
+TURNS = {"triangle": ORIENTATIONS, "heart": ORIENTATIONS, "star": ORIENTATIONS,  # the outlines each one changes
+         "diamond": ("rot90", "rot270"), "hexagon": ("rot90", "rot270")}
+
+
+def orient(image: np.ndarray, orientation: str, axes: tuple = (0, 1)) -> np.ndarray:
+    """Semantics: `image` turned as ORIENTATIONS names it on its (row, column) `axes`:
+    "rot90" np.rot90 k=1 (counter-clockwise), "rot270" k=3, "flip" rows reversed; a copy."""
+    if orientation == "flip":
+        return np.ascontiguousarray(np.flip(image, axis=axes[0]))
+    if orientation in ("rot90", "rot270"):
+        return np.ascontiguousarray(np.rot90(image, k=1 if orientation == "rot90" else 3, axes=axes))
+    raise ValueError(f"orientation: expected one of {ORIENTATIONS}, got {orientation!r}")
+
+
+def orientations(seed: int, step: int, scenes, share: float) -> list:
+    """Semantics: per scene of batch `step`, an orientation of TURNS[shape] (uniform) with
+    probability `share` where the scene can turn (a plain background, not striped), else None;
+    a pure function of (seed, step)."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"orientations: expected a share in [0, 1], got {share!r}")
+    rng = np.random.default_rng([seed, step, 3])
+    u, pick = rng.random(len(scenes)), rng.random(len(scenes))
+    out = []
+    for s, x, y in zip(scenes, u, pick):
+        turns = TURNS.get(s.shape, ())
+        ok = turns and s.background not in world.GRADIENTS and s.style != "striped" and x < share
+        out.append(turns[int(y * len(turns))] if ok else None)
+    return out
+
+
+def orient_caption(caption: str, scene: world.Scene, orientation) -> str:
+    """The caption of `scene` turned by `orientation`: its position phrase, if it names one, moved."""
+    if orientation is None or scene.position == "center":
+        return caption
+    old = world.POSITION_PHRASES[scene.position]
+    new = world.POSITION_PHRASES[ORIENTATION_POSITIONS[orientation][scene.position]]
+    return caption.replace(old, new, 1)
+
+
 def _plural(noun: str) -> str:
     return world.PLURALS.get(noun, noun + "s")
 
@@ -202,13 +255,22 @@ def copy_image_encoder(folder: str, out: str) -> str:
 
 
 def training_batch(seed: int, step: int, batch_size: int, *, cross_reference: bool = True,
-                   drop_rates: tuple = DROP_RATES, coarse_rates: tuple = COARSE_RATES) -> dict:
+                   drop_rates: tuple = DROP_RATES, coarse_rates: tuple = COARSE_RATES, turn: float = 0.0) -> dict:
     """references.training_batch with the captions coarsened per `coarse_modes` (a dropped
-    caption stays ""); adds "modes": the B caption modes."""
+    caption stays ""); adds "modes": the B caption modes. turn > 0: that share of the rows that can
+    turn has its target and reference turned alike (`orientations`, ORIENTATIONS) and its
+    position phrase moved; "orientations": the B orientations (None: upright). turn=0 is the
+    stream without it, bit for bit."""
     b = references.training_batch(seed, step, batch_size, cross_reference=cross_reference, drop_rates=drop_rates)
     modes = coarse_modes(seed, step, batch_size, coarse_rates)
-    b["captions"] = [coarse_caption(c, s, m) for c, s, m in zip(b["captions"], b["scenes"], modes)]
-    b["modes"] = modes
+    turns = orientations(seed, step, b["scenes"], turn) if turn else [None] * batch_size
+    b["captions"] = [coarse_caption(orient_caption(c, s, o), s, m)
+                     for c, s, m, o in zip(b["captions"], b["scenes"], modes, turns)]
+    for i, o in enumerate(turns):
+        if o is not None:
+            b["targets"][i] = orient(b["targets"][i], o, axes=(1, 2))  # [3, H, W]
+            b["references"][i] = orient(b["references"][i], o)  # [H, W, 3]
+    b["modes"], b["orientations"] = modes, turns
     return b
 
 
@@ -222,16 +284,17 @@ class EncoderTrainer(Trainer):
     concept's images: batch `step` is a pure function of (seed, step), so resume is exact."""
 
     def __init__(self, engine, method: EncoderAdapter, *, seed: int, cross_reference: bool = True,
-                 drop_rates: tuple = DROP_RATES, coarse_rates: tuple = COARSE_RATES, **kw):
+                 drop_rates: tuple = DROP_RATES, coarse_rates: tuple = COARSE_RATES, turn: float = 0.0, **kw):
         # the stream replaces the instance list; one stand-in Example satisfies the loop's check
         super().__init__(engine, method, [Example(None, "")], seed=seed, aug=False, **kw)
         self.seed, self.cross_reference, self.drop_rates = seed, cross_reference, tuple(drop_rates)
-        self.coarse_rates = tuple(coarse_rates)
+        self.coarse_rates, self.turn = tuple(coarse_rates), float(turn)
         coarse_modes(seed, 0, 1, self.coarse_rates)  # bad rates fail here, not at step 1
+        orientations(seed, 0, [], self.turn)
 
     def make_batch(self) -> EncoderBatch:
         b = training_batch(self.seed, self.step, self.batch_size, cross_reference=self.cross_reference,
-                           drop_rates=self.drop_rates, coarse_rates=self.coarse_rates)
+                           drop_rates=self.drop_rates, coarse_rates=self.coarse_rates, turn=self.turn)
         latents, noise, t = self.draw(torch.from_numpy(b["targets"]))
         mask = torch.ones(latents.shape[0], 1, *latents.shape[2:], device=latents.device)
         feats = self.method.embed(b["references"], b["drop_image"])
@@ -248,7 +311,8 @@ class EncoderTrainer(Trainer):
 def encoder(base, *, steps: int = 1000, lr: float = 1e-3, batch_size: int = 8, tokens: int | None = None, seed: int = 0,
             output=None, cross_reference: bool = True, drop: bool = True, coarse: bool = True, image_encoder: str | None = None,
             max_grad_norm: float = 1.0, weight_decay: float = 1e-2, checkpoint_every: int = 0,
-            resume: bool = False, progress: bool = True, device=None, dtype=None, variant: str = encoder_format.BASE):
+            resume: bool = False, progress: bool = True, device=None, dtype=None, variant: str = encoder_format.BASE,
+            turn: float = 0.0):
     """Train an encoder adapter (IP-Adapter base layout) on the miniature world's seen objects with
     Taming Encoder's two additions, and write `<output>/ip_adapter.safetensors`.
 
@@ -256,7 +320,8 @@ def encoder(base, *, steps: int = 1000, lr: float = 1e-3, batch_size: int = 8, t
     of its object (the ablation); drop=False never drops the object embedding or the text (the
     other ablation); coarse=False keeps every caption's exact shape and colour (COARSE_RATES
     otherwise: that share of rows names the object by its category or not at all, so the
-    reference decides its shape). The world's stream is the seen world of engine/tiny/world.py: the data is
+    reference decides its shape). turn: the share of the rows that can turn drawn turned
+    (ORIENTATIONS: new outlines of the seen shapes; 0 keeps the world's upright stream). The world's stream is the seen world of engine/tiny/world.py: the data is
     references.training_batch(seed, step, batch_size). Returns a TrainResult (.files["weights"]).
     """
     if output is None:
@@ -271,7 +336,7 @@ def encoder(base, *, steps: int = 1000, lr: float = 1e-3, batch_size: int = 8, t
         method = EncoderAdapter(engine, tokens=tokens, seed=seed, image_encoder=image_encoder, variant=variant)
         trainer = EncoderTrainer(engine, method, seed=seed, cross_reference=cross_reference,
                                  drop_rates=DROP_RATES if drop else (0.0, 0.0, 0.0),
-                                 coarse_rates=COARSE_RATES if coarse else (0.0, 0.0), steps=steps, lr=lr,
+                                 coarse_rates=COARSE_RATES if coarse else (0.0, 0.0), turn=turn, steps=steps, lr=lr,
                                  batch_size=batch_size, max_grad_norm=max_grad_norm, weight_decay=weight_decay)
         result = train(trainer, output, checkpoint_every=checkpoint_every, resume=resume, progress=progress)
         return result
