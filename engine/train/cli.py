@@ -156,16 +156,15 @@ def _pair(args) -> int:
     n = len(args.content)
     if len(args.style) != n:
         raise TrainInputError(f"--style: one styled image per --content image ({n}), got {len(args.style)}")
-    content = args.content[0] if n == 1 else list(args.content)
-    style = args.style[0] if n == 1 else list(args.style)
+    content, style = _per_pair(args.content, n, "--content"), _per_pair(args.style, n, "--style")
     r = pair(args.model, content, style, content_prompt=_per_pair(args.content_prompt, n, "--content-prompt"),
              style_prompt=_per_pair(args.style_prompt, n, "--style-prompt"), suffix=args.suffix,
              content_rank=args.content_rank, style_rank=args.style_rank, steps=args.steps,
              style_start=args.style_start, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
              basis_seed=args.basis_seed, output=args.output, content_output=args.content_output,
              style_timesteps=tuple(args.style_timesteps) if args.style_timesteps else None, shift=args.shift,
-             flip=args.flip, crop=args.crop,
-             permute_channels=args.permute_channels, progress=not args.quiet, resume=args.resume, checkpoint_every=args.checkpoint_every)
+             flip=args.flip, crop=args.crop, permute_channels=args.permute_channels, progress=not args.quiet,
+             resume=args.resume, checkpoint_every=args.checkpoint_every)
     last = lambda xs: xs[-1] if xs else float("nan")  # noqa: E731
     print(f"trained {r.steps} steps on {n} pair{'s' if n > 1 else ''} in {r.seconds:.1f} s, final content loss "
           f"{last(r.losses):.4f}, style loss {last(r.style_losses):.4f}")

@@ -24,9 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from ..adapters import kv as kv_format
@@ -34,7 +32,7 @@ from ..adapters.families import FAMILIES, Use
 from ..api import AdapterInfo
 from ..plan import PLACEHOLDER
 from .core import Example, Method, Trainer, files_nbytes, train
-from .data import TrainInputError, load_images, load_masks, square
+from .data import TrainInputError, load_images, load_masks, square, square_mask
 
 WEIGHTS_NAME = "pytorch_custom_diffusion_weights.safetensors"
 COMPRESSED_NAME = os.path.join("compressed", "adapter.kv.safetensors")  # a subfolder: beside the
@@ -261,9 +259,7 @@ def concept_examples(engine, concepts: list[dict], *, prompt_template, num_prior
         template = c.get("prompt_template") or prompt_template or DEFAULT_TEMPLATE
         caps = instance_captions(c.get("captions", captions), len(images), template, placeholder=ph, class_word=word)
         for i, im in enumerate(images):
-            m = None
-            if masks is not None:
-                m = np.asarray(square(Image.fromarray((masks[i] * 255).astype("uint8")), size), np.float32) / 255.0
+            m = None if masks is None else square_mask(masks[i], size)
             examples.append(Example(square(im, size), caps[i], m))
         priors = c.get("prior_images", prior_images)
         texts = c.get("class_prompts", class_prompts) or ["a {class_word}"]

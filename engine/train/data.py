@@ -116,6 +116,11 @@ def square(im: Image.Image, size: int) -> Image.Image:
     return im.crop((left, top, left + s, top + s)).resize((size, size), Image.BILINEAR)
 
 
+def square_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A [H, W] mask in [0, 1] cropped and resized as `square` does its image: float32 [size, size]."""
+    return np.asarray(square(Image.fromarray((mask * 255).astype("uint8")), size), np.float32) / 255.0
+
+
 def to_tensor(im: Image.Image) -> torch.Tensor:
     """PIL RGB -> float [3, H, W] in [-1, 1]."""
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)

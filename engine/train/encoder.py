@@ -321,7 +321,8 @@ def encoder(base, *, steps: int = 1000, lr: float = 1e-3, batch_size: int = 8, t
     other ablation); coarse=False keeps every caption's exact shape and colour (COARSE_RATES
     otherwise: that share of rows names the object by its category or not at all, so the
     reference decides its shape). turn: the share of the rows that can turn drawn turned
-    (ORIENTATIONS: new outlines of the seen shapes; 0 keeps the world's upright stream). The world's stream is the seen world of engine/tiny/world.py: the data is
+    (ORIENTATIONS: new outlines of the seen shapes; 0 keeps the world's upright stream). The
+    world's stream is the seen world of engine/tiny/world.py: the data is
     references.training_batch(seed, step, batch_size). Returns a TrainResult (.files["weights"]).
     """
     if output is None:

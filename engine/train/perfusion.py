@@ -29,9 +29,7 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
 import torch
-from PIL import Image
 
 from ..adapters import rank1 as rank1_format
 from ..adapters.families import FAMILIES, Use
@@ -40,7 +38,7 @@ from ..errors import AdapterError
 from ..prompts import chunk_prompt, encode_prompts
 from .core import Example, Method, Trainer, train
 from .custom_diffusion import check_placeholder, instance_captions, resolve_engine, token_id
-from .data import TrainInputError, load_images, load_masks, square
+from .data import TrainInputError, load_images, load_masks, square, square_mask
 
 FILE_NAME = "adapter.rank1.safetensors"
 DEFAULT_TEMPLATE = "a {placeholder}"  # ChenDarYen's "a photo of a {}"; the tiny world has no "photo of"
@@ -236,7 +234,7 @@ def perfusion_trainer(engine, images, *, placeholder: str = "<sks>", super_word:
     for i, im in enumerate(ims):
         m = None
         if ms is not None:
-            m = np.asarray(square(Image.fromarray((ms[i] * 255).astype("uint8")), size), np.float32) / 255.0
+            m = square_mask(ms[i], size)
             m = m / max(float(m.max()), 1e-12)  # ChenDarYen's dataset: mask / mask.max()
         examples.append(Example(square(im, size), prompts[i], m))
     method = Perfusion(engine, placeholder, super_word, prompts, beta=beta, tau=tau, ema=ema, key_lock=key_lock,
@@ -266,7 +264,8 @@ def perfusion(base, images=None, *, placeholder: str = "<sks>", super_word: str 
     rank1.DEFAULT_BETA, DEFAULT_TAU). key_lock=False also trains o*_K; global_lock=True makes
     the K pathway read the prompt with the super word in the placeholder's place.
     covariance_captions: used to compute the base's C⁻¹ when it has none. max_norm_ratio: clamp
-    the placeholder's row to that multiple of the super word's row norm after every step. Returns a TrainResult (.files["rank1"]).
+    the placeholder's row to that multiple of the super word's row norm after every step.
+    Returns a TrainResult (.files["rank1"]).
     """
     if output is None:
         raise TrainInputError("output: a folder to write the adapter to is required")
