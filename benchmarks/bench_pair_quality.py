@@ -465,6 +465,13 @@ def plot_compare(runs: list, path: str, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _write_json(path, result):
+    from impasto import eval as ev
+
+    with open(path, "w") as f:
+        json.dump(ev.json_safe(result), f, indent=1, allow_nan=False)  # NaN (nothing to score) -> null
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny")
@@ -521,8 +528,7 @@ def main(argv=None):
     if args.diagnose:
         torch.set_num_threads(args.threads)
         result = diagnose(args)
-        with open(args.diagnose, "w") as f:
-            json.dump(result, f, indent=1)
+        _write_json(args.diagnose, result)
         return
     if args.replot:
         with open(args.replot) as f:
@@ -531,8 +537,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     result = run(args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        _write_json(args.json, result)
     if args.png:
         plot(result, args.png)
 

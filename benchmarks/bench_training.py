@@ -228,7 +228,7 @@ def main(argv=None):
               f"{r['train_seconds']:8.1f} {sps:7.2f} {r['bytes']:11,}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items()}, "results": results}, f, indent=1)
+            json.dump(ev.json_safe({"args": vars(args), "results": results}), f, indent=1, allow_nan=False)
 
 
 if __name__ == "__main__":

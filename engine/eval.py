@@ -33,6 +33,20 @@ FIDELITY_ATTRIBUTES = ("shape", "colour", "background", "style", "count")
 CONTEXT_ATTRIBUTES = ("background", "count", "style")  # what a prompt names besides the concept
 
 
+def json_safe(obj):
+    """Semantics: a copy of `obj` (nested dicts, lists, tuples, scalars) with every non-finite
+    float (NaN, ±inf) replaced by None, so `json.dump(..., allow_nan=False)` writes strict JSON.
+    A metric is NaN when no image qualified to be scored (e.g. no prompt naming another colour);
+    JSON has no NaN, and Python's default writes a token other readers reject."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    return obj
+
+
 @functools.lru_cache(maxsize=2)
 def _probes(path=None):
     return load_probes(path)

@@ -44,6 +44,16 @@ def test_validation_split_is_disjoint_from_the_test_prompts(obj):
         ev.concept_set(obj, split="train")
 
 
+def test_json_safe_writes_strict_json_with_nan_as_null():
+    import json
+
+    rec = {"any_leakage": float("nan"), "runs": [np.float32(0.25), (float("inf"), -float("inf"))], "name": "x", "n": 3}
+    with pytest.raises(ValueError):
+        json.dumps(rec, allow_nan=False)  # what the benches wrote before
+    text = json.dumps(ev.json_safe(rec), allow_nan=False)
+    assert json.loads(text) == {"any_leakage": None, "runs": [0.25, [None, None]], "name": "x", "n": 3}
+
+
 def test_context_fidelity_ignores_the_object():
     cs = ev.concept_set("moon")
     images = cs.images[:2]
