@@ -18,7 +18,7 @@ the stream drawn, when
 * the silhouette covers < 30 % of its circumscribed disk (thin shapes vanish at the world's small
   size, 5 px), or
 * its IoU with a held-out silhouette (the sparkle's four-point star, the moon's crescent, the
-  arrow), best over 24 turns (15°), a mirror and 3 scales (0.85, 1, 1.18) of the held-out one,
+  arrow), best over 72 turns (5°), a mirror and 3 scales (0.85, 1, 1.18) of the held-out one,
   both centred on their centroid, exceeds `EXCLUDE_IOU` = 0.7.
 
 `nearest_seen(spec)` is the seen shape of highest IoU by the same rule (upright seen shapes turned
@@ -40,7 +40,7 @@ FAMILIES = ("star", "convex", "concave", "blob", "bitten")
 EXCLUDE_IOU = 0.7  # a candidate this close to a held-out silhouette is never drawn
 MIN_FILL = 0.3  # of the circumscribed disk's area
 _RES, _UNIT = 64, 22.0  # IoU raster: 64 px, radius 1 = 22 px (1.18 x 1 still inside)
-_TURNS = np.arange(24) * np.pi / 12
+_TURNS = np.arange(72) * np.pi / 36  # 5°: a narrow-pointed star loses 0.1 of IoU 7.5° off its pose
 _SCALES = (0.85, 1.0, 1.18)
 # held-out colour + accent pairs (world.NOVEL_OBJECTS): a procedural accent never repeats one
 _HELD_OUT_PAIRS = {("yellow", "orange"), ("white", "blue"), ("red", "white")}
@@ -70,11 +70,12 @@ def _polar(angles, radii):
 def _hull(p):
     """Convex hull (monotone chain) of points [N, 2], counter-clockwise."""
     p = p[np.lexsort((p[:, 1], p[:, 0]))]
+    cross = lambda o, a, b: (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])  # noqa: E731
 
     def half(pts):
         out = []
         for q in pts:
-            while len(out) >= 2 and np.cross(out[-1] - out[-2], q - out[-2]) <= 0:
+            while len(out) >= 2 and cross(out[-2], out[-1], q) <= 0:
                 out.pop()
             out.append(q)
         return out[:-1]
@@ -170,7 +171,8 @@ def _world_geometry(shape: str):
 
 
 def _bank(shapes) -> tuple[np.ndarray, np.ndarray]:
-    """Every (turn, mirror, scale) silhouette of each shape: bool [K, 64·64], and the shape index of each row."""
+    """Every (turn, mirror, scale) silhouette of each shape: float 0/1 [K, 64·64], the shape index
+    of each row, and each row's area."""
     rows, owner = [], []
     for i, s in enumerate(shapes):
         poly, bites = _world_geometry(s)
@@ -179,7 +181,8 @@ def _bank(shapes) -> tuple[np.ndarray, np.ndarray]:
                 for scale in _SCALES:
                     rows.append(silhouette(poly, bites, scale=scale, turn=turn, mirror=mirror).ravel())
                     owner.append(i)
-    return np.stack(rows), np.array(owner)
+    rows = np.stack(rows).astype(np.float32)
+    return rows, np.array(owner), rows.sum(1)
 
 
 @lru_cache(maxsize=1)
@@ -201,17 +204,16 @@ def held_out_geometries() -> tuple:
 
 
 def _best_iou(mask: np.ndarray, bank) -> np.ndarray:
-    rows, owner = bank
-    m = mask.ravel()
-    inter = (rows & m).sum(1)
-    union = (rows | m).sum(1)
-    iou = inter / np.maximum(union, 1)
+    rows, owner, sizes = bank
+    m = mask.ravel().astype(np.float32)
+    inter = rows @ m  # a matrix-vector product: the bank's 1,296-2,304 rows in ~1 ms
+    iou = inter / np.maximum(sizes + m.sum() - inter, 1)
     return np.array([iou[owner == k].max() for k in range(owner.max() + 1)])
 
 
 def held_out_iou(spec: dict) -> dict:
     """Semantics: {held-out geometry: IoU of `spec`'s upright silhouette with it, best over the
-    held-out one's 24 turns x mirror x 3 scales, both centred on their centroid}."""
+    held-out one's 72 turns x mirror x 3 scales, both centred on their centroid}."""
     iou = _best_iou(silhouette(spec["polygon"], spec["bites"]), _held_out_bank())
     return dict(zip(held_out_geometries(), iou.tolist()))
 
