@@ -83,3 +83,25 @@ def test_names_and_bad_names():
     assert outlines.seed_of(outlines.name(123)) == 123
     with pytest.raises(ValueError, match="not a procedural outline"):
         outlines.seed_of("sparkle")
+
+
+def test_the_towers_shape_batches_take_outline_groups_only_when_asked():
+    from impasto.tiny.train import canonical_silhouette, shape_encoder_batch
+
+    plain, zero = shape_encoder_batch(6, 3, 64), shape_encoder_batch(6, 3, 64, procedural=0.0)
+    assert np.array_equal(plain["images"], zero["images"]) and plain["captions"] == zero["captions"]
+    assert "outline" not in zero  # procedural=0: the shipped tower's stream, bit for bit
+    b = shape_encoder_batch(6, 3, 64, procedural=0.5)
+    assert np.array_equal(b["images"], shape_encoder_batch(6, 3, 64, procedural=0.5)["images"])  # (seed, step)
+    groups = [b["outline"][g * 8:(g + 1) * 8] for g in range(8)]
+    drawn = [g for g in groups if outlines.is_outline(g[0])]
+    assert 0 < len(drawn) < 8
+    for g in range(8):
+        rows = slice(g * 8, (g + 1) * 8)
+        if outlines.is_outline(groups[g][0]):  # 8 distinct outlines, none near a held-out object
+            assert (b["shape"][rows] == -1).all() and len(set(groups[g])) == 8
+            for n in groups[g]:
+                assert outlines.accepted(outlines.candidate(outlines.seed_of(n)))
+                assert canonical_silhouette(n).sum() > 10
+        else:  # a seen group is the plain stream's group
+            assert np.array_equal(b["images"][rows], plain["images"][rows])
