@@ -163,6 +163,47 @@ def test_turned_outlines_turn_target_reference_and_position_word_alike():
         orient(np.zeros((4, 4)), "rot45")
 
 
+def test_procedural_outlines_replace_a_share_of_rows_and_never_a_held_out_one():
+    from impasto.tiny import outlines
+    from impasto.train.encoder import CATEGORY, outline_caption, procedural_rows, training_batch
+
+    plain, zero = training_batch(5, 2, 200), training_batch(5, 2, 200, procedural=0.0)
+    assert np.array_equal(plain["targets"], zero["targets"]) and plain["captions"] == zero["captions"]
+    assert all(np.array_equal(a, b) for a, b in zip(plain["references"], zero["references"]))
+    assert not any(zero["procedural"])  # S = 0: exactly the stream without it
+    b, again = training_batch(5, 2, 200, procedural=0.5), training_batch(5, 2, 200, procedural=0.5)
+    assert np.array_equal(b["targets"], again["targets"]) and b["captions"] == again["captions"]  # (seed, step)
+    assert all(np.array_equal(x, y) for x, y in zip(b["references"], again["references"]))
+    flags = b["procedural"]
+    assert flags == list(procedural_rows(5, 2, 200, 0.5)) and 70 < sum(flags) < 130
+    seen_words = set(world.SHAPES) | {world.PLURALS.get(s, s + "s") for s in world.SHAPES}
+    for i in range(200):
+        s = b["scenes"][i]
+        if not flags[i]:  # every other row is the plain stream's, bit for bit
+            assert np.array_equal(b["targets"][i], plain["targets"][i]) and b["captions"][i] == plain["captions"][i]
+            continue
+        assert outlines.is_outline(s.shape)
+        spec = outlines.candidate(outlines.seed_of(s.shape))
+        assert max(outlines.held_out_iou(spec).values()) <= outlines.EXCLUDE_IOU  # never near a held-out object
+        c, m = b["captions"][i], b["modes"][i]
+        assert "outline-" not in c and (c == "") == (plain["captions"][i] == "")  # a dropped text stays dropped
+        words = set(c.replace(",", "").split())
+        word = CATEGORY[outlines.outline(outlines.seed_of(s.shape))["nearest"]]
+        if c:  # the nearest seen category's word (full: with the colour), or no object word
+            assert (word in words or word + "s" in words) == (m != "none"), (c, m)
+            assert (s.colour in words) == (m == "full") and not (words & seen_words) - {word, word + "s"}, c
+        # the reference is another render of the SAME outline, colour and style, masked
+        pair = references.outline_pair(5, 2, i)
+        assert pair.reference_scene.shape == s.shape and pair.reference_scene.colour == s.colour
+        assert np.array_equal(pair.reference, b["references"][i]) and pair.reference_scene.count == 1
+        assert not np.array_equal(pair.target, pair.reference)
+    one = next(s.shape for s, f in zip(b["scenes"], flags) if f)
+    assert outline_caption(f"a red {one} on a blue background", world.Scene(
+        one, "red", "medium", 1, "center", "blue", "flat"), "none") == "a on a blue background"
+    with pytest.raises(ValueError, match="procedural"):
+        training_batch(5, 0, 4, procedural=1.5)
+
+
 def test_plus_variant_trains_and_serves_with_the_training_forwards_image_kv(eng, tmp_path):
     method = EncoderAdapter(eng, seed=0, variant=encoder_format.PLUS, tokens=16)
     trainer = EncoderTrainer(eng, method, seed=0, steps=2, lr=1e-3, batch_size=2)
@@ -206,6 +247,8 @@ def test_bad_settings_are_named(eng, tmp_path):
         encoder(eng, steps=0, output=str(tmp_path))
     with pytest.raises(TrainInputError, match="variant"):
         encoder(eng, steps=1, output=str(tmp_path), variant="plus-plus")
+    with pytest.raises(ValueError, match="procedural"):
+        encoder(eng, steps=1, output=str(tmp_path), procedural=-0.1)
 
 
 def test_cli_train_encoder(tmp_path, capsys):
@@ -214,7 +257,7 @@ def test_cli_train_encoder(tmp_path, capsys):
     out = tmp_path / "cli"
     tower = os.path.join(SHIPPED_DIR, "ip_adapter", "image_encoder")  # not the base model's image_encoder/
     assert main(["train", "encoder", "-o", str(out), "--steps", "2", "--batch-size", "2", "-q",
-                 "--image-encoder", tower]) == 0
+                 "--image-encoder", tower, "--procedural", "0.5"]) == 0
     assert "trained 2 steps" in capsys.readouterr().out
     assert encoder_format.is_ip_adapter(out / "ip_adapter.safetensors")
     # the encoder it was trained on ships beside the file, where registration looks first

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from . import world
+from . import outlines, world
 
 GRAY = 128  # a masked-out pixel: (128/255 - 0.5)/0.5 ≈ 0 after the tiny encoder's processor
 
@@ -78,6 +78,27 @@ def cross_reference_pairs(seed: int, n: int, *, start: int = 0, same_render: boo
         image, mask = render_with_mask(ref_scene, ref_seed)
         out.append(Pair(target, cap, masked_reference(image, mask), scene, ref_scene))
     return out
+
+
+def outline_pair(seed: int, step: int, row: int, *, same_render: bool = False) -> Pair:
+    """Row `row` of batch `step`'s procedural stream (outlines.py): a target scene whose shape is a
+    procedural outline (`outlines.draw_seed`: never near a held-out silhouette), a random colour,
+    size, count, position, background and style as the world draws for a seen shape, and a masked
+    reference of the SAME outline, colour and style (size, position, background drawn again), as
+    `cross_reference_pairs` pairs them. Its caption names the shape "outline-<seed>" (the encoder
+    rewrites it). A pure function of (seed, step, row); same_render as for cross_reference_pairs."""
+    rng = np.random.default_rng([seed, step, 5, row])
+    scene = world.sample_scene(rng, shape=outlines.name(outlines.draw_seed(rng)))
+    target_seed = int(rng.integers(2**31))
+    target = world.render(scene, np.random.default_rng(target_seed))
+    cap = world.caption(scene, rng)
+    if same_render:
+        ref_scene, ref_seed = scene, target_seed
+    else:
+        other = world.sample_scene(rng, shape=scene.shape, colour=scene.colour, style=scene.style, count=1)
+        ref_scene, ref_seed = replace(other, count=1), int(rng.integers(2**31))
+    image, mask = render_with_mask(ref_scene, ref_seed)
+    return Pair(target, cap, masked_reference(image, mask), scene, ref_scene)
 
 
 def object_reference(shape: str, seed: int = 0, **scene) -> np.ndarray:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import TOKENIZER_DIR, world
+from . import TOKENIZER_DIR, outlines, world
 
 # --------------------------------------------------------------------------- configs
 TEXT_WIDTH = 64
@@ -300,7 +300,7 @@ def canonical_silhouette(shape: str) -> np.ndarray:
     return m.reshape(SILHOUETTE, k, SILHOUETTE, k).mean((1, 3)).astype(np.float32)
 
 
-def shape_encoder_batch(seed: int, step: int, batch_size: int) -> dict:
+def shape_encoder_batch(seed: int, step: int, batch_size: int, procedural: float = 0.0) -> dict:
     """Batch `step` of the image-encoder stage, a pure function of (seed, step): groups of
     len(world.SHAPES) rows that share colour, background, style, count and size and differ only in
     shape (each its own render and jitter), so in-batch InfoNCE cannot match captions by colour or
@@ -308,10 +308,24 @@ def shape_encoder_batch(seed: int, step: int, batch_size: int) -> dict:
     reference is: references.GRAY is world gray). Seen shapes only.
 
     Returns {"images": uint8 [B, 32, 32, 3], "captions": B world captions (usual omissions),
-    "shape": int64 [B] index in world.SHAPES}."""
+    "shape": int64 [B] index in world.SHAPES}. procedural > 0: each group is, with that
+    probability, 8 distinct procedural outlines (outlines.py, none near a held-out one) sharing
+    the group's attributes instead, "shape" -1 on its rows; "outline": B shape names (the seen
+    shape or "outline-<seed>"). procedural=0 is the stream without it, bit for bit."""
     n = len(world.SHAPES)
-    images, captions, shapes = [], [], []
+    images, captions, shapes, names = [], [], [], []
     for g in range((batch_size + n - 1) // n):
+        if procedural and np.random.default_rng([seed, step, g, 9]).random() < procedural:
+            rng = np.random.default_rng([seed, step, g, 10])
+            base = world.sample_scene(rng, **(dict(background="gray", count=1) if g % 2 else {}))
+            for _ in range(n):
+                s = world.sample_scene(rng, shape=outlines.name(outlines.draw_seed(rng)), colour=base.colour,
+                                       style=base.style, background=base.background, count=base.count, size=base.size)
+                images.append(world.render(s, rng))
+                captions.append(world.caption(s, rng))
+                shapes.append(-1)
+                names.append(s.shape)
+            continue
         rng = np.random.default_rng([seed, step, g])
         base = world.sample_scene(rng, **(dict(background="gray", count=1) if g % 2 else {}))
         for j in rng.permutation(n):
@@ -320,8 +334,12 @@ def shape_encoder_batch(seed: int, step: int, batch_size: int) -> dict:
             images.append(world.render(s, rng))
             captions.append(world.caption(s, rng))
             shapes.append(int(j))
-    return {"images": np.stack(images[:batch_size]), "captions": captions[:batch_size],
-            "shape": np.array(shapes[:batch_size], np.int64)}
+            names.append(s.shape)
+    out = {"images": np.stack(images[:batch_size]), "captions": captions[:batch_size],
+           "shape": np.array(shapes[:batch_size], np.int64)}
+    if procedural:
+        out["outline"] = names[:batch_size]
+    return out
 
 
 def load_shipped_text_tower(model_dir):
@@ -356,6 +374,8 @@ def stage_image_encoder(args):
     silhouettes = torch.from_numpy(np.stack([canonical_silhouette(s) for s in world.SHAPES])).flatten(1)
 
     def step_fn(step):
+        if args.procedural:  # outlines: the silhouette head only (their captions name no shape of their own)
+            return procedural_step(step)
         b = shape_encoder_batch(args.seed + SHAPE_ENCODER_SEED, step, args.bs)
         with torch.no_grad():
             t = F.normalize(text(tokenize(tok, b["captions"], TEXT_TRAIN_LEN)).pooler_output @ proj.T, dim=-1)
@@ -366,6 +386,25 @@ def stage_image_encoder(args):
         y = torch.from_numpy(b["shape"])
         shape_ce = F.cross_entropy(holder.shape_head(e * 10), y)
         sil = F.binary_cross_entropy_with_logits(holder.silhouette_head(e * 10), silhouettes[y])
+        acc = (logits.argmax(1) == target).float().mean()
+        return dict(loss=nce + args.shape_weight * (shape_ce + sil), nce=nce, shape_ce=shape_ce, sil=sil, acc=acc)
+
+    def procedural_step(step):
+        b = shape_encoder_batch(args.seed + SHAPE_ENCODER_SEED, step, args.bs, procedural=args.procedural)
+        seen = torch.from_numpy(b["shape"] >= 0)
+        e = F.normalize(holder.vision(pixel_values=to_tensor(b["images"])).image_embeds, dim=-1)
+        sil_t = torch.from_numpy(np.stack([canonical_silhouette(n) for n in b["outline"]])).flatten(1)
+        sil = F.binary_cross_entropy_with_logits(holder.silhouette_head(e * 10), sil_t)
+        if not seen.any():
+            return dict(loss=args.shape_weight * sil, sil=sil)
+        with torch.no_grad():
+            caps = [c for c, k in zip(b["captions"], seen.tolist()) if k]
+            t = F.normalize(text(tokenize(tok, caps, TEXT_TRAIN_LEN)).pooler_output @ proj.T, dim=-1)
+        es = e[seen]
+        logits = holder.logit_scale.exp().clamp(max=100) * es @ t.T
+        target = torch.arange(len(es))
+        nce = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        shape_ce = F.cross_entropy(holder.shape_head(es * 10), torch.from_numpy(b["shape"])[seen])
         acc = (logits.argmax(1) == target).float().mean()
         return dict(loss=nce + args.shape_weight * (shape_ce + sil), nce=nce, shape_ce=shape_ce, sil=sil, acc=acc)
 
@@ -616,6 +655,8 @@ def main(argv=None):
     p.add_argument("--n-base", type=int, default=40000)
     p.add_argument("--n-probe", type=int, default=24000)
     p.add_argument("--shape-weight", type=float, default=1.0, help="image_encoder: weight of the shape heads")
+    p.add_argument("--procedural", type=float, default=0.0, help="image_encoder: share of the shape groups drawn "
+                   "as 8 procedural outlines (engine/tiny/outlines.py; silhouette head only; default 0)")
     p.add_argument("--text-from", default=None, help="image_encoder: model folder of the frozen text tower "
                    "(default: the shipped one)")
     p.add_argument("--which", default="base,probe,probe_val", help="data stage: which streams")

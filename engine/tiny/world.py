@@ -235,6 +235,10 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
         draw.ellipse([cx - r * 0.9, cy - r * 0.9, cx + r * 0.9, cy + r * 0.9], fill=value)
         off = 0.45 * r
         draw.ellipse([cx - r * 0.75 + off, cy - r * 0.8, cx + r * 0.75 + off, cy + r * 0.7], fill=0)
+    elif shape.startswith("outline-"):  # a procedural outline (outlines.py); the world's streams never draw one
+        from . import outlines
+
+        outlines.draw(draw, shape, cx, cy, r, value)
     else:
         pts = POLYGONS[shape] * r + np.array([cx, cy])
         draw.polygon([tuple(p) for p in pts], fill=value)
@@ -337,6 +341,13 @@ def render_with_mask(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray
     if scene.shape in NOVEL_OBJECTS and scene.style != "outlined":
         acc = _mask(geo, centres, r, scale=0.45)
         img = img * (1 - acc) + _rgb(NOVEL_OBJECTS[scene.shape].accent) * acc
+    elif scene.shape.startswith("outline-") and scene.style != "outlined":  # outlines.py: half carry an accent
+        from . import outlines
+
+        tone = outlines.accent(scene.shape, scene.colour)
+        if tone is not None:
+            acc = _mask(geo, centres, r, scale=0.45)
+            img = img * (1 - acc) + _rgb(tone) * acc
     if scene.style == "noisy":
         img = img + rng.normal(0, 0.09, img.shape).astype(np.float32)
     elif scene.style == "pixelated":

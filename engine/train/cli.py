@@ -64,6 +64,8 @@ def add_encoder_parser(methods) -> None:
                      "states, 16 tokens) instead of the base variant")
     enc.add_argument("--turn", type=float, default=0.0, help="share of the rows that can turn drawn rotated or "
                      "flipped, target and reference alike (new outlines of the seen shapes; default 0)")
+    enc.add_argument("--procedural", type=float, default=0.0, help="share of the rows drawn as a procedural "
+                     "outline (engine/tiny/outlines.py; none near a held-out object; default 0)")
     enc.add_argument("--no-coarse", action="store_true", help="every caption names the exact shape and colour "
                      "(the first recipe)")
     _run_options(enc)
@@ -77,7 +79,7 @@ def _encoder(args) -> int:
                 seed=args.seed, output=args.output, cross_reference=not args.no_cross_reference, drop=not args.no_drop,
                 coarse=not args.no_coarse, variant="ip-adapter-plus" if args.plus else "ip-adapter",
                 image_encoder=args.image_encoder, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                progress=not args.quiet, turn=args.turn)
+                progress=not args.quiet, turn=args.turn, procedural=args.procedural)
     _summary(r)
     return 0
 

@@ -44,7 +44,7 @@ from PIL import Image
 
 from ..adapters import encoder as encoder_format
 from ..adapters.families import encoder as encoder_family
-from ..tiny import references, world
+from ..tiny import outlines, references, world
 from .core import Batch, Example, Method, Trainer, train
 from .custom_diffusion import resolve_engine
 from .data import TrainInputError
@@ -148,6 +148,38 @@ def coarse_caption(caption: str, scene: world.Scene, mode: str) -> str:
     if head in ("a", "an"):
         text = f"{world._article(rest)} {rest}" if not rest.startswith("on ") else f"a {rest}"
     return text
+
+
+def outline_caption(caption: str, scene: world.Scene, mode: str) -> str:
+    """Semantics: the caption of a procedural-outline scene (its world caption names the shape
+    "outline-<seed>") with the object phrase replaced by the category word of the outline's nearest
+    seen shape (CATEGORY[outlines.outline(seed)["nearest"]], the IoU rule of outlines.nearest_seen):
+    mode "full" -> "<colour> <word>", "category" -> "<word>" (colour dropped), "none" -> no colour
+    and no object word, as coarse_caption does for a seen shape. "" stays ""."""
+    if not caption:
+        return caption
+    word = CATEGORY[outlines.outline(outlines.seed_of(scene.shape))["nearest"]]
+    noun = scene.shape if scene.count == 1 else scene.shape + "s"
+    phrase = f" {scene.colour} {noun} "
+    if phrase not in caption:
+        raise ValueError(f"outline_caption: {phrase.strip()!r} not in the caption {caption!r}")
+    noun_word = word if scene.count == 1 else _plural(word)
+    new = {"full": f" {scene.colour} {noun_word} ", "category": f" {noun_word} ", "none": " "}.get(mode)
+    if new is None:
+        raise ValueError(f"outline_caption: mode {mode!r} is not 'full', 'category' or 'none'")
+    text = caption.replace(phrase, new, 1)
+    head, _, rest = text.partition(" ")
+    if head in ("a", "an"):
+        text = f"{world._article(rest)} {rest}" if not rest.startswith("on ") else f"a {rest}"
+    return text
+
+
+def procedural_rows(seed: int, step: int, batch_size: int, share: float) -> np.ndarray:
+    """Semantics: bool [B]: which rows of batch `step` are a procedural outline (each with
+    probability `share`), a pure function of (seed, step)."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"procedural: expected a share in [0, 1], got {share!r}")
+    return np.random.default_rng([seed, step, 4]).random(batch_size) < share
 
 
 def coarse_modes(seed: int, step: int, batch_size: int, rates: tuple = COARSE_RATES) -> list[str]:
@@ -255,22 +287,32 @@ def copy_image_encoder(folder: str, out: str) -> str:
 
 
 def training_batch(seed: int, step: int, batch_size: int, *, cross_reference: bool = True,
-                   drop_rates: tuple = DROP_RATES, coarse_rates: tuple = COARSE_RATES, turn: float = 0.0) -> dict:
+                   drop_rates: tuple = DROP_RATES, coarse_rates: tuple = COARSE_RATES, turn: float = 0.0,
+                   procedural: float = 0.0) -> dict:
     """references.training_batch with the captions coarsened per `coarse_modes` (a dropped
     caption stays ""); adds "modes": the B caption modes. turn > 0: that share of the rows that can
     turn has its target and reference turned alike (`orientations`, ORIENTATIONS) and its
     position phrase moved; "orientations": the B orientations (None: upright). turn=0 is the
-    stream without it, bit for bit."""
+    stream without it, bit for bit. procedural > 0: that share of the rows (`procedural_rows`)
+    replaced by a procedural outline (references.outline_pair: target, reference of the same
+    outline, caption by `outline_caption`; the row's dropping and caption mode kept);
+    "procedural": the B flags. procedural=0 is the stream without it, bit for bit."""
     b = references.training_batch(seed, step, batch_size, cross_reference=cross_reference, drop_rates=drop_rates)
+    flags = procedural_rows(seed, step, batch_size, procedural) if procedural else np.zeros(batch_size, bool)
+    for i in np.flatnonzero(flags):
+        pair = references.outline_pair(seed, step, int(i), same_render=not cross_reference)
+        b["targets"][i] = pair.target.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1
+        b["references"][i], b["scenes"][i] = pair.reference, pair.scene
+        b["captions"][i] = pair.caption if b["captions"][i] else ""  # a dropped text stays dropped
     modes = coarse_modes(seed, step, batch_size, coarse_rates)
     turns = orientations(seed, step, b["scenes"], turn) if turn else [None] * batch_size
-    b["captions"] = [coarse_caption(orient_caption(c, s, o), s, m)
-                     for c, s, m, o in zip(b["captions"], b["scenes"], modes, turns)]
+    b["captions"] = [(outline_caption if f else coarse_caption)(orient_caption(c, s, o), s, m)
+                     for c, s, m, o, f in zip(b["captions"], b["scenes"], modes, turns, flags)]
     for i, o in enumerate(turns):
         if o is not None:
             b["targets"][i] = orient(b["targets"][i], o, axes=(1, 2))  # [3, H, W]
             b["references"][i] = orient(b["references"][i], o)  # [H, W, 3]
-    b["modes"], b["orientations"] = modes, turns
+    b["modes"], b["orientations"], b["procedural"] = modes, turns, [bool(f) for f in flags]
     return b
 
 
@@ -284,17 +326,20 @@ class EncoderTrainer(Trainer):
     concept's images: batch `step` is a pure function of (seed, step), so resume is exact."""
 
     def __init__(self, engine, method: EncoderAdapter, *, seed: int, cross_reference: bool = True,
-                 drop_rates: tuple = DROP_RATES, coarse_rates: tuple = COARSE_RATES, turn: float = 0.0, **kw):
+                 drop_rates: tuple = DROP_RATES, coarse_rates: tuple = COARSE_RATES, turn: float = 0.0,
+                 procedural: float = 0.0, **kw):
         # the stream replaces the instance list; one stand-in Example satisfies the loop's check
         super().__init__(engine, method, [Example(None, "")], seed=seed, aug=False, **kw)
         self.seed, self.cross_reference, self.drop_rates = seed, cross_reference, tuple(drop_rates)
-        self.coarse_rates, self.turn = tuple(coarse_rates), float(turn)
+        self.coarse_rates, self.turn, self.procedural = tuple(coarse_rates), float(turn), float(procedural)
         coarse_modes(seed, 0, 1, self.coarse_rates)  # bad rates fail here, not at step 1
         orientations(seed, 0, [], self.turn)
+        procedural_rows(seed, 0, 0, self.procedural)
 
     def make_batch(self) -> EncoderBatch:
         b = training_batch(self.seed, self.step, self.batch_size, cross_reference=self.cross_reference,
-                           drop_rates=self.drop_rates, coarse_rates=self.coarse_rates, turn=self.turn)
+                           drop_rates=self.drop_rates, coarse_rates=self.coarse_rates, turn=self.turn,
+                           procedural=self.procedural)
         latents, noise, t = self.draw(torch.from_numpy(b["targets"]))
         mask = torch.ones(latents.shape[0], 1, *latents.shape[2:], device=latents.device)
         feats = self.method.embed(b["references"], b["drop_image"])
@@ -312,7 +357,7 @@ def encoder(base, *, steps: int = 1000, lr: float = 1e-3, batch_size: int = 8, t
             output=None, cross_reference: bool = True, drop: bool = True, coarse: bool = True, image_encoder: str | None = None,
             max_grad_norm: float = 1.0, weight_decay: float = 1e-2, checkpoint_every: int = 0,
             resume: bool = False, progress: bool = True, device=None, dtype=None, variant: str = encoder_format.BASE,
-            turn: float = 0.0):
+            turn: float = 0.0, procedural: float = 0.0):
     """Train an encoder adapter (IP-Adapter base layout) on the miniature world's seen objects with
     Taming Encoder's two additions, and write `<output>/ip_adapter.safetensors`.
 
@@ -321,7 +366,10 @@ def encoder(base, *, steps: int = 1000, lr: float = 1e-3, batch_size: int = 8, t
     other ablation); coarse=False keeps every caption's exact shape and colour (COARSE_RATES
     otherwise: that share of rows names the object by its category or not at all, so the
     reference decides its shape). turn: the share of the rows that can turn drawn turned
-    (ORIENTATIONS: new outlines of the seen shapes; 0 keeps the world's upright stream). The
+    (ORIENTATIONS: new outlines of the seen shapes; 0 keeps the world's upright stream).
+    procedural: the share of rows drawn as a procedural outline (engine/tiny/outlines.py: many
+    silhouettes, none near a held-out one; captioned by its nearest seen category; 0 keeps the
+    world's 8 shapes, the default and the shipped recipe). The
     world's stream is the seen world of engine/tiny/world.py: the data is
     references.training_batch(seed, step, batch_size). Returns a TrainResult (.files["weights"]).
     """
@@ -337,7 +385,8 @@ def encoder(base, *, steps: int = 1000, lr: float = 1e-3, batch_size: int = 8, t
         method = EncoderAdapter(engine, tokens=tokens, seed=seed, image_encoder=image_encoder, variant=variant)
         trainer = EncoderTrainer(engine, method, seed=seed, cross_reference=cross_reference,
                                  drop_rates=DROP_RATES if drop else (0.0, 0.0, 0.0),
-                                 coarse_rates=COARSE_RATES if coarse else (0.0, 0.0), turn=turn, steps=steps, lr=lr,
+                                 coarse_rates=COARSE_RATES if coarse else (0.0, 0.0), turn=turn,
+                                 procedural=procedural, steps=steps, lr=lr,
                                  batch_size=batch_size, max_grad_norm=max_grad_norm, weight_decay=weight_decay)
         result = train(trainer, output, checkpoint_every=checkpoint_every, resume=resume, progress=progress)
         return result
