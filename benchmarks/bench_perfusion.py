@@ -88,6 +88,7 @@ def train(engine, cs, obj, lock, args, steps):
     captions = cs.reference_captions("{placeholder}") if args.captions else None
     r = perfusion(engine, cs.images, masks=cs.masks if args.masks else None, super_word=cs.class_word,
                   steps=steps, lr_embedding=args.lr_embedding, lr_value=args.lr_value, batch_size=args.batch_size,
+                  accumulate=args.accumulate, beta=args.train_beta, tau=args.train_tau,
                   key_lock=lock, seed=args.seed, output=out, progress=False, checkpoint_every=steps, resume=True,
                   captions=captions, max_norm_ratio=args.max_norm_ratio)
     seconds = time.perf_counter() - t0
@@ -373,6 +374,10 @@ def main(argv=None):
     p.add_argument("--lr-embedding", type=float, default=0.006)
     p.add_argument("--lr-value", type=float, default=0.03)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--accumulate", type=int, default=1,
+                   help="micro-batches per optimizer step, i*'s EMA on each (ChenDarYen: 4)")
+    p.add_argument("--train-beta", type=float, default=0.75, help="the gate's β during training")
+    p.add_argument("--train-tau", type=float, default=0.1, help="the gate's τ during training")
     p.add_argument("--gates", default="0.4/0.15,0.5/0.15,0.6/0.15,0.7/0.15,0.5/0.1,0.5/0.25",
                    help="the inference β/τ points swept on every trained concept (no retraining)")
     p.add_argument("--betas", default=None, help="with --taus: sweep their product instead of --gates")

@@ -212,6 +212,43 @@ def test_norm_clamp_holds_the_row(eng):
         perfusion_trainer(eng, renders(n=1), super_word=WORD, max_norm_ratio=0.0, covariance_captions=CAPTIONS)
 
 
+def test_accumulate_is_micro_batches_each_after_its_ema(eng):
+    """accumulate=k (ChenDarYen's accumulate_grad_batches): one optimizer step's gradient is the
+    mean of k micro-batches' gradients, drawn one after another from the run's RNGs, each forward
+    after its own EMA update of i* (k updates per step); replayed with accumulate=1's pieces."""
+    kw = dict(super_word=WORD, batch_size=2, seed=1, covariance_captions=CAPTIONS, captions=[
+        "a {placeholder} on a red background, flat", "a small {placeholder} on a gray background, flat",
+        "a {placeholder} on a blue background, flat", "a large {placeholder} on a white background, flat"])
+    tr = perfusion_trainer(eng, renders(), accumulate=2, **kw)
+    ref = perfusion_trainer(eng, renders(), **kw)
+    grads, losses, texts = [], [], []
+    for _ in range(2):  # the two micro-batches, by hand, no optimizer step in between
+        batch = ref.make_batch()
+        texts.append(batch.texts)
+        loss = ref.loss(batch)
+        loss.backward()
+        grads.append({k: p.grad.detach().clone() for k, p in ref.params.items()})
+        losses.append(float(loss.detach()))
+        ref.optimizer.zero_grad(set_to_none=True)
+    seen = {}
+    tr.method.after_backward = lambda: seen.update({k: p.grad.detach().clone() for k, p in tr.params.items()})
+    drawn = []
+    make = tr.make_batch
+    tr.make_batch = lambda: drawn.append(make()) or drawn[-1]
+    tr.train_step()
+    assert [b.texts for b in drawn] == texts and len(set(map(tuple, texts))) == 2  # two different draws
+    assert torch.equal(tr.method.i_star, ref.method.i_star)  # two EMA updates, each on its micro-batch
+    i0 = perfusion_trainer(eng, renders(), **kw).method.i_star
+    assert float((tr.method.i_star - i0).norm()) > 0
+    for k, g in seen.items():
+        want = (grads[0][k] + grads[1][k]) / 2
+        assert float((g - want).norm() / want.norm()) <= 1e-6, k
+        assert float((grads[0][k] - grads[1][k]).norm()) > 1e-3 * float(want.norm()), k  # the mean is not one of them
+    assert tr.losses == [pytest.approx(sum(losses) / 2, rel=1e-12)] and tr.step == 1
+    with pytest.raises(TrainInputError, match="accumulate"):
+        perfusion_trainer(eng, renders(n=1), accumulate=0, super_word=WORD, covariance_captions=CAPTIONS)
+
+
 def test_loss_is_the_community_codes():
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 4, 5, 5, generator=g)
@@ -349,6 +386,22 @@ def test_cli_trains_and_summarizes(tiny_dir, tmp_path, capsys):
     assert os.path.isfile(tmp_path / "out" / FILE_NAME)
     rc = main(["train", "perfusion", "--images", str(tmp_path / "nope"), "-o", str(tmp_path / "out2"), *common])
     assert rc == 2 and "is not a folder" in capsys.readouterr().err
+
+
+def test_cli_passes_accumulate(tmp_path, monkeypatch):
+    import impasto.train
+    from impasto.cli import main
+
+    seen = {}
+
+    def spy(engine, images, **kw):
+        seen.update(kw)
+        raise TrainInputError("stop here")
+
+    monkeypatch.setattr(impasto.train, "perfusion", spy)
+    rc = main(["train", "perfusion", "--images", str(tmp_path), "-o", str(tmp_path / "o"), "--super-word", WORD,
+               "-q", "--accumulate", "4", "--batch-size", "2"])
+    assert rc == 2 and seen["accumulate"] == 4 and seen["batch_size"] == 2
 
 
 # ---------------------------------------------------------------------------- quality

@@ -16,6 +16,9 @@ result. The loop does the rest, the same for all:
         loss    = mean_b Σ(mask·(pred - target)²)/Σmask over instance rows + w_prior·mse(class rows)
                   (method.loss; Perfusion's is ChenDarYen's, after method.before_loss updated i*)
         backward; method.after_backward(); clip_grad_norm(max_grad_norm); AdamW step; method.after_step()
+    (accumulate = k > 1: k such batches, each drawn, before_loss'd and backpropagated at loss / k in
+    turn, before the one optimizer step: Lightning's accumulate_grad_batches, as ChenDarYen's
+    Perfusion config trains, with its per-micro-batch EMA of i*)
 
 Reproducible: one torch.Generator (latents, noise, timesteps) and one numpy Generator
 (sampling, augmentation) seeded from `seed`; a checkpoint (every `checkpoint_every` steps, in
@@ -187,9 +190,10 @@ class Trainer:
     def __init__(self, engine, method: Method, examples: list[Example], *, steps: int, lr: float,
                  batch_size: int, prior_weight: float = 1.0, seed: int = 0, max_grad_norm: float = 1.0,
                  weight_decay: float = 1e-2, betas=(0.9, 0.999), eps: float = 1e-8, hflip: bool = False,
-                 aug: bool | None = None):
+                 aug: bool | None = None, accumulate: int = 1):
         _check_int("steps", steps, 1, 1_000_000)
         _check_int("batch_size", batch_size, 1, 1024)
+        _check_int("accumulate", accumulate, 1, 1024)
         for name, v in (("lr", lr), ("prior_weight", prior_weight), ("max_grad_norm", max_grad_norm),
                         ("weight_decay", weight_decay)):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v) or v < 0:
@@ -200,6 +204,7 @@ class Trainer:
         if not self.instance:
             raise TrainInputError("images: no instance image to train on")
         self.steps, self.batch_size, self.prior_weight = steps, batch_size, float(prior_weight)
+        self.accumulate = accumulate  # micro-batches per optimizer step
         self.max_grad_norm, self.hflip = float(max_grad_norm), hflip
         self.aug = method.aug if aug is None else aug
         base = engine.base
@@ -257,11 +262,17 @@ class Trainer:
         return self.method.loss(pred, target, batch, self.prior_weight)
 
     def train_step(self) -> float:
-        batch = self.make_batch()
-        loss = self.loss(batch)
-        if not torch.isfinite(loss.detach()):
-            raise FloatingPointError(f"step {self.step}: the loss is {float(loss.detach())} (lr too high, or a bad image)")
-        loss.backward()
+        total = 0.0
+        for _ in range(self.accumulate):
+            # each micro-batch is drawn, updates the method's state (before_loss) and is backpropagated
+            # before the next is drawn, so it sees the state the previous one left (ChenDarYen's EMA)
+            batch = self.make_batch()
+            loss = self.loss(batch)
+            if not torch.isfinite(loss.detach()):
+                raise FloatingPointError(f"step {self.step}: the loss is {float(loss.detach())} (lr too high, "
+                                         f"or a bad image)")
+            (loss / self.accumulate if self.accumulate > 1 else loss).backward()
+            total += float(loss.detach())
         self.method.after_backward()
         params = [p for p in self.params.values() if p.grad is not None]
         if self.max_grad_norm > 0:
@@ -270,7 +281,7 @@ class Trainer:
         self.method.after_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.losses.append(float(loss.detach()))
+        self.losses.append(total / self.accumulate)  # the mean over the micro-batches (exact for one)
         return self.losses[-1]
 
     # ------------------------------------------------------------------ checkpoints

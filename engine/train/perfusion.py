@@ -11,7 +11,8 @@ i*: starts as i*₀, the encoding of the placeholder's position with its row sti
 word's (= the super word's encoding in the training prompt; with captions=, the mean over the
 images' captions, what ChenDarYen's first batch averages), and before every step's forward
 becomes ema·i* + (1 − ema)·mean over the instance rows of the placeholder's encoding, without
-gradient (ChenDarYen `Perfusion.forward`; methods.md §1.2). o*_V starts as W_V i*₀.
+gradient (ChenDarYen `Perfusion.forward`; methods.md §1.2); with accumulate=k, before every one of
+the k micro-batches of an optimizer step, as there. o*_V starts as W_V i*₀.
 Loss: ChenDarYen's: mask multiplied into prediction and target, then a plain mean (not
 normalized by the mask's area, unlike Custom Diffusion).
 
@@ -203,7 +204,7 @@ def perfusion_trainer(engine, images, *, placeholder: str = "<sks>", super_word:
                       ema: float = 0.99, global_lock: bool = False, key_lock: bool = True, seed: int = 0,
                       hflip: bool = False, max_grad_norm: float = 0.0, weight_decay: float = 1e-2,
                       serve_beta: float | None = None, serve_tau: float | None = None, captions=None,
-                      covariance_captions=None, max_norm_ratio: float | None = None) -> Trainer:
+                      covariance_captions=None, max_norm_ratio: float | None = None, accumulate: int = 1) -> Trainer:
     """Check every input and build the loop's Trainer for one concept on `engine` (what
     `perfusion` runs; the tests replay its batches)."""
     for name, v in (("lr_embedding", lr_embedding), ("lr_value", lr_value)):
@@ -241,7 +242,8 @@ def perfusion_trainer(engine, images, *, placeholder: str = "<sks>", super_word:
                        global_lock=global_lock, lr_embedding=lr_embedding, serve_beta=serve_beta, serve_tau=serve_tau,
                        max_norm_ratio=max_norm_ratio)
     return Trainer(engine, method, examples, steps=steps, lr=lr_value, batch_size=batch_size, seed=seed,
-                   max_grad_norm=max_grad_norm, weight_decay=weight_decay, hflip=hflip, aug=False)
+                   max_grad_norm=max_grad_norm, weight_decay=weight_decay, hflip=hflip, aug=False,
+                   accumulate=accumulate)
 
 
 def perfusion(base, images=None, *, placeholder: str = "<sks>", super_word: str | None = None, masks=None,
@@ -250,8 +252,8 @@ def perfusion(base, images=None, *, placeholder: str = "<sks>", super_word: str 
               global_lock: bool = False, key_lock: bool = True, seed: int = 0, output=None, progress: bool = True,
               resume: bool = False, checkpoint_every: int = 0, hflip: bool = False, max_grad_norm: float = 0.0,
               weight_decay: float = 1e-2, serve_beta: float | None = None, serve_tau: float | None = None,
-              captions=None, covariance_captions=None, max_norm_ratio: float | None = None, device=None,
-              dtype=None):
+              captions=None, covariance_captions=None, max_norm_ratio: float | None = None, accumulate: int = 1,
+              device=None, dtype=None):
     """Train one Perfusion concept through the engine's own path and write impasto's `rank1`
     file to `output`/adapter.rank1.safetensors (docs/training.md, "Perfusion", for every default).
 
@@ -265,6 +267,8 @@ def perfusion(base, images=None, *, placeholder: str = "<sks>", super_word: str 
     the K pathway read the prompt with the super word in the placeholder's place.
     covariance_captions: used to compute the base's C⁻¹ when it has none. max_norm_ratio: clamp
     the placeholder's row to that multiple of the super word's row norm after every step.
+    accumulate: micro-batches of batch_size per optimizer step (ChenDarYen's
+    accumulate_grad_batches: 4), the EMA of i* updated before each micro-batch, as there.
     Returns a TrainResult (.files["rank1"]).
     """
     if output is None:
@@ -278,7 +282,7 @@ def perfusion(base, images=None, *, placeholder: str = "<sks>", super_word: str 
             batch_size=batch_size, beta=beta, tau=tau, ema=ema, global_lock=global_lock, key_lock=key_lock,
             seed=seed, hflip=hflip, max_grad_norm=max_grad_norm, weight_decay=weight_decay, serve_beta=serve_beta,
             serve_tau=serve_tau, captions=captions, covariance_captions=covariance_captions,
-            max_norm_ratio=max_norm_ratio)
+            max_norm_ratio=max_norm_ratio, accumulate=accumulate)
         return train(trainer, output, checkpoint_every=checkpoint_every, resume=resume, progress=progress)
     finally:
         if owned:
