@@ -66,29 +66,13 @@ def cross_reference_pairs(seed: int, n: int, *, start: int = 0, same_render: boo
     out = []
     for i in range(start, start + n):
         rng = np.random.default_rng([seed, i])
-        scene = world.sample_scene(rng, novel_objects=novel_objects)
-        target_seed = int(rng.integers(2**31))
-        target = world.render(scene, np.random.default_rng(target_seed))
-        cap = world.caption(scene, rng)
-        if same_render:
-            ref_scene, ref_seed = scene, target_seed
-        else:
-            other = world.sample_scene(rng, shape=scene.shape, colour=scene.colour, style=scene.style, count=1)
-            ref_scene, ref_seed = replace(other, count=1), int(rng.integers(2**31))
-        image, mask = render_with_mask(ref_scene, ref_seed)
-        out.append(Pair(target, cap, masked_reference(image, mask), scene, ref_scene))
+        out.append(_pair(rng, world.sample_scene(rng, novel_objects=novel_objects), same_render))
     return out
 
 
-def outline_pair(seed: int, step: int, row: int, *, same_render: bool = False) -> Pair:
-    """Row `row` of batch `step`'s procedural stream (outlines.py): a target scene whose shape is a
-    procedural outline (`outlines.draw_seed`: never near a held-out silhouette), a random colour,
-    size, count, position, background and style as the world draws for a seen shape, and a masked
-    reference of the SAME outline, colour and style (size, position, background drawn again), as
-    `cross_reference_pairs` pairs them. Its caption names the shape "outline-<seed>" (the encoder
-    rewrites it). A pure function of (seed, step, row); same_render as for cross_reference_pairs."""
-    rng = np.random.default_rng([seed, step, 5, row])
-    scene = world.sample_scene(rng, shape=outlines.name(outlines.draw_seed(rng)))
+def _pair(rng: np.random.Generator, scene: world.Scene, same_render: bool) -> Pair:
+    """The target render of `scene`, its caption and a masked reference of the same object,
+    drawn from `rng` in this order (the streams depend on it)."""
     target_seed = int(rng.integers(2**31))
     target = world.render(scene, np.random.default_rng(target_seed))
     cap = world.caption(scene, rng)
@@ -99,6 +83,17 @@ def outline_pair(seed: int, step: int, row: int, *, same_render: bool = False) -
         ref_scene, ref_seed = replace(other, count=1), int(rng.integers(2**31))
     image, mask = render_with_mask(ref_scene, ref_seed)
     return Pair(target, cap, masked_reference(image, mask), scene, ref_scene)
+
+
+def outline_pair(seed: int, step: int, row: int, *, same_render: bool = False) -> Pair:
+    """Row `row` of batch `step`'s procedural stream (outlines.py): a target scene whose shape is a
+    procedural outline (`outlines.draw_seed`: never near a held-out silhouette), a random colour,
+    size, count, position, background and style as the world draws for a seen shape, and a masked
+    reference of the SAME outline, colour and style (size, position, background drawn again), as
+    `cross_reference_pairs` pairs them. Its caption names the shape "outline-<seed>" (the encoder
+    rewrites it). A pure function of (seed, step, row); same_render as for cross_reference_pairs."""
+    rng = np.random.default_rng([seed, step, 5, row])
+    return _pair(rng, world.sample_scene(rng, shape=outlines.name(outlines.draw_seed(rng))), same_render)
 
 
 def object_reference(shape: str, seed: int = 0, **scene) -> np.ndarray:
