@@ -47,11 +47,7 @@ def novel_coarse_caption(original):
             raise ValueError(f"oracle: {noun!r} not in the caption {caption!r}")
         word = world.NOVEL_OBJECTS[scene.shape].supercategory
         new = (f" {word if scene.count == 1 else enc._plural(word)} ") if mode == "category" else " "
-        text = caption.replace(f" {noun} ", new, 1)
-        head, _, rest = text.partition(" ")
-        if head in ("a", "an"):
-            text = f"{world._article(rest)} {rest}" if not rest.startswith("on ") else f"a {rest}"
-        return text
+        return enc.swap_object(caption, f" {noun} ", new)
 
     return coarse
 

@@ -39,6 +39,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageDraw
 
+from . import outlines  # imports world only inside its functions
+
 SIZE = 32  # image side, pixels (32: trainable on a shared 2-core CPU in ~1.5 h; see docs/tiny.md)
 SS = 4  # supersampling factor for anti-aliased edges
 
@@ -235,9 +237,7 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
         draw.ellipse([cx - r * 0.9, cy - r * 0.9, cx + r * 0.9, cy + r * 0.9], fill=value)
         off = 0.45 * r
         draw.ellipse([cx - r * 0.75 + off, cy - r * 0.8, cx + r * 0.75 + off, cy + r * 0.7], fill=0)
-    elif shape.startswith("outline-"):  # a procedural outline (outlines.py); the world's streams never draw one
-        from . import outlines
-
+    elif outlines.is_outline(shape):  # a procedural outline; the world's streams never draw one
         outlines.draw(draw, shape, cx, cy, r, value)
     else:
         pts = POLYGONS[shape] * r + np.array([cx, cy])
@@ -341,9 +341,7 @@ def render_with_mask(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray
     if scene.shape in NOVEL_OBJECTS and scene.style != "outlined":
         acc = _mask(geo, centres, r, scale=0.45)
         img = img * (1 - acc) + _rgb(NOVEL_OBJECTS[scene.shape].accent) * acc
-    elif scene.shape.startswith("outline-") and scene.style != "outlined":  # outlines.py: half carry an accent
-        from . import outlines
-
+    elif outlines.is_outline(scene.shape) and scene.style != "outlined":  # half the outlines carry an accent
         tone = outlines.accent(scene.shape, scene.colour)
         if tone is not None:
             acc = _mask(geo, centres, r, scale=0.45)

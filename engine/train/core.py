@@ -271,7 +271,7 @@ class Trainer:
             if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(f"step {self.step}: the loss is {float(loss.detach())} (lr too high, "
                                          f"or a bad image)")
-            (loss / self.accumulate if self.accumulate > 1 else loss).backward()
+            (loss / self.accumulate).backward()  # exact for one: x / 1 == x
             total += float(loss.detach())
         self.method.after_backward()
         params = [p for p in self.params.values() if p.grad is not None]

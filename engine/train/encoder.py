@@ -122,6 +122,16 @@ def _plural(noun: str) -> str:
     return world.PLURALS.get(noun, noun + "s")
 
 
+def swap_object(caption: str, phrase: str, new: str) -> str:
+    """Semantics: `caption` with its first `phrase` (" red star ") replaced by `new` (" star ",
+    " "), the leading article re-chosen for the word that now follows it ("a on ..." stays "a")."""
+    text = caption.replace(phrase, new, 1)
+    head, _, rest = text.partition(" ")
+    if head in ("a", "an"):
+        text = f"{world._article(rest)} {rest}" if not rest.startswith("on ") else f"a {rest}"
+    return text
+
+
 def coarse_caption(caption: str, scene: world.Scene, mode: str) -> str:
     """Semantics: the world's `caption` of `scene` with its object phrase ("red star", "red
     stars") replaced: mode "category" -> the category word of CATEGORY ("star", "stars"), colour
@@ -143,11 +153,7 @@ def coarse_caption(caption: str, scene: world.Scene, mode: str) -> str:
         new = " "
     else:
         raise ValueError(f"coarse_caption: mode {mode!r} is not 'full', 'category' or 'none'")
-    text = caption.replace(phrase, new, 1)
-    head, _, rest = text.partition(" ")
-    if head in ("a", "an"):
-        text = f"{world._article(rest)} {rest}" if not rest.startswith("on ") else f"a {rest}"
-    return text
+    return swap_object(caption, phrase, new)
 
 
 def outline_caption(caption: str, scene: world.Scene, mode: str) -> str:
@@ -159,7 +165,7 @@ def outline_caption(caption: str, scene: world.Scene, mode: str) -> str:
     if not caption:
         return caption
     word = CATEGORY[outlines.outline(outlines.seed_of(scene.shape))["nearest"]]
-    noun = scene.shape if scene.count == 1 else scene.shape + "s"
+    noun = scene.shape if scene.count == 1 else _plural(scene.shape)
     phrase = f" {scene.colour} {noun} "
     if phrase not in caption:
         raise ValueError(f"outline_caption: {phrase.strip()!r} not in the caption {caption!r}")
@@ -167,11 +173,7 @@ def outline_caption(caption: str, scene: world.Scene, mode: str) -> str:
     new = {"full": f" {scene.colour} {noun_word} ", "category": f" {noun_word} ", "none": " "}.get(mode)
     if new is None:
         raise ValueError(f"outline_caption: mode {mode!r} is not 'full', 'category' or 'none'")
-    text = caption.replace(phrase, new, 1)
-    head, _, rest = text.partition(" ")
-    if head in ("a", "an"):
-        text = f"{world._article(rest)} {rest}" if not rest.startswith("on ") else f"a {rest}"
-    return text
+    return swap_object(caption, phrase, new)
 
 
 def procedural_rows(seed: int, step: int, batch_size: int, share: float) -> np.ndarray:
